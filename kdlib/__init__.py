@@ -1,0 +1,21 @@
+"""kdlib: knowledge distillation of Whisper speech recognition.
+
+The library behind the kdlib book. Data flows one way:
+config -> data -> models -> losses -> train -> evaluate / viz; a lower layer never imports a
+higher one. Importing the package is cheap: submodules import torch and transformers themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def cache_dir() -> Path:
+    """Folder for converted models and other derived files: ``$KDLIB_CACHE`` or ``~/.cache/kdlib``."""
+    root = os.environ.get("KDLIB_CACHE")
+    path = Path(root).expanduser() if root else Path.home() / ".cache" / "kdlib"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
