@@ -1,0 +1,44 @@
+# Two entry points for a fresh machine (see README.md):
+#   make book   venv + install + every chapter executed by papermill + Jupyter Book HTML
+#   make test   venv + install + the whole test suite
+# Both are idempotent: the install step reruns only when pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kdlib-installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MPLBACKEND := Agg
+
+.PHONY: install book chapters html pdf test lab clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch torchaudio
+	$(PY) -m pip install -q -c constraints.txt -e '.[all]'
+	$(PY) -c "import torch, torchaudio, transformers, kdlib; print('kdlib', kdlib.__version__, 'torch', torch.__version__, 'torchaudio', torchaudio.__version__, 'transformers', transformers.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+book: install
+	$(PY) scripts/build_book.py
+
+chapters: install
+	$(PY) scripts/build_book.py --no-html
+
+html: install
+	$(PY) scripts/build_book.py --html-only
+
+pdf: install
+	$(PY) -m jupyter_book build book/ --builder pdflatex
+
+test: install
+	$(PY) -m pytest
+
+lab: install
+	$(PY) -m jupyter lab notebooks/
+
+clean:
+	rm -rf book/_build book/chapters runs

@@ -1,0 +1,109 @@
+"""Command line: ``python -m kdlib <command> --help``.
+
+Each command is a thin wrapper over a library function, so what a script or a cluster job does is
+what the notebooks do. Heavy imports (torch, transformers) happen inside the commands, so
+``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kdlib import __version__
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    from kdlib import data
+
+    path = data.embedded_corpus(args.language)
+    print(path)
+    if args.report:
+        for split in ("train", "dev", "test"):
+            result = data.scan_mls(path, split)
+            print(f"[{split}]")
+            print(result.report())
+    return 0
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from kdlib import data
+
+    result = data.scan_mls(
+        Path(args.root), args.split, min_duration=args.min_duration, max_duration=args.max_duration
+    )
+    print(result.report())
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from kdlib import data
+
+    data.extract_mls_archive(
+        Path(args.archive),
+        Path(args.out),
+        languages=args.languages,
+        splits=args.splits,
+        max_files=args.max_files,
+        dry_run=args.dry_run,
+    )
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from kdlib import models
+
+    bundle = models.load_whisper(args.name)
+    print(bundle.path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kdlib",
+        description="kdlib: knowledge distillation of Whisper (teacher -> LoRA student).",
+    )
+    parser.add_argument("--version", action="version", version=f"kdlib {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("corpus", help="print the path of the embedded MLS-shaped corpus")
+    p.add_argument("--language", default="it", help="it or es (default: it)")
+    p.add_argument("--report", action="store_true", help="also scan every split and report")
+    p.set_defaults(func=_cmd_corpus)
+
+    p = sub.add_parser("scan", help="scan an MLS language folder and report kept/skipped utterances")
+    p.add_argument("root", help="MLS language folder, e.g. data/mls_italian_opus")
+    p.add_argument("--split", default="train", choices=["train", "dev", "test"])
+    p.add_argument("--min-duration", type=float, default=1.0, help="seconds (default 1.0)")
+    p.add_argument("--max-duration", type=float, default=30.0, help="seconds (default 30.0)")
+    p.set_defaults(func=_cmd_scan)
+
+    p = sub.add_parser("extract", help="stream chosen languages/splits out of MLS *.tar.gz archives")
+    p.add_argument("archive", help="e.g. mls_italian_opus.tar.gz")
+    p.add_argument("--out", required=True, help="destination folder")
+    p.add_argument("--languages", nargs="*", default=None, help="e.g. italian portuguese")
+    p.add_argument("--splits", nargs="*", default=["train", "dev", "test"])
+    p.add_argument("--max-files", type=int, default=None, help="stop after this many audio files")
+    p.add_argument("--dry-run", action="store_true", help="print the storage estimate only")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser(
+        "convert", help="build (once) and cache an offline Whisper model, e.g. whisper-base"
+    )
+    p.add_argument("name", help="whisper-base, whisper-tiny.en, a Hugging Face id or a folder")
+    p.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

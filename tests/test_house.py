@@ -1,0 +1,96 @@
+"""The house rules: jupytext pairs in sync, no committed outputs, one parameters cell per
+notebook, the book's table of contents lists every chapter, the CLI answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jupytext
+import pytest
+import yaml
+
+from conftest import NOTEBOOKS, ROOT
+
+PY_SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+IPYNBS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_there_are_chapters():
+    assert PY_SOURCES, "no notebooks/NN_topic.py found"
+
+
+@pytest.mark.parametrize("src", PY_SOURCES, ids=lambda p: p.stem)
+def test_every_source_has_its_pair(src):
+    assert src.with_suffix(".ipynb").exists(), f"{src.name} has no paired .ipynb: run jupytext --sync"
+
+
+@pytest.mark.parametrize("nb", IPYNBS, ids=lambda p: p.stem)
+def test_pair_in_sync(nb):
+    """The .ipynb rendered back to percent format must equal the reviewed .py source."""
+    src = nb.with_suffix(".py")
+    assert src.exists(), f"{nb.name} has no paired .py source"
+    regenerated = jupytext.writes(jupytext.read(nb), fmt="py:percent")
+    assert regenerated.strip() == src.read_text().strip(), (
+        f"{nb.name} and {src.name} differ: run `jupytext --sync {src}`"
+    )
+
+
+@pytest.mark.parametrize("nb", IPYNBS, ids=lambda p: p.stem)
+def test_no_outputs_committed(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    dirty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+    assert not dirty, f"{nb.name}: cells {dirty} carry outputs; clear them before committing"
+
+
+@pytest.mark.parametrize("nb", IPYNBS, ids=lambda p: p.stem)
+def test_one_parameters_cell_with_preset(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{nb.name}: {len(tagged)} cells tagged 'parameters' (papermill needs exactly one)"
+    first_code = next(c for c in cells if c["cell_type"] == "code")
+    assert first_code is tagged[0], f"{nb.name}: the parameters cell must be the first code cell"
+    assert "preset" in "".join(tagged[0]["source"]), f"{nb.name}: parameters cell lacks `preset`"
+
+
+@pytest.mark.parametrize("nb", IPYNBS, ids=lambda p: p.stem)
+def test_chapter_frame(nb):
+    """A chapter opens with a title and ends with a summary and exercises."""
+    cells = json.loads(nb.read_text())["cells"]
+    first = "".join(cells[0]["source"])
+    assert cells[0]["cell_type"] == "markdown" and first.startswith("# "), f"{nb.name}: no title cell"
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert "## Summary" in text and "## Exercises" in text, f"{nb.name}: missing Summary/Exercises"
+
+
+def _toc_files(node) -> list[str]:
+    files = []
+    if isinstance(node, dict):
+        if "file" in node:
+            files.append(node["file"])
+        for value in node.values():
+            files.extend(_toc_files(value))
+    elif isinstance(node, list):
+        for item in node:
+            files.extend(_toc_files(item))
+    return files
+
+
+def test_toc_lists_every_chapter():
+    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+    listed = {f.split("/")[-1] for f in _toc_files(toc) if f.startswith("chapters/")}
+    on_disk = {p.stem for p in IPYNBS}
+    assert listed == on_disk, f"toc and notebooks/ differ: only in toc {listed - on_disk}, only on disk {on_disk - listed}"
+
+
+def test_cli_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "kdlib", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("corpus", "scan", "extract", "convert"):
+        assert command in out, f"`python -m kdlib --help` does not list {command}"
+
+
+def test_package_version():
+    import kdlib
+
+    assert kdlib.__version__.count(".") == 2
