@@ -1,0 +1,295 @@
+"""Every knob of a distillation run in one dataclass, with presets and JSON in and out.
+
+A run is described completely by a `TrainConfig`; it is saved as ``training_config.json`` in the
+run folder, so any result can be traced back to the exact settings that produced it. Presets:
+
+- ``smoke``: the tiny random teacher/student pair (real tokenizer), a few steps, seconds; tests.
+- ``demo``: real whisper-base teacher (offline weights) → ``distil-base`` student built from it,
+  LoRA + projector, the embedded Italian corpus, CPU, minutes. Every chapter's default.
+- ``thesis``: whisper-large-v3 → whisper-small on MLS Italian, batch 64, 8,000 steps, the pilot's
+  loss weights; runs unchanged on a CUDA machine with a Hugging Face hub.
+
+Overrides (papermill parameters, ``--set field=value``) are checked before any work starts: an
+unknown field or a value of the wrong type is a `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration field is unknown or has a value of the wrong type."""
+
+
+@dataclass
+class TrainConfig:
+    # --- identity -------------------------------------------------------------------------
+    preset: str = "demo"
+    stage: int = 1  # 0: teacher adaptation, 1: KD, 2: representation alignment, 3: decoder FT
+    seed: int = 0
+    run_dir: Optional[str] = None
+    init_from: Optional[str] = None  # previous stage's run folder (adapter_final/ is loaded)
+
+    # --- models ---------------------------------------------------------------------------
+    teacher: str = "whisper-base"  # HF id, local folder, offline name, or "tiny-random"
+    teacher_from: Optional[str] = None  # a stage-0 run folder whose adapted teacher replaces it
+    student: str = "distil-base"  # "distil-base": built from the teacher; or an HF id / folder
+    student_encoder_layers: Optional[int] = None  # None: keep all teacher encoder layers
+    student_decoder_layers: int = 2  # maximally spaced teacher decoder layers (first, last)
+    student_frame_factor: int = 1  # extra downsampling of student encoder frames (thesis: 3)
+    language: str = "it"
+    task: str = "transcribe"
+
+    # --- LoRA and projector ---------------------------------------------------------------
+    lora_preset: str = "qkv_all"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    projector: bool = True
+
+    # --- data -----------------------------------------------------------------------------
+    data_root: Optional[str] = None  # MLS language folder; None: the embedded corpus
+    train_split: str = "train"
+    dev_split: str = "dev"
+    max_train_utterances: Optional[int] = None
+    max_dev_utterances: Optional[int] = None
+    min_duration: float = 1.0  # seconds
+    max_duration: float = 30.0  # seconds
+    batch_size: int = 8
+    grad_accum: int = 1
+    num_workers: int = 0
+    length_grouped: bool = True
+
+    # --- optimisation ---------------------------------------------------------------------
+    max_steps: int = 60
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 6
+    min_lr: float = 1e-6
+    grad_clip: float = 1.0
+    amp: str = "auto"  # auto: fp16+GradScaler on CUDA (bf16 if supported and amp_dtype=bf16), fp32 on CPU
+    amp_dtype: str = "fp16"  # fp16 | bf16 (on CUDA)
+    grad_checkpointing: bool = False
+    max_nonfinite_in_row: int = 5
+
+    # --- loss -----------------------------------------------------------------------------
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0
+    kl_warmup_steps: int = 0  # KL weight ramps linearly 0 → kl_weight over these steps
+    temperature: float = 2.0
+    kd_kind: str = "kl"  # kl | taid
+    taid_t_start: float = 0.4
+    geo_weight: float = 1.0
+    geo_kind: str = "geodesic"  # geodesic | mse
+    alignment: str = "point"  # point | curve
+    contrastive_weight: float = 0.5
+    contrastive_temperature: float = 0.07
+    contrastive_final_weight: Optional[float] = None  # stage III: decays linearly to this
+
+    # --- evaluation, logging, checkpoints ---------------------------------------------------
+    eval_every: int = 20
+    eval_wer: bool = True
+    log_every: int = 1
+    save_every: int = 20
+    early_stopping_patience: Optional[int] = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    teacher_device: Optional[str] = None  # None: same as device
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        return replace(cls(), **values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        try:
+            values = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(values)
+
+
+# Which loss terms each stage switches on; the preset sets their magnitudes. A term a stage does
+# not use has its weight set to 0 (an explicit override can still switch it back on: that is
+# how an ablation such as "no stage II" or "KL in stage II" is a config diff, not a code fork).
+STAGE_TERMS: dict[int, tuple[str, ...]] = {
+    0: ("ce",),  # teacher adaptation: plain fine-tuning of the teacher on the training split
+    1: ("ce", "kl"),  # knowledge distillation
+    2: ("ce", "geo", "contrastive"),  # representation alignment through the projector
+    3: ("ce", "kl", "contrastive"),  # decoder fine-tuning, encoder frozen, contrastive decays
+}
+TERM_WEIGHTS = {"kl": "kl_weight", "geo": "geo_weight", "contrastive": "contrastive_weight"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "teacher": "tiny-random",
+        "student": "tiny-random",
+        "max_train_utterances": 8,
+        "max_dev_utterances": 4,
+        "batch_size": 4,
+        "max_steps": 4,
+        "warmup_steps": 1,
+        "eval_every": 2,
+        "save_every": 2,
+        "eval_wer": False,
+        "lora_r": 4,
+        "lora_alpha": 8,
+    },
+    "demo": {},
+    "thesis": {
+        "teacher": "openai/whisper-large-v3",
+        "student": "openai/whisper-small",
+        "student_frame_factor": 3,
+        "data_root": "data/mls_italian_opus",
+        "batch_size": 64,
+        "max_steps": 8000,
+        "lr": 2.6e-4,
+        "weight_decay": 0.01,
+        "betas": (0.9, 0.999),
+        "warmup_steps": 1000,
+        "min_lr": 1e-6,
+        "amp": "auto",
+        "amp_dtype": "fp16",
+        "grad_clip": 1.0,
+        "temperature": 2.0,
+        "kl_weight": 0.020584,
+        "kl_warmup_steps": 1000,
+        "geo_weight": 0.969909,
+        "eval_every": 500,
+        "save_every": 250,
+        "num_workers": 8,
+        "lora_r": 32,
+        "lora_alpha": 64,
+        "early_stopping_patience": 5,
+    },
+}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """Check (and gently convert) one value against its annotated type."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(name, v, a) for v, a in zip(value, args))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def replace(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of `config` with `changes`, each checked: unknown names and wrong types raise."""
+    kinds = _field_types()
+    checked = {}
+    for name, value in changes.items():
+        if name not in kinds:
+            close = difflib.get_close_matches(name, kinds, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config field {name!r}{hint}")
+        checked[name] = _coerce(name, value, kinds[name])
+    new = dataclasses.replace(config, **checked)
+    validate(new)
+    return new
+
+
+def validate(config: TrainConfig) -> None:
+    """Checks that need more than a type: choices and ranges."""
+    choices = {
+        "amp": ("auto", "fp16", "bf16", "fp32"),
+        "amp_dtype": ("fp16", "bf16"),
+        "kd_kind": ("kl", "taid"),
+        "geo_kind": ("geodesic", "mse"),
+        "alignment": ("point", "curve"),
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name}: {getattr(config, name)!r} is not one of {allowed}")
+    if config.stage not in STAGE_TERMS:
+        raise ConfigError(f"stage: {config.stage} is not one of {sorted(STAGE_TERMS)}")
+    if config.preset not in PRESETS:
+        raise ConfigError(f"preset: {config.preset!r} is not one of {sorted(PRESETS)}")
+    for name in ("batch_size", "grad_accum", "max_steps", "lora_r"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1, got {getattr(config, name)}")
+    if config.temperature <= 0:
+        raise ConfigError(f"temperature: must be positive, got {config.temperature}")
+    if config.min_duration >= config.max_duration:
+        raise ConfigError("min_duration must be below max_duration")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"lr=3e-4"`` → ``("lr", 3e-4)``; values are read as JSON, else kept as strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected field=value")
+    name, raw = text.split("=", 1)
+    raw = raw.strip()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        lowered = raw.lower()
+        value = {"true": True, "false": False, "none": None, "null": None}.get(lowered, raw)
+    return name.strip(), value
+
+
+def make_config(preset: str = "demo", stage: int = 1, overrides: dict[str, Any] | None = None,
+                sets: list[str] | None = None) -> TrainConfig:
+    """Preset → stage defaults → explicit overrides (dict, then ``field=value`` strings)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
+    if stage not in STAGE_TERMS:
+        raise ConfigError(f"stage: {stage} is not one of {sorted(STAGE_TERMS)}")
+    config = replace(TrainConfig(), preset=preset, stage=stage, **PRESETS[preset])
+    stage_changes: dict[str, Any] = {
+        weight: 0.0 for term, weight in TERM_WEIGHTS.items() if term not in STAGE_TERMS[stage]
+    }
+    if stage == 0:
+        stage_changes["projector"] = False
+    if stage == 3 and config.contrastive_final_weight is None:
+        stage_changes["contrastive_final_weight"] = 0.1
+    config = replace(config, **stage_changes)
+    if overrides:
+        config = replace(config, **overrides)
+    for text in sets or []:
+        name, value = parse_override(text)
+        config = replace(config, **{name: value})
+    return config
