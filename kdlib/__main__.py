@@ -59,6 +59,31 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from kdlib.config import make_config
+
+    # Checked before any model or data is touched: unknown fields and wrong types stop here.
+    config = make_config(args.preset, stage=args.stage, sets=args.set)
+    if args.run_dir:
+        from kdlib.config import replace
+
+        config = replace(config, run_dir=args.run_dir)
+    from kdlib.train import train
+
+    summary = train(config, args.run_dir, progress=not args.no_progress)
+    print(summary)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kdlib.train import export_merged
+
+    if args.format != "hf":
+        raise SystemExit(f"export --format {args.format}: not available yet (only hf)")
+    print(export_merged(args.run_dir, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m kdlib",
@@ -93,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", help="whisper-base, whisper-tiny.en, a Hugging Face id or a folder")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("train", help="run one training stage (0 teacher adaptation, 1 KD, 2 alignment, 3 decoder)")
+    p.add_argument("--preset", default="demo", choices=["smoke", "demo", "thesis"])
+    p.add_argument("--stage", type=int, default=1, choices=[0, 1, 2, 3])
+    p.add_argument("--run-dir", required=True, help="run folder; rerun the same command to resume")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any TrainConfig field, e.g. --set lr=3e-4 --set init_from=runs/s1")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="merge LoRA into the student and save a Hugging Face folder")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--out", default=None, help="destination (default: RUN_DIR/merged)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -1,0 +1,748 @@
+"""The training loop: one function, read top to bottom.
+
+`train(config)` does, in order: build teacher and student → data → optimizer, schedule, scaler →
+resume from ``checkpoint.pt`` if there is one → for each step: forward (student, and the frozen
+teacher), loss, backward, clip, step, schedule, log, evaluate, checkpoint → final adapter, summary.
+
+Stages (see `kdlib.config.STAGE_TERMS`):
+  0  teacher adaptation: LoRA fine-tuning of the teacher itself with CE (its own run folder);
+  I  knowledge distillation: CE + KL(teacher ‖ student)·T², student LoRA trained;
+  II representation alignment: CE + geodesic (point or curve) + InfoNCE through the projector;
+  III decoder fine-tuning: encoder frozen, decoder LoRA trained, contrastive weight decayed
+     linearly to ``contrastive_final_weight`` (0.1).
+Each stage starts from the previous stage's folder (``init_from``): its ``adapter_final/``.
+
+The run folder (thesis layout): ``tb/`` TensorBoard scalars, ``checkpoint.pt`` (trainable
+weights, optimizer, scheduler, scaler, RNG states, step, epoch, data position),
+``adapter_final/`` (peft adapter + ``projector.pt``), ``training_history.json``,
+``training_config.json``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from kdlib.config import TrainConfig
+
+CHECKPOINT = "checkpoint.pt"
+ADAPTER_DIR = "adapter_final"
+PROJECTOR_FILE = "projector.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is left untouched."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small pure helpers: schedules, devices, atomic files
+# --------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, lr: float, min_lr: float) -> float:
+    """Multiplier of the base LR at `step`: linear warm-up to 1, then cosine down to min_lr/lr."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    floor = min_lr / lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ramp(step: int, warmup_steps: int, value: float) -> float:
+    """Linear ramp from 0 to `value` over `warmup_steps` (the KL weight warm-up)."""
+    if warmup_steps <= 0:
+        return value
+    return value * min(1.0, step / warmup_steps)
+
+
+def linear_decay(step: int, max_steps: int, start: float, end: Optional[float]) -> float:
+    """Linear interpolation start → end over the run (stage III's contrastive weight)."""
+    if end is None:
+        return start
+    return start + (end - start) * min(1.0, step / max(1, max_steps - 1))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, Optional[torch.dtype], bool]:
+    """(autocast on, autocast dtype, use GradScaler). fp32 on CPU unless asked otherwise."""
+    mode = config.amp
+    if mode == "auto":
+        mode = config.amp_dtype if device.type == "cuda" else "fp32"
+    if mode == "fp32":
+        return False, None, False
+    if mode == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            mode = "fp16"
+        else:
+            return True, torch.bfloat16, False
+    if device.type != "cuda":
+        raise ValueError("amp=fp16 needs a CUDA device; use amp=bf16 or fp32 on CPU")
+    return True, torch.float16, True
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over `path`.
+
+    An interrupted save leaves the previous file intact (rename is atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, lambda h: h.write((json.dumps(value, indent=2) + "\n").encode()))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Models and data for a run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunModels:
+    """What one stage trains and what it learns from."""
+
+    student: torch.nn.Module  # peft-wrapped WhisperForConditionalGeneration
+    teacher: Optional[torch.nn.Module]  # frozen; None in stage 0 (the teacher is the student)
+    projector: Optional[torch.nn.Module]
+    tokenizer: Any
+    feature_extractor: Any
+    trainable: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _load_pair(config: TrainConfig):
+    """Teacher bundle and the base (un-adapted) student model for this config."""
+    from kdlib import models
+
+    if config.teacher == "tiny-random":
+        teacher, student = models.tiny_random_pair(seed=config.seed)
+        return teacher, student.model
+    teacher = models.load_whisper(config.teacher)
+    # The student is built from the *pretrained* teacher (before any stage-0 adaptation), so
+    # what it gains later is what distillation taught it, not weights copied from an adapted model.
+    if config.student in ("distil-base", "from-teacher"):
+        student = models.student_from_teacher(
+            teacher.model,
+            encoder_layers=config.student_encoder_layers,
+            decoder_layers=config.student_decoder_layers,
+        )
+    else:
+        student = models.load_whisper(config.student).model
+    if config.teacher_from:
+        adapter = Path(config.teacher_from) / ADAPTER_DIR
+        if not adapter.exists():
+            raise FileNotFoundError(f"teacher_from: {adapter} does not exist (run stage 0 first)")
+        from peft import PeftModel
+
+        teacher.model = PeftModel.from_pretrained(teacher.model, str(adapter)).merge_and_unload()
+    return teacher, student
+
+
+def build_models(config: TrainConfig, device: torch.device) -> RunModels:
+    """Teacher (frozen), student with LoRA, projector; what is trainable set for the stage."""
+    from kdlib import models
+
+    teacher_bundle, base_student = _load_pair(config)
+    if config.stage == 0:
+        # Stage 0 adapts the teacher itself: it is the model being trained, nobody teaches it.
+        base_student, teacher_model = teacher_bundle.model, None
+    else:
+        teacher_model = teacher_bundle.model
+        models.freeze_teacher(teacher_model)
+        teacher_model.to(resolve_device(config.teacher_device) if config.teacher_device else device)
+
+    init_adapter = Path(config.init_from) / ADAPTER_DIR if config.init_from else None
+    if init_adapter is not None and not init_adapter.exists():
+        raise FileNotFoundError(f"init_from: {init_adapter} does not exist (run the previous stage first)")
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        student = PeftModel.from_pretrained(base_student, str(init_adapter), is_trainable=True)
+    else:
+        student = models.apply_lora(
+            base_student, config.lora_preset, r=config.lora_r, alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+        )
+    if config.grad_checkpointing:
+        student.base_model.model.gradient_checkpointing_enable()
+        student.base_model.model.config.use_cache = False
+    student.to(device)
+
+    projector = None
+    if config.projector and teacher_model is not None:
+        projector = models.RiemannianProjector(
+            base_student.config.d_model, teacher_model.config.d_model
+        )
+        if init_adapter is not None and (init_adapter / PROJECTOR_FILE).exists():
+            projector.load_state_dict(torch.load(init_adapter / PROJECTOR_FILE, map_location="cpu"))
+        projector.to(device)
+
+    trainable = set_trainable(student, projector, config)
+    return RunModels(
+        student=student,
+        teacher=teacher_model,
+        projector=projector,
+        tokenizer=teacher_bundle.tokenizer,
+        feature_extractor=teacher_bundle.feature_extractor,
+        trainable=trainable,
+    )
+
+
+def set_trainable(student: torch.nn.Module, projector: Optional[torch.nn.Module], config: TrainConfig) -> dict:
+    """Make exactly the stage's parameters trainable; return their names (logged and tested).
+
+    LoRA parameters train in stages 0–II; in stage III only the decoder's LoRA does (encoder
+    frozen). The projector trains whenever a term that goes through it (geodesic/contrastive) is on.
+    """
+    names: dict[str, list[str]] = {"student": [], "projector": []}
+    for name, param in student.named_parameters():
+        is_lora = "lora_" in name
+        if config.stage == 3:
+            param.requires_grad = is_lora and ".encoder." not in name
+        else:
+            param.requires_grad = is_lora
+        if param.requires_grad:
+            names["student"].append(name)
+    if projector is not None:
+        uses_projector = config.geo_weight > 0 or config.contrastive_weight > 0
+        for name, param in projector.named_parameters():
+            param.requires_grad = uses_projector
+            if uses_projector:
+                names["projector"].append(name)
+    return names
+
+
+def build_data(config: TrainConfig, feature_extractor, tokenizer):
+    """Train and dev datasets from an MLS folder (or the embedded corpus); returns (train, dev, report)."""
+    from kdlib import data
+
+    root = Path(config.data_root) if config.data_root else data.embedded_corpus(config.language)
+    scans = {}
+    for split, limit in ((config.train_split, config.max_train_utterances), (config.dev_split, config.max_dev_utterances)):
+        result = data.scan_mls(
+            root, split, min_duration=config.min_duration, max_duration=config.max_duration,
+            language=config.language,
+        )
+        utterances = result.utterances[:limit] if limit else result.utterances
+        scans[split] = (utterances, result)
+    # safe=True: a file that breaks after the scan is dropped and counted, not a crash mid-run.
+    train_set = data.MLSDataset(scans[config.train_split][0], feature_extractor, tokenizer, task=config.task, safe=True)
+    dev_set = data.MLSDataset(scans[config.dev_split][0], feature_extractor, tokenizer, task=config.task)
+    report = {split: result.report() for split, (_, result) in scans.items()}
+    return train_set, dev_set, report
+
+
+def epoch_batches(dataset, config: TrainConfig, epoch: int) -> list[list[int]]:
+    """The batches of one epoch, a pure function of (seed, epoch): resume replays them exactly."""
+    from kdlib import data
+
+    lengths = [u.duration for u in dataset.utterances]
+    if config.length_grouped:
+        sampler = data.LengthGroupedBatchSampler(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch)
+        return list(sampler)
+    order = np.random.default_rng(config.seed + epoch).permutation(len(lengths)).tolist()
+    return [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+
+
+def batch_stream(dataset, collate, config: TrainConfig, epoch: int, position: int) -> Iterator[tuple[int, int, dict]]:
+    """Yield (epoch, position_after, batch) forever, starting at `position` of `epoch`."""
+    from torch.utils.data import DataLoader
+
+    while True:
+        batches = epoch_batches(dataset, config, epoch)[position:]
+        loader = DataLoader(
+            dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.num_workers,
+            persistent_workers=False,
+        )
+        for batch in loader:
+            position += 1
+            if batch is None:  # every clip of the batch failed to decode (counted by the collator)
+                continue
+            yield epoch, position, batch
+        epoch, position = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and loss
+# --------------------------------------------------------------------------------------------
+
+
+def decoder_inputs(labels: torch.Tensor, config_model) -> torch.Tensor:
+    """Teacher-forcing inputs: labels shifted right behind the decoder start token."""
+    from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+    return shift_tokens_right(labels, config_model.pad_token_id, config_model.decoder_start_token_id)
+
+
+def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device,
+                   autocast: tuple[bool, Optional[torch.dtype]], taid_t: Optional[float] = None,
+                   frame_factor: int = 1) -> dict:
+    """One forward of student (and frozen teacher) and the combined loss dict (``total`` has grad)."""
+    enabled, dtype = autocast
+    features = batch["input_features"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    student_model = models.student
+    base_config = student_model.base_model.model.config
+    dec_in = decoder_inputs(labels, base_config)
+    w = loss_fn.weights
+    need_hidden = any(getattr(w, term) > 0 for term in loss_fn.HIDDEN_TERMS)
+    need_logits = any(getattr(w, term) > 0 for term in ("kl", "l2", "taid"))
+    with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=enabled):
+        student_out = student_model(input_features=features, decoder_input_ids=dec_in, use_cache=False)
+        teacher_logits = teacher_hidden = None
+        if models.teacher is not None and (need_logits or need_hidden):
+            tdev = next(models.teacher.parameters()).device
+            with torch.no_grad():
+                teacher_out = models.teacher(
+                    input_features=features.to(tdev), decoder_input_ids=dec_in.to(tdev), use_cache=False
+                )
+            teacher_logits = teacher_out.logits.to(device)
+            teacher_hidden = teacher_out.encoder_last_hidden_state.to(device)
+        student_hidden = student_mask = teacher_mask = None
+        if need_hidden:
+            student_hidden = student_out.encoder_last_hidden_state  # (batch, 1500, d_student)
+            feature_mask = batch["feature_mask"].to(device)
+            teacher_mask = encoder_mask(feature_mask, teacher_hidden.shape[1])
+            if frame_factor > 1:  # the thesis student: ~3:1 fewer frames (1500 → 500)
+                student_hidden = torch.nn.functional.avg_pool1d(
+                    student_hidden.transpose(1, 2), frame_factor, frame_factor, ceil_mode=True
+                ).transpose(1, 2)
+            student_mask = encoder_mask(feature_mask, student_hidden.shape[1])
+        return loss_fn(
+            student_logits=student_out.logits,
+            labels=labels,
+            teacher_logits=teacher_logits,
+            student_hidden=student_hidden,
+            teacher_hidden=teacher_hidden if need_hidden else None,
+            hidden_mask=student_mask,
+            projector=models.projector,
+            taid_t=taid_t,
+            teacher_hidden_mask=teacher_mask,
+        )
+
+
+def encoder_mask(feature_mask: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """Valid encoder frames from valid log-mel frames: (B, 3000) bool → (B, n_frames) bool."""
+    valid = feature_mask.sum(dim=1)  # (B,) log-mel frames
+    factor = feature_mask.shape[1] / n_frames
+    counts = torch.clamp(torch.ceil(valid / factor), min=1).long()
+    return torch.arange(n_frames, device=feature_mask.device)[None, :] < counts[:, None]
+
+
+def stage_weights(config: TrainConfig, step: int):
+    """`LossWeights` at `step`: KL warm-up and stage III's contrastive decay applied.
+
+    ``kd_kind="taid"`` puts the KD weight on the TAID term instead of KL; ``alignment="curve"``
+    puts the geometric weight on the curve term instead of the per-frame (point) term."""
+    from kdlib.losses import LossWeights
+
+    kd = ramp(step, config.kl_warmup_steps, config.kl_weight)
+    curve = config.alignment == "curve" and config.geo_weight > 0
+    return LossWeights(
+        ce=config.ce_weight,
+        kl=kd if config.kd_kind == "kl" else 0.0,
+        taid=kd if config.kd_kind == "taid" else 0.0,
+        temperature=config.temperature,
+        geo=0.0 if curve else config.geo_weight,
+        geo_kind=config.geo_kind,
+        curve=config.geo_weight if curve else 0.0,
+        alignment="curve" if curve else "point",
+        contrastive=linear_decay(step, config.max_steps, config.contrastive_weight, config.contrastive_final_weight),
+        contrastive_temperature=config.contrastive_temperature,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation during training
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def dev_loss(models: RunModels, dataset, collate, config: TrainConfig, device: torch.device) -> float:
+    """Mean token cross-entropy of the student on the dev set (teacher forcing)."""
+    from torch.utils.data import DataLoader
+
+    from kdlib.losses import cross_entropy
+
+    models.student.eval()
+    total, count = 0.0, 0
+    loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate)
+    base_config = models.student.base_model.model.config
+    for batch in loader:
+        if batch is None:
+            continue
+        labels = batch["labels"].to(device)
+        out = models.student(
+            input_features=batch["input_features"].to(device),
+            decoder_input_ids=decoder_inputs(labels, base_config),
+            use_cache=False,
+        )
+        tokens = int((labels != -100).sum())
+        total += float(cross_entropy(out.logits.float(), labels)) * tokens
+        count += tokens
+    models.student.train()
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.device) -> Optional[float]:
+    """Greedy dev WER (Whisper basic normaliser) of the student as it is now."""
+    from kdlib import evaluate
+
+    models.student.eval()
+    from kdlib.data import load_audio
+
+    audios = [load_audio(u.audio).numpy() for u in dataset.utterances]
+    refs = [u.text for u in dataset.utterances]
+    hyps = evaluate.transcribe(
+        models.student, models.feature_extractor, models.tokenizer, audios,
+        language=config.language, task=config.task, batch_size=config.batch_size, device=device,
+    )
+    models.student.train()
+    return evaluate.wer_cer(refs, hyps)["wer"]
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def trainable_state(models: RunModels) -> dict[str, torch.Tensor]:
+    state = {f"student.{n}": p.detach().cpu().clone() for n, p in models.student.named_parameters() if "lora_" in n}
+    if models.projector is not None:
+        state.update({f"projector.{n}": p.detach().cpu().clone() for n, p in models.projector.named_parameters()})
+    return state
+
+
+def load_trainable_state(models: RunModels, state: dict[str, torch.Tensor]) -> None:
+    params = dict(models.student.named_parameters())
+    if models.projector is not None:
+        params.update({f"__p.{n}": p for n, p in models.projector.named_parameters()})
+    with torch.no_grad():
+        for key, value in state.items():
+            name = key.split(".", 1)[1]
+            target = params[name] if key.startswith("student.") else params[f"__p.{name}"]
+            target.copy_(value.to(target.device))
+
+
+def save_checkpoint(run_dir: Path, models: RunModels, optimizer, scheduler, scaler, progress: dict) -> None:
+    payload = {
+        "trainable": trainable_state(models),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "progress": progress,
+    }
+    atomic_write_bytes(run_dir / CHECKPOINT, lambda h: torch.save(payload, h))
+
+
+def save_adapter(run_dir: Path, models: RunModels) -> Path:
+    """``adapter_final/``: the peft adapter (save_pretrained) plus ``projector.pt``."""
+    out = run_dir / ADAPTER_DIR
+    tmp = run_dir / f".{ADAPTER_DIR}.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    models.student.save_pretrained(str(tmp))
+    if models.projector is not None:
+        torch.save(models.projector.state_dict(), tmp / PROJECTOR_FILE)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: bool = True) -> dict:
+    """Run one stage; returns the summary dict (also written to ``summary.json``)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    from kdlib import data
+    from kdlib.losses import DistillationLoss, TAIDSchedule
+    from kdlib.models import build_optimizer, trainable_report
+
+    run_dir = Path(run_dir or config.run_dir or f"runs/stage{config.stage}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.to_json(run_dir / "training_config.json")
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    autocast_on, autocast_dtype, use_scaler = amp_settings(config, device)
+
+    models = build_models(config, device)
+    report = trainable_report(models.student, [models.projector] if models.projector is not None else [])
+    print(f"stage {config.stage} · {report}")
+    atomic_write_json(run_dir / "trainable.json", models.trainable)
+
+    train_set, dev_set, data_report = build_data(config, models.feature_extractor, models.tokenizer)
+    for split, text in data_report.items():
+        print(f"[{split}] {text}")
+    collate = data.WhisperCollator()
+
+    modules = [models.student] + ([models.projector] if models.projector is not None else [])
+    optimizer = build_optimizer(modules, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+                               lr=config.lr, min_lr=config.min_lr),
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    loss_fn = DistillationLoss()
+    taid = TAIDSchedule(t_start=config.taid_t_start, total_steps=config.max_steps) if config.kd_kind == "taid" else None
+
+    # ---- resume -------------------------------------------------------------------------------
+    state = {"step": 0, "epoch": 0, "position": 0, "nonfinite_total": 0, "best_wer": None, "bad_evals": 0}
+    history: list[dict] = []
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.exists():
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        load_trainable_state(models, payload["trainable"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        scaler.load_state_dict(payload["scaler"])
+        set_rng_state(payload["rng"])
+        state.update(payload["progress"])
+        history_file = run_dir / "training_history.json"
+        if history_file.exists():
+            history = [h for h in json.loads(history_file.read_text()) if h["step"] <= state["step"]]
+        if taid is not None and "taid" in state:
+            taid.load_state_dict(state["taid"])
+        print(f"resumed from {checkpoint} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
+    else:
+        print("no checkpoint: fresh optimizer, schedule and scaler")
+
+    writer = SummaryWriter(str(run_dir / "tb")) if progress is not None else None
+    stream = batch_stream(train_set, collate, config, state["epoch"], state["position"])
+    models.student.train()
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    nonfinite_in_row = 0
+    bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"stage {config.stage}", disable=not progress)
+    last_eval: dict = {}
+    stopped_early = False
+
+    while state["step"] < config.max_steps:
+        step = state["step"]
+        loss_fn.weights = stage_weights(config, step)
+        taid_t = taid.t if taid is not None else None
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        parts_sum: dict[str, float] = {}
+        finite = True
+        for _ in range(config.grad_accum):
+            epoch, position, batch = next(stream)
+            # forward + loss
+            parts = forward_losses(models, loss_fn, batch, device, (autocast_on, autocast_dtype),
+                                   taid_t=taid_t, frame_factor=config.student_frame_factor)
+            if not torch.isfinite(parts["total"]):
+                finite = False
+                break
+            # backward
+            scaler.scale(parts["total"] / config.grad_accum).backward()
+            for key, value in parts.items():
+                if value is not None:
+                    parts_sum[key] = parts_sum.get(key, 0.0) + float(value.detach()) / config.grad_accum
+        # clip
+        grad_norm = float("nan")
+        if finite:
+            scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+            finite = math.isfinite(grad_norm)
+        if not finite:
+            # Skip the step: no update, no schedule advance; counted, and bounded in a row.
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            nonfinite_in_row += 1
+            state["nonfinite_total"] += 1
+            state["epoch"], state["position"] = epoch, position
+            if nonfinite_in_row >= config.max_nonfinite_in_row:
+                raise TrainingDiverged(
+                    f"{nonfinite_in_row} non-finite steps in a row at step {step}: stopping. "
+                    f"The last good checkpoint ({checkpoint}) is intact; lower lr or check the data."
+                )
+            continue
+        nonfinite_in_row = 0
+        # step + schedule
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if taid is not None:
+            taid.update(parts_sum["taid"])
+            state["taid"] = taid.state_dict()
+        state.update(step=step + 1, epoch=epoch, position=position)
+
+        # log
+        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "seconds": time.perf_counter() - started,
+                  **{f"w_{k}": getattr(loss_fn.weights, k) for k in ("ce", "kl", "taid", "geo", "curve", "contrastive")}}
+        if taid_t is not None:
+            record["taid_t"] = taid_t
+        record.update(parts_sum)
+        history.append(record)
+        if writer is not None and (step + 1) % config.log_every == 0:
+            for key, value in record.items():
+                if key != "step" and value is not None:
+                    writer.add_scalar(f"train/{key}", value, step + 1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in parts_sum.items() if k in ("total", "ce", "kl", "geo", "contrastive")})
+        bar.update(1)
+
+        # evaluate
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.max_steps:
+            last_eval = {"step": step + 1, "dev_loss": dev_loss(models, dev_set, collate, config, device)}
+            if config.eval_wer:
+                last_eval["dev_wer"] = dev_wer(models, dev_set, config, device)
+            history[-1].update({k: v for k, v in last_eval.items() if k != "step"})
+            if writer is not None:
+                for key, value in last_eval.items():
+                    if key != "step" and value is not None:
+                        writer.add_scalar(f"dev/{key}", value, step + 1)
+            tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"))
+            metric = last_eval.get("dev_wer", last_eval["dev_loss"])
+            if state["best_wer"] is None or metric < state["best_wer"]:
+                state["best_wer"], state["bad_evals"] = metric, 0
+            else:
+                state["bad_evals"] += 1
+            if config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience:
+                tqdm.write(f"early stopping: no dev improvement in {state['bad_evals']} evaluations")
+                stopped_early = True
+
+        # checkpoint
+        if (step + 1) % config.save_every == 0 or step + 1 == config.max_steps or stopped_early:
+            save_checkpoint(run_dir, models, optimizer, scheduler, scaler, dict(state))
+            atomic_write_json(run_dir / "training_history.json", history)
+        if stopped_early:
+            break
+    bar.close()
+    if writer is not None:
+        writer.close()
+
+    save_adapter(run_dir, models)
+    atomic_write_json(run_dir / "training_history.json", history)
+
+    def final(key: str):
+        values = [h[key] for h in history if h.get(key) is not None]
+        return values[-1] if values else None
+
+    summary = {
+        "stage": config.stage,
+        "steps": state["step"],
+        "final_total": final("total"),
+        "final_ce": final("ce"),
+        "final_kl": final("kl") if config.kl_weight > 0 and config.kd_kind == "kl" else None,
+        "final_geo": final("geo") if config.geo_weight > 0 and config.alignment == "point" else None,
+        "final_curve": final("curve") if config.geo_weight > 0 and config.alignment == "curve" else None,
+        "final_taid": final("taid") if config.kd_kind == "taid" else None,
+        "final_contrastive": final("contrastive") if config.contrastive_weight > 0 else None,
+        "dev_loss": last_eval.get("dev_loss"),
+        "dev_wer": last_eval.get("dev_wer"),
+        "nonfinite_steps": state["nonfinite_total"],
+        "stopped_early": stopped_early,
+        "trainable_report": report,
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# After training: the student as a plain Hugging Face model
+# --------------------------------------------------------------------------------------------
+
+
+def load_trained(run_dir: str | Path, *, merge: bool = True):
+    """Rebuild a run's model from ``training_config.json`` + ``adapter_final/``.
+
+    Returns ``(model, tokenizer, feature_extractor, projector_or_None)``; with ``merge=True`` the
+    LoRA adapters are folded into plain weights (``merge_and_unload``)."""
+    from peft import PeftModel
+
+    from kdlib.config import TrainConfig
+
+    run_dir = Path(run_dir)
+    config = TrainConfig.from_json(run_dir / "training_config.json")
+    adapter = run_dir / ADAPTER_DIR
+    if not adapter.exists():
+        raise FileNotFoundError(f"{adapter} does not exist: the run has not finished")
+    teacher, student = _load_pair(config)
+    base = teacher.model if config.stage == 0 else student
+    model = PeftModel.from_pretrained(base, str(adapter))
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    projector = None
+    if (adapter / PROJECTOR_FILE).exists():
+        from kdlib.models import RiemannianProjector
+
+        state = torch.load(adapter / PROJECTOR_FILE, map_location="cpu")
+        projector = RiemannianProjector(state["linear.weight"].shape[1], state["linear.weight"].shape[0])
+        projector.load_state_dict(state)
+    return model, teacher.tokenizer, teacher.feature_extractor, projector
+
+
+def export_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Merge LoRA into the student and save a Hugging Face folder (model, tokenizer, feature
+    extractor, generation config) that ``transformers.pipeline("automatic-speech-recognition")``
+    loads. Default destination: ``<run_dir>/merged``."""
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else run_dir / "merged"
+    model, tokenizer, feature_extractor, _ = load_trained(run_dir, merge=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    feature_extractor.save_pretrained(str(tmp))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
