@@ -290,9 +290,11 @@ def batch_stream(dataset, collate, config: TrainConfig, epoch: int, position: in
 
     while True:
         batches = epoch_batches(dataset, config, epoch)[position:]
+        # A generator of its own: creating a loader iterator draws a seed, and drawing it from the
+        # global RNG would shift dropout masks after a resume (the run would no longer replay).
         loader = DataLoader(
             dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.num_workers,
-            persistent_workers=False,
+            generator=torch.Generator().manual_seed(config.seed + epoch),
         )
         for batch in loader:
             position += 1

@@ -1,0 +1,221 @@
+"""The trainer on the `smoke` preset: schedules, what each stage trains, the run folder, resume
+after SIGKILL, non-finite steps, stage chaining and export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from kdlib import train as T
+from kdlib.config import make_config
+
+
+def smoke(stage=1, **overrides):
+    return make_config("smoke", stage=stage, overrides=overrides)
+
+
+# ---- pure pieces ------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    kw = dict(warmup_steps=10, max_steps=110, lr=1e-3, min_lr=1e-6)
+    factors = [T.lr_factor(s, **kw) for s in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a <= b + 1e-12 for a, b in zip(factors[:10], factors[1:10]))  # warm-up rises
+    tail = factors[10:]
+    assert all(a >= b - 1e-12 for a, b in zip(tail, tail[1:]))  # cosine falls
+    assert factors[110] * 1e-3 == pytest.approx(1e-6)
+    assert factors[60] == pytest.approx((1e-3 / 1e-3 + 1e-6 / 1e-3) / 2, rel=1e-3)  # midpoint
+
+
+def test_kl_ramp_and_contrastive_decay():
+    assert [T.ramp(s, 4, 2.0) for s in (0, 2, 4, 8)] == [0.0, 1.0, 2.0, 2.0]
+    assert T.linear_decay(0, 11, 0.5, 0.1) == pytest.approx(0.5)
+    assert T.linear_decay(10, 11, 0.5, 0.1) == pytest.approx(0.1)
+    weights = T.stage_weights(smoke(stage=3, max_steps=11), 10)
+    assert weights.contrastive == pytest.approx(0.1)
+
+
+def test_stage_weights_switch_kd_and_alignment_kind():
+    w = T.stage_weights(smoke(stage=1, kd_kind="taid"), 0)
+    assert w.taid > 0 and w.kl == 0
+    w = T.stage_weights(smoke(stage=2, alignment="curve"), 0)
+    assert w.curve > 0 and w.geo == 0
+
+
+def test_encoder_mask_from_feature_mask():
+    feature_mask = torch.zeros(2, 3000, dtype=torch.bool)
+    feature_mask[0, :300] = True  # 3 s
+    feature_mask[1, :] = True  # 30 s
+    mask = T.encoder_mask(feature_mask, 1500)
+    assert mask.sum(1).tolist() == [150, 1500]
+    assert T.encoder_mask(feature_mask, 500).sum(1).tolist() == [50, 500]
+
+
+# ---- what each stage trains -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_trainable_parameters_per_stage(stage):
+    config = smoke(stage=stage)
+    models = T.build_models(config, torch.device("cpu"))
+    student = models.trainable["student"]
+    assert student and all("lora_" in n for n in student)
+    encoder = [n for n in student if ".encoder." in n]
+    if stage == 3:
+        assert not encoder, "stage III must freeze the encoder"
+    else:
+        assert encoder, f"stage {stage} should train encoder LoRA too"
+    assert bool(models.trainable["projector"]) == (stage in (2, 3))
+    assert all(not p.requires_grad for p in models.teacher.parameters())
+    # the optimizer sees exactly the trainable parameters
+    from kdlib.models import build_optimizer
+
+    modules = [models.student, models.projector]
+    optimizer = build_optimizer(modules, lr=1e-3)
+    in_optimizer = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    trainable = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+    assert in_optimizer == trainable
+
+
+# ---- a whole run ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stage1")
+    summary = T.train(smoke(stage=1), run_dir, progress=False)
+    return run_dir, summary
+
+
+def test_run_folder_layout(stage1_run):
+    run_dir, summary = stage1_run
+    for name in ("checkpoint.pt", "training_history.json", "training_config.json", "summary.json", "trainable.json"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "adapter_final" / "adapter_config.json").exists()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    history = json.loads((run_dir / "training_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert all(math.isfinite(h["ce"]) and math.isfinite(h["kl"]) for h in history)
+    assert summary["final_ce"] == history[-1]["ce"] and summary["final_geo"] is None
+    assert summary["dev_loss"] is not None and summary["nonfinite_steps"] == 0
+    saved = json.loads((run_dir / "training_config.json").read_text())
+    assert saved["stage"] == 1 and saved["preset"] == "smoke"
+
+
+def test_stage2_starts_from_stage1_adapter(stage1_run, tmp_path):
+    run_dir, _ = stage1_run
+    config = smoke(stage=2, init_from=str(run_dir))
+    models = T.build_models(config, torch.device("cpu"))
+    finished = torch.load(run_dir / "checkpoint.pt", weights_only=False)["trainable"]
+    now = dict(models.student.named_parameters())
+    lora = [k for k in finished if k.startswith("student.") and "lora_B" in k]
+    assert lora
+    for key in lora:
+        assert torch.equal(now[key.split(".", 1)[1]].detach(), finished[key]), key
+    assert any(finished[k].abs().sum() > 0 for k in lora), "stage I moved no LoRA B weight"
+
+
+def test_export_merged_loads_in_pipeline(stage1_run, tmp_path):
+    from transformers import pipeline
+
+    from kdlib.data import embedded_corpus, load_audio, scan_mls
+
+    run_dir, _ = stage1_run
+    out = T.export_merged(run_dir, tmp_path / "merged")
+    assert (out / "config.json").exists() and (out / "preprocessor_config.json").exists()
+    asr = pipeline("automatic-speech-recognition", model=str(out), device="cpu")
+    clip = scan_mls(embedded_corpus("it"), "dev").utterances[0]
+    result = asr({"raw": load_audio(clip.audio).numpy(), "sampling_rate": 16000},
+                 generate_kwargs={"language": "it", "task": "transcribe", "max_new_tokens": 8})
+    assert isinstance(result["text"], str)
+    # the merged weights differ from the untrained student: the adapter was folded in
+    from transformers import WhisperForConditionalGeneration
+
+    merged = WhisperForConditionalGeneration.from_pretrained(str(out))
+    _, base = T._load_pair(smoke(stage=1))
+    name = "model.decoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged.state_dict()[name], base.state_dict()[name])
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    real = T.forward_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        parts = real(*args, **kwargs)
+        if calls["n"] >= 3:  # steps 1-2 are fine, then every loss is NaN
+            parts["total"] = parts["total"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(T, "forward_losses", poisoned)
+    config = smoke(stage=1, max_steps=10, save_every=2, eval_every=100, max_nonfinite_in_row=3)
+    with pytest.raises(T.TrainingDiverged, match="3 non-finite steps in a row"):
+        T.train(config, tmp_path, progress=False)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert payload["progress"]["step"] == 2  # the last good checkpoint survived
+    assert all(torch.isfinite(v).all() for v in payload["trainable"].values())
+
+
+def test_unknown_field_is_an_error_before_any_work(tmp_path):
+    run_dir = tmp_path / "never"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdlib", "train", "--preset", "smoke", "--run-dir", str(run_dir), "--set", "lrr=1"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode != 0
+    assert "unknown config field 'lrr'" in proc.stderr
+    assert not run_dir.exists()
+
+
+def _final_trainable(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["trainable"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    args = ["--preset", "smoke", "--stage", "1", "--no-progress", "--set", "max_steps=6",
+            "--set", "save_every=2", "--set", "eval_every=100"]
+    cmd = [sys.executable, "-m", "kdlib", "train", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    straight = tmp_path / "straight"
+    subprocess.run([*cmd, "--run-dir", str(straight)], check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--run-dir", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ckpt = killed / "checkpoint.pt"
+        if ckpt.exists():
+            try:
+                step = torch.load(ckpt, weights_only=False)["progress"]["step"]
+            except Exception:  # caught mid-rename: try again
+                step = 0
+            if step >= 2:
+                break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = torch.load(killed / "checkpoint.pt", weights_only=False)["progress"]["step"]
+    assert interrupted_at < 6, "the run finished before it could be killed"
+
+    resumed = subprocess.run([*cmd, "--run-dir", str(killed)], check=True, env=env, capture_output=True, text=True)
+    assert "resumed from" in resumed.stdout
+    a, b = _final_trainable(straight), _final_trainable(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    history = json.loads((killed / "training_history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 7))
