@@ -325,8 +325,10 @@ def scan_many(specs: Iterable[tuple[str | os.PathLike, str, str | None]], **kwar
 
 
 def _first_line(err: BaseException) -> str:
+    """First line of an error, without soundfile's "Error opening '<path>': " (we name the file)."""
     text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    line = text[0] if text else type(err).__name__
+    return re.sub(r"^Error opening .*?': ", "", line)
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,6 +613,7 @@ STORAGE_ESTIMATES = (
     ("it + pt + pl + es (OPUS)", 1_429, 363_000, "45-60 GB"),
 )
 FREE_SPACE_FACTOR = 2.5   # keep this many times the estimate free (archive + extracted + caches)
+GB_PER_HOUR = 0.04        # OPUS archive size per hour of training audio (upper end: 20 GB / 511 h)
 
 
 @dataclass
@@ -644,27 +647,38 @@ class ExtractReport:
         return "\n".join(lines)
 
 
-def storage_estimate(archive: str | os.PathLike, out_dir: str | os.PathLike,
-                     languages: Sequence[str] | None = None) -> str:
-    """The storage table printed before extracting, with this archive's size and the free space."""
-    archive, out_dir = Path(archive), Path(out_dir)
+def storage_estimate(out_dir: str | os.PathLike, languages: Sequence[str] | None = None,
+                     archive: str | os.PathLike | None = None) -> str:
+    """The storage table printed before extracting: reference sizes, the chosen languages' hours,
+    what this archive needs (OPUS does not compress, so extracted ~= archive size) and free space
+    at ``out_dir`` (or its nearest existing parent)."""
+    out_dir = Path(out_dir)
     probe = out_dir
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    size = archive.stat().st_size if archive.exists() else 0
-    names = [mls_name(x) for x in languages] if languages else None
-    lines = ["MLS storage estimate (OPUS; audio does not compress, so extracted ~= archive size):",
+    lines = ["MLS storage estimate (OPUS archives):",
              f"  {'selection':<28}{'hours':>8}{'files':>10}{'on disk':>12}"]
     for sel, hours, files, disk in STORAGE_ESTIMATES:
         lines.append(f"  {sel:<28}{hours:>8,}{files:>10,}{disk:>12}")
-    if names:
-        hours = sum(MLS_TRAIN_HOURS.get(n, 0.0) for n in names)
-        lines.append(f"  chosen: {', '.join(names)}: about {hours:,.0f} h of training audio (MLS paper)")
-    need = size * FREE_SPACE_FACTOR
-    lines.append(f"  this archive: {size / 1e9:.2f} GB; keep {FREE_SPACE_FACTOR}x free = {need / 1e9:.2f} GB; "
-                 f"free at {probe}: {free / 1e9:.2f} GB"
-                 + ("  <-- NOT ENOUGH, extraction may fill the disk" if free < need else "  (ok)"))
+    need = None
+    if languages:
+        names = [mls_name(x) for x in languages]
+        hours = sum(MLS_TRAIN_HOURS[n] for n in names)
+        need = hours * GB_PER_HOUR * 1e9
+        lines.append(f"  chosen {', '.join(names)}: about {hours:,.0f} h of training audio (MLS paper), "
+                     f"about {need / 1e9:.0f} GB")
+    if archive is not None and Path(archive).is_file():
+        size = Path(archive).stat().st_size
+        need = size if need is None else min(need, size)   # a filtered extract needs less
+        lines.append(f"  this archive: {Path(archive).name}, {size / 1e9:.2f} GB")
+    if need is not None:
+        want = need * FREE_SPACE_FACTOR
+        verdict = "ok" if free >= want else "NOT ENOUGH: extraction may fill the disk"
+        lines.append(f"  keep {FREE_SPACE_FACTOR}x free = {want / 1e9:.1f} GB; free at {probe}: "
+                     f"{free / 1e9:.1f} GB ({verdict})")
+    else:
+        lines.append(f"  free at {probe}: {free / 1e9:.1f} GB (keep {FREE_SPACE_FACTOR}x what you extract)")
     return "\n".join(lines)
 
 
@@ -706,7 +720,7 @@ def extract_mls_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, 
     archive, out_dir = Path(archive), Path(out_dir)
     if not archive.is_file():
         raise FileNotFoundError(f"archive not found: {archive}")
-    print(storage_estimate(archive, out_dir, languages))
+    print(storage_estimate(out_dir, languages, archive))
     wanted_langs = {mls_name(x) for x in languages} if languages else None
     wanted_splits = set(splits)
     report = ExtractReport(archive, out_dir, dry_run)
