@@ -21,8 +21,9 @@ What this module owns, in the order a reader meets it:
    a split (or a list of utterances) in, a metrics dict out, ``metrics_<split>.json`` on disk.
 6. **Deployment engine** (`CT2Whisper`, `transcribe_ct2`, `offline_ct2_dir`): the same clips
    through CTranslate2 (the engine of faster-whisper) at int8 or float32, for speed comparisons.
-7. **Comparison** (`comparison_table`, `markdown_table`, `write_comparison`, `plot_comparison`):
-   one row per model: WER, CER, RTF, parameters, memory; JSON, CSV, markdown and a bar figure.
+7. **Comparison** (`compare_models`, `comparison_table`, `markdown_table`, `per_speaker_table`,
+   `write_comparison`, `plot_comparison`): one row per model: WER, CER, RTF, parameters,
+   memory, hallucination indicators; JSON, CSV, markdown and a bar figure; WER per speaker.
 
 Units: seconds, MiB (2**20 bytes, keys say ``_mb`` by habit), rates as fractions (0.12 = 12 %).
 """
@@ -820,7 +821,12 @@ def evaluate_run_dir(run_dir: str | os.PathLike, split: str = "dev",
     kwargs.setdefault("task", cfg.get("task") or "transcribe")
     if data_root is None:
         data_root = cfg.get("data_root") or data.embedded_corpus(language)
-    kwargs.setdefault("device", None if cfg.get("device", "auto") == "auto" else cfg["device"])
+    if "device" not in kwargs:  # the run's device; "auto" means CUDA when there is one
+        import torch
+
+        wanted = cfg.get("device") or "auto"
+        kwargs["device"] = ("cuda" if torch.cuda.is_available() else "cpu") if wanted == "auto" \
+            else wanted
     bundle = load_run_model(run, device=kwargs.get("device"))
     metrics = evaluate_model(bundle, data_root=data_root, split=split, language=language,
                              name=kwargs.pop("name", run.name), **kwargs)
@@ -1056,10 +1062,36 @@ def markdown_table(rows: Sequence[dict[str, Any]],
     return "\n".join([head, rule, *body]) + "\n"
 
 
+def per_speaker_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """WER per speaker (rows) and model (columns): ``{"speaker", "voice", <model name>: wer}``.
+
+    The embedded corpus has one espeak-ng voice per speaker, so this is WER per voice there.
+    """
+    names = [str(r.get("name") or f"model {i}") for i, r in enumerate(rows)]
+    speakers: dict[str, dict[str, Any]] = {}
+    for name, row in zip(names, rows):
+        for spk, stats in (row.get("per_speaker") or {}).items():
+            entry = speakers.setdefault(spk, {"speaker": spk, "voice": stats.get("voice")})
+            entry[name] = stats.get("wer")
+    return [{"speaker": e["speaker"], "voice": e["voice"], **{n: e.get(n) for n in names}}
+            for _, e in sorted(speakers.items())]
+
+
+def _write_csv(path: Path, table: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    _atomic_write(path, buf.getvalue())
+
+
 def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, *,
                      stem: str = "comparison",
                      columns: Sequence[str] = COMPARISON_COLUMNS) -> dict[str, Path]:
-    """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``; returns the paths.
+    """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``, and, when the
+    rows carry per-speaker results, ``<stem>_per_speaker.csv`` / ``.md`` (WER per speaker and
+    model). Returns ``{"json", "csv", "md"[, "speakers_csv", "speakers_md"]: path}``.
 
     JSON and CSV hold raw values (fractions, counts); markdown the rounded, human view.
     """
@@ -1068,13 +1100,20 @@ def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike,
     paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "csv", "md")}
     _atomic_write(paths["json"], json.dumps(_clean_json(table), indent=2, ensure_ascii=False,
                                             default=_json_default) + "\n")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in table:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    _atomic_write(paths["csv"], buf.getvalue())
+    _write_csv(paths["csv"], table, columns)
     _atomic_write(paths["md"], markdown_table(rows, columns))
+    speakers = per_speaker_table(rows)
+    if speakers:
+        cols = list(speakers[0])
+        paths["speakers_csv"] = out / f"{stem}_per_speaker.csv"
+        paths["speakers_md"] = out / f"{stem}_per_speaker.md"
+        _write_csv(paths["speakers_csv"], speakers, cols)
+        head = "| speaker | voice | " + " | ".join(f"{c} WER (%)" for c in cols[2:]) + " |"
+        lines = [head, "|" + "|".join("---" for _ in cols) + "|"]
+        for r in speakers:
+            cells = [r["speaker"], r["voice"] or "–"] + [_fmt("wer", r[c]) for c in cols[2:]]
+            lines.append("| " + " | ".join(cells) + " |")
+        _atomic_write(paths["speakers_md"], "\n".join(lines) + "\n")
     return paths
 
 
@@ -1121,3 +1160,84 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | os.PathLike | No
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     return fig
+
+
+def compare_models(entries: Sequence[dict[str, Any]], *, data_root: str | os.PathLike,
+                   split: str = "dev", out_dir: str | os.PathLike | None = None,
+                   limit: int | None = None, threads: int | None = None,
+                   language: str | None = "it", batch_size: int = 8,
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate several models on the same clips and write the comparison table.
+
+    Each entry is a dict with ``name`` and either
+
+    * ``model``: a `kdlib.models.WhisperBundle`, a ``(model, feature_extractor, tokenizer)``
+      tuple, or a name/folder for `kdlib.models.load_whisper` (engine transformers); or
+    * ``ct2_dir``: a CTranslate2 folder, with ``compute_type`` (``"int8"``, ``"float32"``...)
+      and optionally ``n_parameters`` (engine CTranslate2);
+
+    plus optional ``num_beams`` (default 1). The split is scanned and its audio decoded once;
+    every model sees the same clips. ``threads`` sets both ``torch.set_num_threads`` and
+    CTranslate2's intra-op threads, so the engines' RTFs are comparable (default: torch's
+    current setting). Memory is measured in this one process: models loaded earlier stay in
+    the RSS, so compare ``memory.rss_delta_mb`` or run one model per process for absolute
+    numbers.
+
+    With ``out_dir``: ``metrics_<split>_<name>.json`` per model, ``comparison.{json,csv,md}``,
+    ``comparison_per_speaker.{csv,md}`` and ``comparison.png``. Returns the metrics dicts.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    threads = torch.get_num_threads()
+    utts, pre_skipped = load_utterances(data_root, split, language=language, limit=limit)
+    waves = []
+    for u in utts:  # decode the audio once; an unreadable clip stays a path and is skipped later
+        try:
+            waves.append(EvalUtterance(u.id, u.text, u.speaker, u.path, _load_waveform(u.path)))
+        except Exception:
+            waves.append(u)
+    rows = []
+    for entry in entries:
+        name = entry.get("name")
+        if not name:
+            raise ValueError(f"compare_models: entry without a 'name': {entry}")
+        beams = int(entry.get("num_beams", 1))
+        if entry.get("ct2_dir"):
+            metrics = evaluate_ct2(
+                entry["ct2_dir"], waves, language=language, beam_size=beams,
+                compute_type=entry.get("compute_type", "default"), threads=threads,
+                batch_size=batch_size, max_new_tokens=max_new_tokens, name=name,
+                n_parameters=entry.get("n_parameters"), progress=progress)
+        else:
+            model = entry.get("model")
+            if model is None:
+                raise ValueError(f"compare_models: entry {name!r} has neither 'model' nor 'ct2_dir'")
+            if isinstance(model, (str, os.PathLike)):
+                from kdlib import models
+
+                model = models.load_whisper(model)
+            metrics = evaluate_model(model, waves, language=language, num_beams=beams,
+                                     batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     name=name, progress=progress)
+        # the scan's skips (missing/corrupt files) belong to every row
+        for reason, messages in pre_skipped.items():
+            metrics["skipped"] = [dict(id=None, reason=reason, detail=m) for m in messages] + \
+                metrics["skipped"]
+        metrics["n_skipped"] = len(metrics["skipped"])
+        metrics["skip_reasons"] = dict(Counter(s["reason"] for s in metrics["skipped"]))
+        metrics.update(split=split, data_root=str(data_root))
+        _add_voices(metrics, data_root)
+        rows.append(metrics)
+        if out_dir is not None:
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+            write_metrics(out_dir, f"{split}_{safe}", metrics)
+    if out_dir is not None:
+        write_comparison(rows, out_dir)
+        import matplotlib.pyplot as plt
+
+        plt.close(plot_comparison(rows, Path(out_dir) / "comparison.png",
+                                  title=f"Model comparison on {Path(data_root).name}/{split}"))
+    return rows
