@@ -44,7 +44,7 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -625,6 +625,12 @@ def _run_evaluation(decode: Callable[[list[np.ndarray]], list[str]],
             where = u.path or f"utterance {u.id}"
             skipped.append(dict(id=u.id, reason="unreadable audio", detail=f"{where}: {err}"))
             continue
+        if wave.size > MAX_SECONDS * SAMPLE_RATE:  # Whisper would hear only the first 30 s
+            where = u.path or f"utterance {u.id}"
+            skipped.append(dict(id=u.id, reason="too long", detail=(
+                f"{where}: {wave.size / SAMPLE_RATE:.1f} s > {MAX_SECONDS:.0f} s, the part "
+                "Whisper cannot see would count as deletions")))
+            continue
         kept.append(u)
         audios.append(wave)
     audio_seconds = sum(len(a) for a in audios) / SAMPLE_RATE
@@ -688,7 +694,8 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
     (an MLS folder, e.g. ``kdlib.data.embedded_corpus("it")``).
 
     Bad input is skipped and counted: scan problems (missing/corrupt audio, empty text), clips
-    that fail to decode, references empty after normalisation. The time measured for ``rtf`` is
+    that fail to decode, clips longer than Whisper's 30 s window (``"too long"``, as the scan
+    calls them), references empty after normalisation. The time measured for ``rtf`` is
     decoding only (feature extraction + ``generate`` + detokenisation), not audio file reading.
 
     Returns the `wer_cer` dict plus ``rtf``, ``decode_seconds``, ``audio_seconds``,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import shutil
 import time
 from collections import Counter
 
@@ -195,6 +194,14 @@ def test_bad_audio_shape_is_a_clear_error(tiny):
                       [np.zeros(1600, np.float32), np.zeros((2, 1600), np.float32)])
 
 
+def test_generated_ids_cleaned_of_prompt_and_padding():
+    prompt, eos = {50258, 50274, 50359, 50363}, {50257}
+    # older transformers return the prompt; finished rows are padded with end-of-text
+    assert ev._clean_ids([50258, 50274, 50359, 50363, 11, 12, 50257, 50257], prompt, eos) == [11, 12]
+    assert ev._clean_ids([11, 12, 13], prompt, eos) == [11, 12, 13]
+    assert ev._clean_ids([50257, 50257], prompt, eos) == []
+
+
 # --------------------------------------------------------------------------------------------
 # Cost
 
@@ -248,10 +255,12 @@ def test_bad_input_skipped_and_counted(tiny, tmp_path):
         {"id": "9_9_1", "text": "una frase", "path": garbage},
         {"id": "9_9_2", "text": "una frase", "audio": np.zeros(0, np.float32)},
         {"id": "9_9_3", "text": "¿?!", "audio": np.zeros(16000, np.float32)},
+        {"id": "9_9_4", "text": "lunga", "audio": np.zeros(31 * 16000, np.float32)},
     ]
     m = ev.evaluate_model(tiny, utts, max_new_tokens=4, progress=False)
-    assert m["n_utterances"] == 1 and m["n_skipped"] == 3
-    assert m["skip_reasons"] == {"unreadable audio": 2, "empty reference after normalisation": 1}
+    assert m["n_utterances"] == 1 and m["n_skipped"] == 4
+    assert m["skip_reasons"] == {"unreadable audio": 2, "too long": 1,
+                                 "empty reference after normalisation": 1}
     assert any("broken.opus" in s.get("detail", "") for s in m["skipped"])
     assert m["per_utterance"][0]["id"] == good.id
 
