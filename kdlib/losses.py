@@ -581,7 +581,7 @@ def _pool_frames(x: Tensor, length: int, mask: Optional[Tensor] = None) -> tuple
     (``torch.nn.functional.adaptive_avg_pool1d``'s bins). Returns the pooled frames and a
     ``(batch, length)`` mask that is false where a bin held no real frame.
     """
-    batch, frames, _ = x.shape
+    frames = x.shape[1]
     values = _float(x)
     real = _mask_or_all(mask, x.shape[:-1], x.device, "teacher_hidden_mask").to(values.dtype)
     out_index = torch.arange(length, device=x.device)
@@ -589,10 +589,9 @@ def _pool_frames(x: Tensor, length: int, mask: Optional[Tensor] = None) -> tuple
     end = torch.div((out_index + 1) * frames + length - 1, length, rounding_mode="floor")
     frame = torch.arange(frames, device=x.device)
     bins = ((frame >= start[:, None]) & (frame < end[:, None])).to(values.dtype)  # (length, frames)
-    weight = bins.unsqueeze(0) * real.unsqueeze(1)  # (batch, length, frames)
-    count = weight.sum(-1)  # (batch, length)
     values = values.masked_fill(real.unsqueeze(-1) == 0, 0.0)
-    pooled = torch.bmm(weight, values) / count.clamp(min=1).unsqueeze(-1)
+    count = real @ bins.T  # (batch, length) real frames per bin
+    pooled = torch.matmul(bins, values) / count.clamp(min=1).unsqueeze(-1)  # (batch, length, d)
     return pooled, count > 0
 
 

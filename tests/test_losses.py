@@ -193,8 +193,8 @@ def test_t_squared_keeps_gradient_comparable_across_temperature(gen):
     """Hinton et al.: grad of KL_T w.r.t. z_s is (q_T - p_T)/T ~ (z_s - z_t)/(V T^2) once T is large
     against the spread of the logits. Times T^2 it is then independent of T.
 
-    With unit-variance logits over 100 tokens the measured ratios grad(T)/grad(1) are about
-    0.81 (T=2) and 0.77 (T=4) with T^2, and 0.20 / 0.048 without. A factor of 2 either way is
+    With unit-variance logits over 100 tokens (this seed) the measured ratios grad(T)/grad(1) are
+    0.845 (T=2), 0.811 (T=4), 0.804 (T=8) with T^2, and 0.211 / 0.051 / 0.013 without. A factor of 2 either way is
     the tolerance: the residual T-dependence is the O(spread / T) term of the expansion, which
     at spread ~1 cannot move the norm by 2x, while the unscaled gradient at T=4 is 16x smaller.
     Between T=4 and T=8 the expansion is already accurate, so there we demand 10%.
@@ -546,6 +546,11 @@ def test_teacher_pooling_respects_teacher_mask(gen):
     teacher_mask[1, 4:] = False
     teacher_garbage = teacher.clone()
     teacher_garbage[1, 4:] = float("nan")
+    # without a mask it is adaptive_avg_pool1d, also for lengths that do not divide
+    for frames, length in ((9, 3), (7, 3), (1500, 501), (10, 4)):
+        x = torch.randn(2, frames, 3, generator=gen, dtype=torch.float64)
+        expected = torch.nn.functional.adaptive_avg_pool1d(x.transpose(1, 2), length).transpose(1, 2)
+        assert torch.allclose(_pool_frames(x, length)[0], expected)
     pooled, real = _pool_frames(teacher_garbage, 3, teacher_mask)
     assert torch.allclose(pooled[0], teacher[0].reshape(3, 3, 4).mean(1))
     assert torch.allclose(pooled[1, 1], teacher[1, 3:4].mean(0)) and real[1].tolist() == [True, True, False]
