@@ -5,7 +5,8 @@ Measures utterances per second and seconds of audio per second for
 * naive:     one file at a time on the main process, a new torchaudio Resample (and its sinc
              kernel) built for every file, features from WhisperFeatureExtractor;
 * workers=0: kdlib.data.MLSDataset + collate through a DataLoader on the main process
-             (cached resampler);
+             (cached resampler, one torch thread per item: MLSDataset's default ``threads=1``);
+* workers=0, threads=None: the same keeping torch's default thread count;
 * workers=2: the same with two DataLoader worker processes;
 * naive, torch 1 thread: the naive path with ``torch.set_num_threads(1)``, as a DataLoader
              worker runs; it separates the gain of processes from that of fewer threads;
@@ -73,8 +74,8 @@ def one_thread(fn, *args):
         torch.set_num_threads(before)
 
 
-def loader_run(utterances, fe, workers: int, batch_size: int) -> int:
-    ds = data.MLSDataset(utterances, fe, _CharTokenizer())
+def loader_run(utterances, fe, workers: int, batch_size: int, threads: int | None = 1) -> int:
+    ds = data.MLSDataset(utterances, fe, _CharTokenizer(), threads=threads)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=data.WhisperCollator())
     return sum(len(b["ids"]) for b in loader)
 
@@ -110,6 +111,7 @@ def main() -> None:
             naive(clips[:4], fe)   # warm-up: imports, first allocations
             for label, fn in [("naive (main process, new resampler per file)", lambda c: naive(c, fe)),
                               ("naive, torch 1 thread", lambda c: one_thread(naive, c, fe)),
+                              ("DataLoader workers=0, threads=None", lambda c: loader_run(c, fe, 0, args.batch_size, None)),
                               ("DataLoader workers=0", lambda c: loader_run(c, fe, 0, args.batch_size)),
                               ("DataLoader workers=2", lambda c: loader_run(c, fe, 2, args.batch_size))]:
                 t0 = time.perf_counter()
@@ -123,7 +125,7 @@ def main() -> None:
         for name in sets:
             base = next(r[2] for r in rows if r[0] == name and r[1].startswith("naive"))
             for _, label, ups, _ in (r for r in rows if r[0] == name and r[1] != rows[0][1]):
-                print(f"  {name:<18} {label:<24} {ups / base:5.2f}x")
+                print(f"  {name:<18} {label:<36} {ups / base:5.2f}x")
 
 
 if __name__ == "__main__":

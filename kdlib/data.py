@@ -214,7 +214,7 @@ def _index_audio(audio_dir: Path) -> dict[str, Path]:
 
 def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
              max_duration: float = MAX_SECONDS, language: str | None = None,
-             progress: bool = False) -> ScanResult:
+             progress: bool | None = None) -> ScanResult:
     """Scan one split of an MLS language folder into `Utterance` records.
 
     Args:
@@ -223,7 +223,8 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
         min_duration, max_duration: keep clips with ``min <= seconds <= max``. Whisper sees at
             most 30 s, so a longer clip would be cut and no longer match its transcript.
         language: Whisper code or MLS name; ``None`` guesses it from the folder name.
-        progress: show a tqdm bar while reading audio headers.
+        progress: show a tqdm bar while reading audio headers; ``None``: only for more than
+            2,000 files (a real MLS split), so small scans stay quiet.
 
     Returns a `ScanResult`. Every problem with one utterance is a counted skip with a message
     that names the file and the problem; only a missing split folder or ``transcripts.txt``
@@ -284,7 +285,7 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
 
     utterances: list[Utterance] = []
     iterator: Iterable = pairs
-    if progress:
+    if progress or (progress is None and len(pairs) > 2_000):
         from tqdm.auto import tqdm
         iterator = tqdm(pairs, desc=f"scan {root.name}/{split}", unit="file")
     for uid, speaker, book, path, text in iterator:
@@ -402,13 +403,19 @@ class MLSDataset(Dataset):
     ``leading_space=True`` tokenises ``" " + text``: Whisper itself emits text tokens that start
     with a space, so the labels match what the teacher predicts.
 
+    ``threads=1``: decode, resample and featurise one item with a single torch thread (what a
+    DataLoader worker does anyway). These are small operations; measured on the 2-core CPU with
+    other jobs running, two intra-op threads made the log-mel step 3-5x *slower* than one
+    (``benchmarks/data_throughput.py``). ``None`` leaves torch's thread setting alone.
+
     ``safe=True``: a file that fails to decode (it passed the scan but broke later, e.g. a
     truncated download) gives ``None`` with a warning instead of raising; `collate` drops ``None``
     items and counts them in ``batch["n_dropped"]``, so a long run does not stop halfway.
     """
 
     def __init__(self, utterances: Sequence[Utterance], feature_extractor: Any, tokenizer: Any, *,
-                 task: str = "transcribe", safe: bool = False, leading_space: bool = True):
+                 task: str = "transcribe", safe: bool = False, leading_space: bool = True,
+                 threads: int | None = 1):
         if task not in ("transcribe", "translate"):
             raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
         self.utterances = list(utterances)
@@ -417,6 +424,7 @@ class MLSDataset(Dataset):
         self.task = task
         self.safe = safe
         self.leading_space = leading_space
+        self.threads = threads
         self.sampling_rate = int(getattr(feature_extractor, "sampling_rate", SAMPLE_RATE))
         self.hop_length = int(getattr(feature_extractor, "hop_length", HOP_LENGTH))
         self.max_frames = int(getattr(feature_extractor, "nb_max_frames", N_FRAMES))
@@ -450,6 +458,16 @@ class MLSDataset(Dataset):
         return len(self.utterances)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        if self.threads is None or torch.get_num_threads() == self.threads:
+            return self._item(index)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)   # cheap (microseconds); restored for the caller
+        try:
+            return self._item(index)
+        finally:
+            torch.set_num_threads(before)
+
+    def _item(self, index: int) -> dict[str, Any] | None:
         u = self.utterances[index]
         try:
             wave = load_audio(u.audio, self.sampling_rate)   # (samples,)

@@ -72,6 +72,9 @@ ITALIAN = [
         "Per arrivare puntuale al lavoro prendo l'autobus delle sette e mezza.",
         "La nostra gatta dorme sempre sulla sedia vicino alla finestra.",
         "Non trovo più gli occhiali, forse li ho lasciati in macchina.",
+        "Quando torno a casa la sera, apro le finestre e cucino qualcosa di semplice per tutti.",
+        "Ieri sera abbiamo giocato a carte con i vicini fino a mezzanotte, ridendo come bambini.",
+        "Chiudi la porta, per favore.",
     ],
     # 102 weather and seasons
     [
@@ -89,6 +92,9 @@ ITALIAN = [
         "Al mare la temperatura dell'acqua è ancora troppo bassa per nuotare.",
         "Le giornate si allungano e il sole tramonta sempre più tardi.",
         "Durante la notte la temperatura è scesa sotto lo zero.",
+        "Secondo il bollettino meteorologico, nel fine settimana arriverà aria fredda dal nord e la neve potrebbe scendere fino in pianura.",
+        "Il mese scorso ha piovuto quasi ogni giorno e il fiume ha raggiunto il livello più alto da dieci anni.",
+        "Oggi fa davvero molto freddo.",
     ],
     # 103 food and cooking
     [
@@ -106,6 +112,9 @@ ITALIAN = [
         "Il formaggio stagionato si abbina bene con il miele di castagno.",
         "Ho comprato le arance in offerta al mercato del quartiere.",
         "Il cuoco ha spiegato come tagliare le verdure in modo uniforme.",
+        "Per Natale mia madre prepara sempre i tortellini in brodo, l'arrosto con le patate e tanti dolci.",
+        "Se vuoi la pasta al dente, scolala un minuto prima e finisci la cottura nella padella con il sugo.",
+        "Il caffè è pronto in cucina.",
     ],
     # 104 travel and transport
     [
@@ -123,6 +132,9 @@ ITALIAN = [
         "Per attraversare il ponte bisogna pagare un pedaggio.",
         "Il pullman per l'università passa ogni quindici minuti.",
         "Abbiamo perso la coincidenza e dormito in stazione.",
+        "Il volo per Palermo è stato cancellato all'ultimo momento, così abbiamo dovuto prendere il treno notturno e siamo arrivati all'alba.",
+        "Chi viaggia in bicicletta lungo la costa adriatica trova piste ciclabili, spiagge tranquille e piccoli paesi di pescatori.",
+        "Il treno è in ritardo.",
     ],
     # 105 work and school
     [
@@ -140,6 +152,9 @@ ITALIAN = [
         "I colleghi hanno organizzato una festa per il mio compleanno.",
         "Nella tesi ho confrontato due metodi per riconoscere il parlato.",
         "Il colloquio di lavoro è andato meglio di quanto pensassi.",
+        "Durante il progetto abbiamo raccolto centinaia di ore di registrazioni e le abbiamo trascritte a mano con molta attenzione.",
+        "La nuova collega viene da Bologna, parla tre lingue e ha già lavorato in una grande azienda tedesca.",
+        "Domani non c'è lezione di matematica.",
     ],
     # 106 city and culture
     [
@@ -157,6 +172,9 @@ ITALIAN = [
         "La fontana della piazza principale è stata costruita nel Seicento.",
         "In quella libreria si trovano anche dischi e fumetti usati.",
         "La mostra di fotografia ha avuto moltissimi visitatori.",
+        "La sera d'estate le piazze si riempiono di gente che passeggia, mangia un gelato e ascolta la musica dal vivo.",
+        "Il castello medievale, costruito su una roccia sopra il mare, oggi ospita un museo dedicato alla storia della navigazione.",
+        "Il museo è chiuso lunedì.",
     ],
     # 107 nature, science and health
     [
@@ -174,6 +192,9 @@ ITALIAN = [
         "Gli alberi del viale sono stati piantati più di cento anni fa.",
         "Il computer riconosce la voce trasformando il suono in numeri.",
         "Una rete neurale impara dagli esempi che le vengono mostrati.",
+        "Un modello piccolo impara molto da uno grande, se gli mostriamo non solo la risposta ma anche i suoi dubbi.",
+        "Gli studiosi hanno misurato la temperatura del mare per vent'anni e hanno osservato un aumento lento ma costante.",
+        "Le foglie cadono in autunno.",
     ],
     # 108 sport, free time and conversation
     [
@@ -191,6 +212,9 @@ ITALIAN = [
         "Ci vediamo davanti al bar della piazza alle otto in punto.",
         "La palestra ha aperto un nuovo corso di yoga per principianti.",
         "Quando ero piccolo passavo le estati a pescare con mio zio.",
+        "Sabato prossimo organizziamo una gita in montagna con gli amici, partiamo presto e portiamo il pranzo al sacco.",
+        "Dopo tre ore di partita e due tempi supplementari, la squadra di casa ha finalmente segnato il gol della vittoria.",
+        "Andiamo al cinema insieme stasera?",
     ],
 ]
 
@@ -206,6 +230,8 @@ SPANISH = [
         "Mi vecina cuida las plantas cuando salgo de viaje.",
         "Nuestro perro siempre espera en la puerta cuando volvemos a casa.",
         "Necesito comprar leche, huevos y fruta para la semana.",
+        "Cuando llego a casa por la noche, me gusta preparar una cena sencilla y hablar un rato con mi familia.",
+        "Cierra la ventana, por favor.",
     ],
     # 102 weather and travel
     [
@@ -218,6 +244,8 @@ SPANISH = [
         "El avión aterrizó con una hora de retraso por la niebla.",
         "Llueve desde anoche y las calles están llenas de agua.",
         "El hotel tenía unas vistas preciosas sobre el puerto.",
+        "El vuelo a Sevilla se canceló en el último momento y tuvimos que tomar el tren nocturno.",
+        "Mañana hará mucho frío en la sierra.",
     ],
     # 103 food, work and culture
     [
@@ -230,6 +258,8 @@ SPANISH = [
         "Mi amiga ha encontrado trabajo en una empresa de traducción.",
         "Para la fiesta hicimos una tarta de chocolate con fresas.",
         "La profesora explicó la lección con mucha paciencia.",
+        "Durante el proyecto grabamos cientos de horas de conversaciones y las transcribimos a mano con mucho cuidado.",
+        "La cena ya está lista en la mesa.",
     ],
     # 104 nature, sport and conversation
     [
@@ -242,6 +272,8 @@ SPANISH = [
         "El ordenador reconoce la voz convirtiendo el sonido en números.",
         "Nos vemos en la puerta del teatro a las nueve en punto.",
         "Mi abuelo me enseñó a pescar cuando era pequeño.",
+        "Un modelo pequeño aprende mucho de uno grande si le mostramos también sus dudas.",
+        "¿Sabes dónde está la biblioteca municipal?",
     ],
 ]
 

@@ -266,7 +266,9 @@ def test_translate_task_and_128_mels(tokenizer):
     from transformers import WhisperFeatureExtractor
     u = data.scan_mls(data.embedded_corpus("it"), "test").utterances[0]
     ds = data.MLSDataset([u], WhisperFeatureExtractor(feature_size=128), tokenizer, task="translate")
+    before = torch.get_num_threads()
     item = ds[0]
+    assert torch.get_num_threads() == before   # the one-thread item leaves torch as it found it
     assert item["input_features"].shape == (128, 3000)
     assert item["labels"][1].item() == tokenizer.convert_tokens_to_ids("<|translate|>")
     assert 0 < item["num_frames"] < 3000
