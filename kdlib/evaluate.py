@@ -310,6 +310,22 @@ def _clean_ids(row: Sequence[int], prompt: set[int], eos: set[int]) -> list[int]
     return out
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' generate() warnings that do not apply here, for one call: "max_length
+    and max_new_tokens both set" (the generation config carries Whisper's 448; max_new_tokens
+    wins, as intended), "attention mask not set" (every clip is padded to 30 s and Whisper's
+    encoder takes no mask), "generation_config plus arguments" (the language and task)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *,
                        language: str | None = "it", task: str = "transcribe", num_beams: int = 1,
                        batch_size: int = 8, device=None,
@@ -352,10 +368,11 @@ def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *
             feats = feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
                                       return_tensors="pt").input_features
             feats = feats.to(device=device, dtype=dtype)  # (batch, n_mels, 3000)
-            out = model.generate(
-                input_features=feats, num_beams=num_beams, do_sample=False,
-                max_new_tokens=max_new, return_timestamps=False, use_cache=True, **kwargs,
-            )
+            with _quiet_transformers():
+                out = model.generate(
+                    input_features=feats, num_beams=num_beams, do_sample=False,
+                    max_new_tokens=max_new, return_timestamps=False, use_cache=True, **kwargs,
+                )
             sequences = out if isinstance(out, torch.Tensor) else out["sequences"]
             for i, row in zip(batch, sequences.tolist()):
                 results[i] = _clean_ids(row, prompt, eos)
