@@ -147,9 +147,13 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
+_MLS_ID = re.compile(r"^([^_\s]+)_[^_\s]+_[^_\s]+$")
+
+
 def _speaker_of(utt_id: str) -> str:
-    """MLS ids are ``<speaker>_<book>_<utterance>``; anything else is its own speaker."""
-    return utt_id.split("_", 1)[0] if "_" in utt_id else utt_id
+    """MLS ids are ``<speaker>_<book>_<utterance>``; other ids belong to speaker ``"unknown"``."""
+    m = _MLS_ID.match(utt_id)
+    return m.group(1) if m else "unknown"
 
 
 def wer_cer(references: Sequence[str], hypotheses: Sequence[str], *,
@@ -160,7 +164,7 @@ def wer_cer(references: Sequence[str], hypotheses: Sequence[str], *,
     Args:
         references, hypotheses: raw text, same length.
         ids: utterance ids (default ``"0"``, ``"1"``, ...); speakers: one per utterance (default:
-            the ``<speaker>`` part of an MLS id).
+            the ``<speaker>`` part of an MLS id, ``"unknown"`` for other ids).
         normalize: apply `basic_normalize` to both sides (the default; ``False`` scores the text
             as given, and the dict then says ``"normalizer": "none"``).
         ngram: n of the repeated-n-gram hallucination indicator.
@@ -452,10 +456,12 @@ class Measurement:
     * ``"cuda_max_allocated"``: ``torch.cuda.max_memory_allocated`` during the block (the
       counter is reset when the block starts): tensors of this process on that GPU, weights
       included; the CUDA context and the allocator's cached blocks are not counted.
+      ``peak_memory_delta_mb`` is that peak minus what was allocated when the block started.
     * ``"cpu_peak_rss"``: the highest resident set size of the whole process, sampled every
       5 ms by a thread during the block (weights, activations, Python, libraries, and anything
       else this process holds, e.g. another model loaded earlier). ``rss_delta_mb`` is that
-      peak minus the RSS at the start: what the block itself added (activations, KV cache).
+      peak minus the RSS at the start: what the block itself added (activations, KV cache);
+      ``peak_memory_delta_mb`` is the same number.
 
     ``ru_maxrss_mb`` is the kernel's peak RSS over the whole life of the process (it never goes
     down, so it is reported for reference, not as the block's peak). Compare models' memory from
@@ -465,6 +471,7 @@ class Measurement:
     seconds: float = 0.0
     audio_seconds: float = 0.0
     peak_memory_mb: float | None = None
+    peak_memory_delta_mb: float | None = None
     memory_kind: str = ""
     rss_start_mb: float | None = None
     rss_peak_mb: float | None = None
@@ -499,9 +506,11 @@ def measure(*, audio_seconds: float = 0.0, device=None, interval_s: float = 0.00
     dev = torch.device(device) if device is not None else torch.device("cpu")
     cuda = dev.type == "cuda" and torch.cuda.is_available()
     m = Measurement(audio_seconds=float(audio_seconds), device=str(dev))
+    cuda_start = 0
     if cuda:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
+        cuda_start = torch.cuda.memory_allocated(dev)
     sampler = _RssSampler(interval_s)
     sampler.start()
     t0 = time.perf_counter()
@@ -518,10 +527,13 @@ def measure(*, audio_seconds: float = 0.0, device=None, interval_s: float = 0.00
             m.rss_delta_mb = (sampler.peak_bytes - sampler.start_bytes) / MIB
         m.ru_maxrss_mb = _ru_maxrss_bytes() / MIB
         if cuda:
-            m.peak_memory_mb = torch.cuda.max_memory_allocated(dev) / MIB
+            peak = torch.cuda.max_memory_allocated(dev)
+            m.peak_memory_mb = peak / MIB
+            m.peak_memory_delta_mb = (peak - cuda_start) / MIB
             m.memory_kind = "cuda_max_allocated"
         else:
             m.peak_memory_mb = m.rss_peak_mb if m.rss_peak_mb is not None else m.ru_maxrss_mb
+            m.peak_memory_delta_mb = m.rss_delta_mb
             m.memory_kind = "cpu_peak_rss" if m.rss_peak_mb is not None else "cpu_ru_maxrss"
 
 
@@ -666,6 +678,8 @@ def _run_evaluation(decode: Callable[[list[np.ndarray]], list[str]],
         decode_seconds=m.seconds,
         audio_seconds=audio_seconds,
         peak_memory_mb=m.peak_memory_mb,
+        peak_memory_delta_mb=m.peak_memory_delta_mb,
+        memory_kind=m.memory_kind,
         memory=m.as_dict(),
     )
     return scores
@@ -716,7 +730,8 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
     decoding only (feature extraction + ``generate`` + detokenisation), not audio file reading.
 
     Returns the `wer_cer` dict plus ``rtf``, ``decode_seconds``, ``audio_seconds``,
-    ``peak_memory_mb`` (see `Measurement`), ``memory`` (all memory fields), ``n_parameters``,
+    ``peak_memory_mb`` and ``peak_memory_delta_mb`` (see `Measurement`), ``memory_kind``,
+    ``memory`` (all memory fields), ``n_parameters``,
     ``engine`` (``"transformers"``), ``num_beams``, ``batch_size``, ``language``, ``task``,
     ``device``, ``dtype``, ``threads``, ``split``, ``data_root`` and ``name``.
     """
@@ -1038,7 +1053,8 @@ def evaluate_ct2(model_dir: str | os.PathLike, utterances: Iterable[Any] | None 
 
 COMPARISON_COLUMNS = (
     "name", "engine", "compute_type", "num_beams", "threads", "wer", "cer", "insertion_rate",
-    "repeated_5grams_per_100_words", "rtf", "n_parameters", "peak_memory_mb", "n_utterances",
+    "repeated_5grams_per_100_words", "rtf", "n_parameters", "peak_memory_mb",
+    "peak_memory_delta_mb", "memory_kind", "n_utterances",
     "n_skipped", "normalizer",
 )
 
@@ -1071,6 +1087,7 @@ _MD_HEADERS = {
     "wer": "WER (%)", "cer": "CER (%)", "insertion_rate": "insertions (% of ref words)",
     "repeated_5grams_per_100_words": "repeated 5-grams /100 words", "rtf": "RTF",
     "n_parameters": "parameters (M)", "peak_memory_mb": "peak memory (MiB)",
+    "peak_memory_delta_mb": "memory added by decoding (MiB)",
     "n_utterances": "utterances", "n_skipped": "skipped", "num_beams": "beams",
 }
 
@@ -1205,7 +1222,7 @@ def compare_models(entries: Sequence[dict[str, Any]], *, data_root: str | os.Pat
     every model sees the same clips. ``threads`` sets both ``torch.set_num_threads`` and
     CTranslate2's intra-op threads, so the engines' RTFs are comparable (default: torch's
     current setting). Memory is measured in this one process: models loaded earlier stay in
-    the RSS, so compare ``memory.rss_delta_mb`` or run one model per process for absolute
+    the RSS, so compare ``peak_memory_delta_mb`` or run one model per process for absolute
     numbers.
 
     With ``out_dir``: ``metrics_<split>_<name>.json`` per model, ``comparison.{json,csv,md}``,

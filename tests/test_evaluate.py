@@ -107,6 +107,7 @@ def test_per_speaker_wer():
     assert m["per_speaker"]["1002"]["wer"] == 0.0
     m2 = ev.wer_cer(["a b"], ["a"], speakers=["voice-x"])
     assert list(m2["per_speaker"]) == ["voice-x"]
+    assert list(ev.wer_cer(["a", "b"], ["a", "b"])["per_speaker"]) == ["unknown"]
 
 
 def test_repeated_ngrams():
@@ -215,7 +216,7 @@ def test_measure_rtf_and_transient_peak():
     assert m.rtf == pytest.approx(m.seconds / 2.0)
     assert m.memory_kind == "cpu_peak_rss"
     assert m.peak_memory_mb > 0
-    assert m.rss_delta_mb >= 48
+    assert m.rss_delta_mb >= 48 and m.peak_memory_delta_mb == m.rss_delta_mb
     result, m2 = ev.measure_call(sum, [1, 2, 3], audio_seconds=1.0)
     assert result == 6 and m2.rtf > 0
 
