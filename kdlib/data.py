@@ -556,18 +556,21 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     (longest first), cut it into batches, then shuffle the order of all batches. Small
     ``bucket_factor`` keeps more randomness; large cuts more padding. Each epoch yields every
     index exactly once; the order depends only on ``seed`` and the epoch (`set_epoch`).
-    ``shuffle=False`` sorts everything by length (evaluation).
+    ``shuffle=False`` sorts everything by length (evaluation). ``longest_first`` moves the batch
+    with the longest item to the front, so a batch size too big for the GPU fails at the first
+    step rather than hours into the run (as transformers' sampler does).
 
     ``lengths``: one number per item in any unit (seconds, frames, tokens).
     """
 
     def __init__(self, lengths: Sequence[float], batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 bucket_factor: int = 50, drop_last: bool = False):
+                 bucket_factor: int = 50, drop_last: bool = False, longest_first: bool = True):
         if batch_size < 1 or bucket_factor < 1:
             raise ValueError("batch_size and bucket_factor must be >= 1")
         self.lengths = [float(x) for x in lengths]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.bucket_factor, self.drop_last = bucket_factor, drop_last
+        self.longest_first = longest_first
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -589,6 +592,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
                 chunk = sorted(perm[start:start + mega], key=lambda i: -lengths[i])
                 batches += [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+            if self.longest_first and batches:
+                # the batch holding the longest item goes first: out-of-memory shows at step 1
+                k = max(range(len(batches)), key=lambda j: max(lengths[i] for i in batches[j]))
+                batches.insert(0, batches.pop(k))
         if self.drop_last:
             batches = [b for b in batches if len(b) == bs]
         return batches

@@ -161,8 +161,9 @@ print("hours per split:", hours)
 results["hours"] = hours
 
 # %% [markdown]
-# The embedded clips are short sentences of 3 to 5 seconds: all of them far below Whisper's 30 s
-# window. MLS segments are longer (mostly 10 to 20 s). Either way every clip is padded to 30 s
+# The embedded clips are single sentences: most last 3 to 5 seconds, a few short ones about
+# 2 s and a few long ones 6 to 9 s, all far below Whisper's 30 s window and above
+# `min_duration`, so nothing is dropped. MLS segments are longer (mostly 10 to 20 s). Either way every clip is padded to 30 s
 # before the encoder sees it, which is why the next stage keeps track of how many frames are real.
 
 # %% [markdown]

@@ -329,6 +329,8 @@ def test_length_grouped_sampler_covers_each_index_once_and_is_deterministic():
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(1003)) and len(batches) == len(s) == 63
     assert batches == list(data.LengthGroupedBatchSampler(lengths, 16, seed=3, bucket_factor=8))
+    assert int(np.argmax(lengths)) in batches[0]                      # longest first
+    assert data.padding_waste(lengths, batches) < 0.1                 # grouped within megabatches
     s.set_epoch(1)
     assert list(s) != batches and sorted(i for b in s for i in b) == list(range(1003))
     assert all(len(b) == 16 for b in data.LengthGroupedBatchSampler(lengths, 16, drop_last=True))
