@@ -230,6 +230,9 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
     that names the file and the problem; only a missing split folder or ``transcripts.txt``
     raises (`FileNotFoundError`), because then nothing can be scanned at all.
     """
+    if max_duration > MAX_SECONDS:
+        warnings.warn(f"max_duration {max_duration} s > {MAX_SECONDS} s: Whisper's feature extractor cuts "
+                      "longer clips, so their features will no longer match their transcripts", stacklevel=2)
     root = Path(root)
     split_dir = root / split
     transcripts = split_dir / "transcripts.txt"
