@@ -298,7 +298,8 @@ for k, b in zip(range(n_batches), grouped_loader):
 
 # %% [markdown]
 # Each grouped batch holds clips of similar duration, so its label tensor is barely wider than
-# its longest sentence. `n_dropped` counts items whose audio broke after the scan (with
+# its longest sentence. The first batch is the one holding the longest clip, on purpose: if a
+# batch size is too big for the GPU's memory, the run fails at step 1, not hours later. `n_dropped` counts items whose audio broke after the scan (with
 # `safe=True` the Dataset returns `None` for them and `collate` leaves them out), so a long run
 # keeps going and the loop can add the drops to its report.
 
