@@ -256,7 +256,8 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
     rel = f"{split}/transcripts.txt"
     pairs: list[tuple[str, str, str, Path, str]] = []   # id, speaker, book, audio path, text
     seen: set[str] = set()
-    with open(transcripts, encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: a byte-order mark (some editors add one) would otherwise break the first id
+    with open(transcripts, encoding="utf-8-sig", errors="replace") as f:
         for lineno, raw in enumerate(f, start=1):
             line = raw.rstrip("\r\n")
             if not line.strip():

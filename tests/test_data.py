@@ -177,6 +177,17 @@ def test_duration_limits_are_parameters(tmp_path):
         assert data.scan_mls(root, "test", min_duration=0.1, max_duration=60.0).n_kept == 3
 
 
+def test_windows_line_endings_and_byte_order_mark_are_read(tmp_path):
+    root = tmp_path / "spanish"
+    for i in range(2):
+        write_utt(root, "dev", f"3_4_{i:06d}")
+    (root / "dev" / "transcripts.txt").write_bytes(
+        "\ufeff3_4_000000\thola a todos\r\n3_4_000001\tbuenos días\r\n".encode("utf-8"))
+    result = data.scan_mls(root, "dev")
+    assert [u.text for u in result.utterances] == ["hola a todos", "buenos días"]
+    assert result.n_skipped == 0 and result.utterances[0].language == "es"
+
+
 def test_missing_split_or_transcripts_is_a_clear_error(tmp_path):
     root = tmp_path / "italian"
     with pytest.raises(FileNotFoundError, match="split folder not found.*train"):
