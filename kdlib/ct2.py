@@ -11,7 +11,8 @@ CTranslate2's format for faster-whisper. This module
 4. builds config, tokenizer, feature extractor and generation config from the package files,
    never from a hub (`build_hf_folder`), and saves the folder atomically into
    ``kdlib.cache_dir()/models/<name>`` (`convert_offline`). A folder is used only once its
-   ``COMPLETE`` marker exists; that marker is written last, after an atomic rename.
+   ``COMPLETE`` marker exists; the folder is written in a temporary sibling, the marker last,
+   then moved into place with one atomic rename (`publish_folder`).
 
 The ``model.bin`` layout (CTranslate2 ``python/ctranslate2/specs/model_spec.py``, ``_serialize``),
 all little-endian::
@@ -607,6 +608,35 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
 
 
+def publish_folder(tmp: Path, target: Path, note: str = "") -> Path:
+    """Move a fully written folder ``tmp`` to ``target`` so readers never see half of it.
+
+    The ``COMPLETE`` marker is written into ``tmp`` last, then one ``os.replace`` makes the
+    folder appear whole. If another process published ``target`` meanwhile, its folder wins and
+    ``tmp`` is deleted; a ``target`` without the marker (an interrupted older run) is replaced.
+    """
+    tmp, target = Path(tmp), Path(target)
+    try:
+        (tmp / COMPLETE_MARKER).write_text(note + "\n")
+        if is_complete(target):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        if target.exists():
+            stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{time.time_ns()}")
+            os.replace(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not is_complete(target):  # someone else's folder appeared in between
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def convert_offline(name: str, *, force: bool = False, verbose: bool = True) -> Path:
     """Rebuild the offline Whisper ``name`` as a Hugging Face folder in the cache, once.
 
@@ -648,15 +678,10 @@ def convert_offline(name: str, *, force: bool = False, verbose: bool = True) -> 
             dropped_k_bias_max=dropped_bias_max(ct2), seconds=round(time.perf_counter() - t0, 2),
         )
         (tmp / "kdlib_provenance.json").write_text(json.dumps(provenance, indent=2))
-        if target.exists():  # a half-written or forced-out folder: move it aside, then delete
-            stale = target.with_name(f".{name}.stale-{os.getpid()}-{time.time_ns()}")
-            os.replace(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    (target / COMPLETE_MARKER).write_text(f"converted in {time.perf_counter() - t0:.1f} s\n")
+    publish_folder(tmp, target, f"converted in {time.perf_counter() - t0:.1f} s")
     if verbose:
         print(f"kdlib: converted {name} into {target} in {time.perf_counter() - t0:.1f} s")
     return target

@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -269,16 +268,10 @@ def _save_bundle_atomically(bundle: WhisperBundle, target: Path, note: str) -> P
         bundle.model.save_pretrained(tmp, safe_serialization=True)
         bundle.tokenizer.save_pretrained(tmp)
         bundle.feature_extractor.save_pretrained(tmp)
-        if target.exists():
-            stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{time.time_ns()}")
-            os.replace(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    (target / ct2.COMPLETE_MARKER).write_text(note + "\n")
-    return target
+    return ct2.publish_folder(tmp, target, note)
 
 
 def build_distil_base(name: str = "distil-base", *, force: bool = False) -> Path:
@@ -382,11 +375,12 @@ class TeacherWrapper(nn.Module):
 
     ``autocast="auto"`` means float16 on CUDA; on CPU bfloat16 where the CPU has bfloat16
     instructions (`cpu_has_fast_bf16`), float32 otherwise. Measured on this book's 2-core
-    AMD EPYC (avx512_bf16, no AMX; torch 2.9.1, 2 threads; other jobs running, so absolute
-    times are noisy), whisper-base forward on 4 x 30 s + 32 decoder tokens: float32 3.1 s vs
-    bfloat16 autocast 1.8 s (a second run 5.7 vs 3.0 s); greedy transcription of two clips
-    13.7 s vs 2.6 s. The price: encoder states differ by 1.2 % (relative L2), next-token
-    distributions by KL 4e-4 nats per token, and 96 % of argmax tokens agree, small next to the
+    AMD EPYC (avx512_bf16, no AMX; torch 2.9.1, 2 threads; other jobs were running, so absolute
+    times are noisy) with ``benchmarks/teacher_autocast_cpu.py``: whisper-base forward on
+    4 x 30 s + 32 decoder tokens, float32 3.1 / 5.7 / 13.1 s vs bfloat16 autocast 1.8 / 3.0 /
+    9.3 s in three runs (1.4-1.9x faster); greedy transcription of two clips 13.7 s vs 2.6 s.
+    The price: encoder states move by about 1 % (relative L2), next-token distributions by
+    KL 4e-4 to 1e-3 nats per token, and 94-96 % of argmax tokens agree, small next to the
     student/teacher gap. Pass ``autocast=None`` for exact float32 or a dtype to force one.
 
     The teacher may stay on CPU while the student trains on a GPU: inputs are moved to the

@@ -22,11 +22,13 @@ from kdlib import ct2, models
 ROOT = Path(__file__).resolve().parents[1]
 DEV = ROOT / "kdlib" / "corpus" / "italian" / "dev"
 
-# Measured on the 20 clips of the embedded Italian dev split (5 espeak-ng voices), greedy,
-# language="it", float32, Whisper's basic normaliser: whisper-base 0.640 (the CTranslate2 engine
-# gives the same tokens); the untrained distil-base student 1.000 (its 2-layer decoder repeats
-# <|it|> and never ends: every word is deleted). The bound leaves room for a re-synthesised corpus.
-TEACHER_DEV_WER_BOUND = 0.75
+# Measured on the 20 clips of the embedded Italian dev split (6 espeak-ng voices, 219 words),
+# greedy, language="it", float32, at most 64 new tokens (the longest reference has 42), Whisper's
+# basic normaliser: whisper-base 0.584 (per voice: it 0.68, it+m3 0.39, it+f2 0.63, it+m5 0.51,
+# it+f3 0.77, it+m1 0.56; the CTranslate2 engine gives the same tokens); the untrained
+# distil-base student 1.000 (its 2-layer decoder repeats <|it|> and never ends: every word is
+# deleted). The bound leaves room for a re-synthesised corpus.
+TEACHER_DEV_WER_BOUND = 0.70
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,6 +143,24 @@ def test_student_layer_lists_and_full_copy(deep_teacher):
                        deep_teacher.model.encoder.layers[4].fc2.weight)
     with pytest.raises(ValueError):
         models.student_from_teacher(deep_teacher, decoder_layers=[0, 9])
+
+
+def test_student_from_large_v3_geometry():
+    """large-v3's layout (32 + 32 layers, 128 mel bins) at a tiny width: the same code path."""
+    from transformers import WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = models.tiny_config(d_model=32, layers=(32, 32), heads=2, ffn=32, num_mel_bins=128)
+    teacher = WhisperForConditionalGeneration(cfg).eval()
+    student = models.student_from_teacher(teacher, encoder_layers="every_other", decoder_layers=2)
+    assert student.config.kdlib_teacher_decoder_layers == [0, 31]
+    assert len(student.config.kdlib_teacher_encoder_layers) == 16
+    assert student.config.kdlib_teacher_encoder_layers[-1] == 31
+    assert torch.equal(student.model.decoder.layers[1].fc1.weight, teacher.model.decoder.layers[31].fc1.weight)
+    with torch.no_grad():
+        out = student(input_features=torch.randn(1, 128, 3000),
+                      decoder_input_ids=torch.tensor([[50258, 50274]]))
+    assert out.logits.shape == (1, 2, 51865)
 
 
 def test_student_from_bundle_keeps_tokenizer(tiny_pair):
@@ -412,6 +432,25 @@ def test_wrong_part_size_is_caught_before_conversion(monkeypatch, tmp_path):
     assert not (tmp_path / "cache" / "models" / "fake").exists()
 
 
+def test_publish_folder_is_all_or_nothing(tmp_path):
+    target = tmp_path / "models" / "x"
+    target.mkdir(parents=True)
+    (target / "weights").write_text("half")  # an interrupted run: no marker
+    tmp = tmp_path / "models" / ".x.tmp-1"
+    tmp.mkdir()
+    (tmp / "weights").write_text("new")
+    assert ct2.publish_folder(tmp, target, "ok") == target
+    assert (target / "weights").read_text() == "new" and ct2.is_complete(target)
+    assert not tmp.exists()
+    # a complete folder published by someone else wins; our copy is dropped
+    late = tmp_path / "models" / ".x.tmp-2"
+    late.mkdir()
+    (late / "weights").write_text("late")
+    ct2.publish_folder(late, target)
+    assert (target / "weights").read_text() == "new" and not late.exists()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["x"]
+
+
 def test_unknown_offline_name_and_missing_folder_files(tmp_path):
     with pytest.raises(ct2.OfflineModelError, match="unknown offline model"):
         ct2.locate("whisper-huge")
@@ -569,7 +608,7 @@ def _dev_clips() -> list[tuple[np.ndarray, str]]:
     return clips
 
 
-def _dev_wer(bundle, limit: int | None = None, max_new_tokens: int = 96) -> float:
+def _dev_wer(bundle, limit: int | None = None, max_new_tokens: int = 64) -> float:
     import jiwer
 
     clips = _dev_clips()[:limit]
@@ -601,8 +640,8 @@ def test_distil_base_student_builds_runs_and_is_worse(base):
     assert torch.equal(student.model.model.encoder.layers[3].fc1.weight,
                        base.model.model.encoder.layers[3].fc1.weight)
     # untrained, the student is far behind its teacher: that gap is what training closes
-    # (10 clips and 24 tokens: it never emits <|endoftext|>, so decoding runs to the limit)
-    wer = _dev_wer(student, limit=10, max_new_tokens=24)
+    # (6 clips and 16 tokens: it never emits <|endoftext|>, so decoding runs to the limit)
+    wer = _dev_wer(student, limit=6, max_new_tokens=16)
     print(f"distil-base (untrained) dev WER {wer:.3f}")
     assert np.isfinite(wer) and wer > TEACHER_DEV_WER_BOUND
 
