@@ -68,10 +68,18 @@ class WhisperBundle:
     @torch.no_grad()
     def transcribe(self, audio, *, language: str | None = "it", task: str = "transcribe",
                    num_beams: int = 1, max_new_tokens: int | None = None) -> list[str]:
-        """Greedy (or beam) transcripts of 16 kHz waveforms; a convenience for notebooks/tests."""
+        """Greedy (or beam) transcripts of 16 kHz waveforms; a convenience for notebooks/tests.
+
+        ``language``/``task`` are ignored for English-only models. ``kdlib.evaluate`` is the
+        full decoder (batching, progress, WER); this is the two-line version.
+        """
         feats = self.features(audio)
-        kw = dict(task=task) if self.model.generation_config.is_multilingual else {}
-        if language is not None and self.model.generation_config.is_multilingual:
+        gen = self.model.generation_config
+        multilingual = getattr(gen, "is_multilingual", None)
+        if multilingual is None:
+            multilingual = bool(getattr(gen, "lang_to_id", None))
+        kw = dict(task=task) if multilingual else {}
+        if language is not None and multilingual:
             kw["language"] = language
         self.model.eval()
         if max_new_tokens is not None:
@@ -131,7 +139,9 @@ def load_whisper(name_or_path: str | os.PathLike, *, dtype=None, device=None) ->
         folder = build_distil_base(name)
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
-        for needed in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+        tokenizer_file = ("tokenizer.json" if (folder / "tokenizer.json").is_file()
+                          or not (folder / "vocab.json").is_file() else "vocab.json")
+        for needed in ("config.json", tokenizer_file, "preprocessor_config.json"):
             if not (folder / needed).is_file():
                 raise FileNotFoundError(
                     f"{folder / needed}: missing; a Whisper folder needs the model, the "
@@ -150,7 +160,7 @@ def load_whisper(name_or_path: str | os.PathLike, *, dtype=None, device=None) ->
 
 
 @functools.lru_cache(maxsize=2)
-def _real_tokenizer_and_features(name: str = "whisper-base"):
+def _package_tokenizer_and_files(name: str = "whisper-base"):
     _, files = ct2.locate(name)
     source = ct2.OFFLINE_MODELS[name]
     return ct2.build_tokenizer(files, multilingual=source.multilingual), files
@@ -161,13 +171,13 @@ def real_tokenizer(name: str = "whisper-base"):
 
     Read once per process and shared (treat it as read-only; ``copy.deepcopy`` it to change it).
     """
-    return _real_tokenizer_and_features(name)[0]
+    return _package_tokenizer_and_files(name)[0]
 
 
 def _generation_config_for(model, name: str = "whisper-base"):
     import json
 
-    _, files = _real_tokenizer_and_features(name)
+    _, files = _package_tokenizer_and_files(name)
     package_config = json.loads((files / "config.json").read_text())
     return ct2.build_generation_config(
         package_config, multilingual=ct2.OFFLINE_MODELS[name].multilingual,
