@@ -84,6 +84,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from kdlib import evaluate
+
+    kwargs = {"num_beams": args.beam}
+    if args.limit:
+        kwargs["limit"] = args.limit
+    if args.max_new_tokens:
+        kwargs["max_new_tokens"] = args.max_new_tokens
+    metrics = evaluate.evaluate_run_dir(args.run_dir, args.split, args.data_root, **kwargs)
+    keys = ("wer", "cer", "rtf", "peak_memory_mb", "n_utterances", "n_skipped", "normalizer")
+    print({k: metrics.get(k) for k in keys})
+    print(metrics["metrics_path"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m kdlib",
@@ -127,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any TrainConfig field, e.g. --set lr=3e-4 --set init_from=runs/s1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="decode a split with a run's model; writes metrics_<split>.json")
+    p.add_argument("--run-dir", required=True, help="a run folder (or a Hugging Face model folder)")
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--data-root", default=None, help="MLS language folder (default: the run's data)")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="merge LoRA into the student and save a Hugging Face folder")
     p.add_argument("--run-dir", required=True)

@@ -231,16 +231,14 @@ def build_models(config: TrainConfig, device: torch.device) -> RunModels:
 def set_trainable(student: torch.nn.Module, projector: Optional[torch.nn.Module], config: TrainConfig) -> dict:
     """Make exactly the stage's parameters trainable; return their names (logged and tested).
 
-    LoRA parameters train in stages 0–II; in stage III only the decoder's LoRA does (encoder
-    frozen). The projector trains whenever a term that goes through it (geodesic/contrastive) is on.
+    LoRA parameters train; the encoder's only when ``config.train_encoder`` says so (default:
+    stages 0–II yes, stage III no). The projector trains whenever a term that goes through it
+    (geodesic/contrastive) is on.
     """
+    train_encoder = config.train_encoder if config.train_encoder is not None else config.stage != 3
     names: dict[str, list[str]] = {"student": [], "projector": []}
     for name, param in student.named_parameters():
-        is_lora = "lora_" in name
-        if config.stage == 3:
-            param.requires_grad = is_lora and ".encoder." not in name
-        else:
-            param.requires_grad = is_lora
+        param.requires_grad = "lora_" in name and (train_encoder or ".encoder." not in name)
         if param.requires_grad:
             names["student"].append(name)
     if projector is not None:
@@ -305,6 +303,75 @@ def batch_stream(dataset, collate, config: TrainConfig, epoch: int, position: in
 
 
 # --------------------------------------------------------------------------------------------
+# Frozen encoders: run once per utterance, no autograd graph
+# --------------------------------------------------------------------------------------------
+
+
+class EncoderCache:
+    """Outputs of a frozen Whisper encoder, computed without autograd and (``keep=True``) kept
+    per utterance id, so every later epoch skips the encoder entirely.
+
+    The encoder is the most expensive part of Whisper (3000 log-mel frames in, 1500 states out,
+    whatever the clip's length), and a frozen one gives the same output every epoch. Outputs are
+    computed in eval mode (no dropout) and stored as float32 on the CPU: ``(1500, d_model)`` each.
+    """
+
+    def __init__(self, model: torch.nn.Module, keep: bool = True):
+        self.model = model
+        self.keep = keep
+        self.store: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, features: torch.Tensor, ids: list[str], device: torch.device) -> torch.Tensor:
+        """``features`` (batch, n_mels, 3000) → encoder states (batch, 1500, d_model) on ``device``."""
+        missing = [i for i, key in enumerate(ids) if key not in self.store]
+        fresh = {}
+        if missing:
+            encoder = self.model.get_encoder()
+            was_training = encoder.training
+            encoder.eval()
+            param = next(encoder.parameters())
+            out = encoder(features[missing].to(param.device, param.dtype)).last_hidden_state
+            encoder.train(was_training)
+            fresh = {ids[i]: out[j].float().cpu() for j, i in enumerate(missing)}
+            if self.keep:
+                self.store.update(fresh)
+        rows = [fresh[key] if key in fresh else self.store[key] for key in ids]
+        return torch.stack(rows).to(device)
+
+
+def same_encoder(student: torch.nn.Module, teacher: torch.nn.Module) -> bool:
+    """True when the student's encoder computes exactly the teacher's function: same base
+    weights and every LoRA B matrix still zero (distil-whisper's shared frozen encoder)."""
+    s_enc, t_enc = student.get_encoder(), teacher.get_encoder()
+    base = {n.replace(".base_layer", ""): p for n, p in s_enc.named_parameters() if "lora_" not in n}
+    ref = dict(t_enc.named_parameters())
+    if base.keys() != ref.keys():
+        return False
+    if any(bool(p.detach().abs().sum() > 0) for n, p in s_enc.named_parameters() if "lora_B" in n):
+        return False
+    return all(torch.equal(base[n].detach().cpu(), ref[n].detach().cpu()) for n in ref)
+
+
+@dataclass
+class EncoderCaches:
+    teacher: Optional[EncoderCache] = None
+    student: Optional[EncoderCache] = None  # None: the student's encoder trains (runs live)
+    shared: bool = False  # the student reuses the teacher's cache
+
+
+def build_caches(models: RunModels, config: TrainConfig) -> EncoderCaches:
+    keep = config.encoder_cache == "memory"
+    teacher = EncoderCache(models.teacher, keep) if models.teacher is not None else None
+    encoder_trains = any(p.requires_grad for n, p in models.student.named_parameters() if ".encoder." in n)
+    if encoder_trains:
+        return EncoderCaches(teacher=teacher)
+    if teacher is not None and same_encoder(models.student, models.teacher):
+        return EncoderCaches(teacher=teacher, student=teacher, shared=True)
+    return EncoderCaches(teacher=teacher, student=EncoderCache(models.student, keep))
+
+
+# --------------------------------------------------------------------------------------------
 # Forward and loss
 # --------------------------------------------------------------------------------------------
 
@@ -318,7 +385,7 @@ def decoder_inputs(labels: torch.Tensor, config_model) -> torch.Tensor:
 
 def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device,
                    autocast: tuple[bool, Optional[torch.dtype]], taid_t: Optional[float] = None,
-                   frame_factor: int = 1) -> dict:
+                   frame_factor: int = 1, caches: Optional[EncoderCaches] = None) -> dict:
     """One forward of student (and frozen teacher) and the combined loss dict (``total`` has grad)."""
     enabled, dtype = autocast
     features = batch["input_features"].to(device, non_blocking=True)
@@ -330,14 +397,25 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
     need_hidden = any(getattr(w, term) > 0 for term in loss_fn.HIDDEN_TERMS)
     need_logits = any(getattr(w, term) > 0 for term in ("kl", "l2", "taid"))
     with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=enabled):
-        student_out = student_model(input_features=features, decoder_input_ids=dec_in, use_cache=False)
+        caches = caches or EncoderCaches()
+        if caches.student is not None:  # frozen student encoder: cached or no-grad states
+            encoded = caches.student(features, batch["ids"], device)
+            student_out = student_model(encoder_outputs=(encoded,), decoder_input_ids=dec_in, use_cache=False)
+        else:
+            student_out = student_model(input_features=features, decoder_input_ids=dec_in, use_cache=False)
         teacher_logits = teacher_hidden = None
         if models.teacher is not None and (need_logits or need_hidden):
             tdev = next(models.teacher.parameters()).device
             with torch.no_grad():
-                teacher_out = models.teacher(
-                    input_features=features.to(tdev), decoder_input_ids=dec_in.to(tdev), use_cache=False
-                )
+                if caches.teacher is not None:
+                    encoded = caches.teacher(features, batch["ids"], tdev)
+                    teacher_out = models.teacher(
+                        encoder_outputs=(encoded,), decoder_input_ids=dec_in.to(tdev), use_cache=False
+                    )
+                else:
+                    teacher_out = models.teacher(
+                        input_features=features.to(tdev), decoder_input_ids=dec_in.to(tdev), use_cache=False
+                    )
             teacher_logits = teacher_out.logits.to(device)
             teacher_hidden = teacher_out.encoder_last_hidden_state.to(device)
         student_hidden = student_mask = teacher_mask = None
@@ -432,13 +510,19 @@ def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.devic
     from kdlib import evaluate
 
     models.student.eval()
-    from kdlib.data import load_audio
+    from kdlib.data import AudioError, load_audio
 
-    audios = [load_audio(u.audio).numpy() for u in dataset.utterances]
-    refs = [u.text for u in dataset.utterances]
+    audios, refs = [], []
+    for u in dataset.utterances:
+        try:
+            audios.append(load_audio(u.audio).numpy())
+            refs.append(u.text)
+        except AudioError as err:  # broke after the scan: skipped, not a crash mid-run
+            print(f"dev WER: skipping {err}")
     hyps = evaluate.transcribe(
         models.student, models.feature_extractor, models.tokenizer, audios,
         language=config.language, task=config.task, batch_size=config.batch_size, device=device,
+        max_new_tokens=config.eval_max_new_tokens,
     )
     models.student.train()
     return evaluate.wer_cer(refs, hyps)["wer"]
@@ -503,8 +587,13 @@ def save_adapter(run_dir: Path, models: RunModels) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: bool = True) -> dict:
-    """Run one stage; returns the summary dict (also written to ``summary.json``)."""
+def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: bool = True,
+          on_eval=None) -> dict:
+    """Run one stage; returns the summary dict (also written to ``summary.json``).
+
+    ``on_eval(step, metrics)`` is called after every dev evaluation (metrics: ``dev_loss`` and,
+    when ``eval_wer``, ``dev_wer``); it may raise to stop the run (e.g. ``optuna.TrialPruned``).
+    """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
@@ -537,6 +626,10 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
                                lr=config.lr, min_lr=config.min_lr),
     )
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    caches = build_caches(models, config)
+    print("encoder outputs: teacher " + ("cached" if caches.teacher and caches.teacher.keep else "live")
+          + ", student " + ("trains (live)" if caches.student is None else
+                            "shares the teacher's (identical frozen encoder)" if caches.shared else "frozen, cached"))
     loss_fn = DistillationLoss()
     taid = TAIDSchedule(t_start=config.taid_t_start, total_steps=config.max_steps) if config.kd_kind == "taid" else None
 
@@ -582,7 +675,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
             epoch, position, batch = next(stream)
             # forward + loss
             parts = forward_losses(models, loss_fn, batch, device, (autocast_on, autocast_dtype),
-                                   taid_t=taid_t, frame_factor=config.student_frame_factor)
+                                   taid_t=taid_t, frame_factor=config.student_frame_factor, caches=caches)
             if not torch.isfinite(parts["total"]):
                 finite = False
                 break
@@ -651,6 +744,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
                 state["best_wer"], state["bad_evals"] = metric, 0
             else:
                 state["bad_evals"] += 1
+            if on_eval is not None:
+                on_eval(step + 1, dict(last_eval))
             if config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience:
                 tqdm.write(f"early stopping: no dev improvement in {state['bad_evals']} evaluations")
                 stopped_early = True
@@ -748,3 +843,50 @@ def export_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Chapters and scripts: run a stage once, reuse it afterwards
+# --------------------------------------------------------------------------------------------
+
+
+def _comparable(config_dict: dict) -> dict:
+    return {k: v for k, v in config_dict.items() if k not in ("run_dir", "eval_every", "save_every", "log_every")}
+
+
+def run_stage(config: TrainConfig, run_dir: str | Path, *, reuse: bool = True, progress: bool = True,
+              on_eval=None) -> dict:
+    """Train one stage into ``run_dir`` unless it already holds a finished run of this very
+    config (then its ``summary.json`` is returned). A folder holding a *different* config is
+    refused rather than overwritten, and an unfinished run of this config resumes."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "training_config.json"
+    if saved.exists():
+        previous = TrainConfig.from_json(saved)
+        if _comparable(previous.to_dict()) != _comparable(config.to_dict()):
+            changed = sorted(k for k, v in _comparable(config.to_dict()).items() if previous.to_dict().get(k) != v)
+            raise FileExistsError(
+                f"{run_dir} holds a run with another config (differs in {', '.join(changed)}); "
+                "choose another run folder or delete it"
+            )
+        if reuse and (run_dir / "summary.json").exists():
+            print(f"{run_dir}: finished run of this config found, reusing it")
+            return json.loads((run_dir / "summary.json").read_text())
+    return train(config, run_dir, progress=progress, on_eval=on_eval)
+
+
+def load_history(run_dir: str | Path) -> list[dict]:
+    """``training_history.json`` of a run: one dict per optimizer step."""
+    return json.loads((Path(run_dir) / "training_history.json").read_text())
+
+
+def untrained_student(config: TrainConfig):
+    """The student of ``config`` before any training: ``(model, tokenizer, feature_extractor)``."""
+    teacher, student = _load_pair(config)
+    return student.eval(), teacher.tokenizer, teacher.feature_extractor
+
+
+def teacher_model(config: TrainConfig):
+    """The teacher of ``config`` (adapted by ``teacher_from`` when set): ``(model, tokenizer, fe)``."""
+    teacher, _ = _load_pair(config)
+    return teacher.model.eval(), teacher.tokenizer, teacher.feature_extractor
