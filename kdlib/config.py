@@ -156,11 +156,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 2,
         "save_every": 2,
         "eval_wer": False,
+        "eval_max_new_tokens": 8,
         "lora_r": 4,
         "lora_alpha": 8,
     },
     # Embedded clips last at most ~10 s (under 50 tokens). See PRESET_STAGE for per-stage choices.
-    "demo": {"eval_max_new_tokens": 64},
+    "demo": {"eval_max_new_tokens": 64, "eval_every": 30, "save_every": 10},
     "thesis": {
         "teacher": "openai/whisper-large-v3",
         "student": "openai/whisper-small",

@@ -358,17 +358,19 @@ class EncoderCaches:
     teacher: Optional[EncoderCache] = None
     student: Optional[EncoderCache] = None  # None: the student's encoder trains (runs live)
     shared: bool = False  # the student reuses the teacher's cache
+    logits: Optional["LogitCache"] = None  # the teacher's logits per utterance
 
 
 def build_caches(models: RunModels, config: TrainConfig) -> EncoderCaches:
     keep = config.encoder_cache == "memory"
     teacher = EncoderCache(models.teacher, keep) if models.teacher is not None else None
+    logits = LogitCache() if keep and models.teacher is not None else None
     encoder_trains = any(p.requires_grad for n, p in models.student.named_parameters() if ".encoder." in n)
     if encoder_trains:
-        return EncoderCaches(teacher=teacher)
+        return EncoderCaches(teacher=teacher, logits=logits)
     if teacher is not None and same_encoder(models.student, models.teacher):
-        return EncoderCaches(teacher=teacher, student=teacher, shared=True)
-    return EncoderCaches(teacher=teacher, student=EncoderCache(models.student, keep))
+        return EncoderCaches(teacher=teacher, student=teacher, shared=True, logits=logits)
+    return EncoderCaches(teacher=teacher, student=EncoderCache(models.student, keep), logits=logits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,19 +407,9 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
             student_out = student_model(input_features=features, decoder_input_ids=dec_in, use_cache=False)
         teacher_logits = teacher_hidden = None
         if models.teacher is not None and (need_logits or need_hidden):
-            tdev = next(models.teacher.parameters()).device
-            with torch.no_grad():
-                if caches.teacher is not None:
-                    encoded = caches.teacher(features, batch["ids"], tdev)
-                    teacher_out = models.teacher(
-                        encoder_outputs=(encoded,), decoder_input_ids=dec_in.to(tdev), use_cache=False
-                    )
-                else:
-                    teacher_out = models.teacher(
-                        input_features=features.to(tdev), decoder_input_ids=dec_in.to(tdev), use_cache=False
-                    )
-            teacher_logits = teacher_out.logits.to(device)
-            teacher_hidden = teacher_out.encoder_last_hidden_state.to(device)
+            teacher_logits, teacher_hidden = teacher_forward(
+                models.teacher, caches, batch["ids"], features, dec_in, labels, need_logits, device
+            )
         student_hidden = student_mask = teacher_mask = None
         if need_hidden:
             student_hidden = student_out.encoder_last_hidden_state  # (batch, 1500, d_student)
@@ -439,6 +431,52 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
             taid_t=taid_t,
             teacher_hidden_mask=teacher_mask,
         )
+
+
+@torch.no_grad()
+def teacher_forward(teacher, caches: EncoderCaches, ids: list[str], features: torch.Tensor,
+                    dec_in: torch.Tensor, labels: torch.Tensor, need_logits: bool, device: torch.device):
+    """Frozen teacher: ``(logits (batch, tokens, vocab) or None, encoder states (batch, 1500, d))``.
+
+    With caches, the encoder runs once per utterance and so does the decoder: its logits depend
+    only on the (fixed) reference tokens of the utterance, so they are stored per utterance and
+    every later epoch reads them instead of running the teacher at all."""
+    tdev = next(teacher.parameters()).device
+    if caches.teacher is None:  # nothing cached: the whole teacher, every step
+        out = teacher(input_features=features.to(tdev), decoder_input_ids=dec_in.to(tdev), use_cache=False)
+        return (out.logits.to(device) if need_logits else None), out.encoder_last_hidden_state.to(device)
+    encoded = caches.teacher(features, ids, tdev)  # (batch, 1500, d_teacher)
+    logits = None
+    if need_logits:
+        lengths = (labels != -100).sum(dim=1).tolist()
+        logits = caches.logits.get(ids, lengths, labels.shape[1], device) if caches.logits else None
+        if logits is None:
+            logits = teacher(encoder_outputs=(encoded,), decoder_input_ids=dec_in.to(tdev), use_cache=False).logits
+            if caches.logits is not None:
+                caches.logits.put(ids, lengths, logits)
+            logits = logits.to(device)
+    return logits, encoded.to(device)
+
+
+class LogitCache:
+    """Teacher logits per utterance, real token positions only: ``(tokens_i, vocab)`` float32 on
+    the CPU (about 8 MB for a 40-token clip with Whisper's 51,865-token vocabulary)."""
+
+    def __init__(self):
+        self.store: dict[str, torch.Tensor] = {}
+
+    def get(self, ids: list[str], lengths: list[int], width: int, device) -> Optional[torch.Tensor]:
+        if not all(key in self.store for key in ids):
+            return None
+        vocab = self.store[ids[0]].shape[-1]
+        out = torch.zeros(len(ids), width, vocab)  # padding positions are masked by the losses
+        for row, key in enumerate(ids):
+            out[row, : self.store[key].shape[0]] = self.store[key]
+        return out.to(device)
+
+    def put(self, ids: list[str], lengths: list[int], logits: torch.Tensor) -> None:
+        for row, key in enumerate(ids):
+            self.store[key] = logits[row, : lengths[row]].float().cpu()
 
 
 def encoder_mask(feature_mask: torch.Tensor, n_frames: int) -> torch.Tensor:
@@ -478,7 +516,8 @@ def stage_weights(config: TrainConfig, step: int):
 
 
 @torch.no_grad()
-def dev_loss(models: RunModels, dataset, collate, config: TrainConfig, device: torch.device) -> float:
+def dev_loss(models: RunModels, dataset, collate, config: TrainConfig, device: torch.device,
+             caches: Optional[EncoderCaches] = None) -> float:
     """Mean token cross-entropy of the student on the dev set (teacher forcing)."""
     from torch.utils.data import DataLoader
 
@@ -492,11 +531,13 @@ def dev_loss(models: RunModels, dataset, collate, config: TrainConfig, device: t
         if batch is None:
             continue
         labels = batch["labels"].to(device)
-        out = models.student(
-            input_features=batch["input_features"].to(device),
-            decoder_input_ids=decoder_inputs(labels, base_config),
-            use_cache=False,
-        )
+        dec_in = decoder_inputs(labels, base_config)
+        if caches is not None and caches.student is not None:  # frozen encoder: reuse its states
+            encoded = caches.student(batch["input_features"], batch["ids"], device)
+            out = models.student(encoder_outputs=(encoded,), decoder_input_ids=dec_in, use_cache=False)
+        else:
+            out = models.student(input_features=batch["input_features"].to(device), decoder_input_ids=dec_in,
+                                 use_cache=False)
         tokens = int((labels != -100).sum())
         total += float(cross_entropy(out.logits.float(), labels)) * tokens
         count += tokens
@@ -730,7 +771,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
 
         # evaluate
         if (step + 1) % config.eval_every == 0 or step + 1 == config.max_steps:
-            last_eval = {"step": step + 1, "dev_loss": dev_loss(models, dev_set, collate, config, device)}
+            last_eval = {"step": step + 1, "dev_loss": dev_loss(models, dev_set, collate, config, device, caches)}
             if config.eval_wer:
                 last_eval["dev_wer"] = dev_wer(models, dev_set, config, device)
             history[-1].update({k: v for k, v in last_eval.items() if k != "step"})

@@ -219,3 +219,30 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     history = json.loads((killed / "training_history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("stage, train_encoder", [(1, False), (1, True), (2, True)])
+def test_cached_teacher_and_encoder_give_the_live_losses(stage, train_encoder):
+    """Caches are an optimisation only: the loss terms equal those of live forwards, on the
+    first (filling) and the second (reading) pass."""
+    from kdlib import data
+
+    config = smoke(stage=stage, train_encoder=train_encoder, lora_dropout=0.0)
+    models = T.build_models(config, torch.device("cpu"))
+    train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+    batch = data.WhisperCollator()([train_set[i] for i in range(3)])
+    loss_fn = __import__("kdlib.losses", fromlist=["DistillationLoss"]).DistillationLoss()
+    loss_fn.weights = T.stage_weights(config, 10)
+    caches = T.build_caches(models, config)
+    assert (caches.student is None) == train_encoder
+    live = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None))
+    for _ in range(2):
+        cached = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=caches)
+        for key, value in live.items():
+            if value is None:
+                assert cached[key] is None, key
+            else:
+                torch.testing.assert_close(cached[key].detach(), value.detach(), rtol=1e-4, atol=1e-5, msg=key)
+    # stage I needs teacher logits (cached per utterance); stage II only teacher states
+    assert set(caches.logits.store) == (set(batch["ids"]) if stage == 1 else set())
+    assert set(caches.teacher.store) == set(batch["ids"])
