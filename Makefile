@@ -32,7 +32,7 @@ html: install
 	$(PY) scripts/build_book.py --html-only
 
 pdf: install
-	$(PY) -m jupyter_book build book/ --builder pdflatex
+	$(VENV)/bin/jupyter-book build book/ --builder pdflatex
 
 test: install
 	$(PY) -m pytest

@@ -70,7 +70,7 @@ def execute(notebook: Path, parameters: dict, out_dir: Path = EXECUTED) -> Path:
 
 def build_html() -> Path:
     """Render book/ with Jupyter Book 1.x into book/_build/html (execution off)."""
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(BOOK), "--keep-going"]
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(BOOK), "--keep-going"]
     print("== jupyter-book:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     index = BOOK / "_build" / "html" / "index.html"
