@@ -546,8 +546,8 @@ def dev_loss(models: RunModels, dataset, collate, config: TrainConfig, device: t
 
 
 @torch.no_grad()
-def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.device) -> Optional[float]:
-    """Greedy dev WER (Whisper basic normaliser) of the student as it is now."""
+def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.device) -> dict:
+    """Greedy dev WER and CER (Whisper basic normaliser) of the student as it is now."""
     from kdlib import evaluate
 
     models.student.eval()
@@ -566,7 +566,8 @@ def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.devic
         max_new_tokens=config.eval_max_new_tokens,
     )
     models.student.train()
-    return evaluate.wer_cer(refs, hyps)["wer"]
+    scores = evaluate.wer_cer(refs, hyps)
+    return {"dev_wer": scores["wer"], "dev_cer": scores["cer"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,14 +774,14 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
         if (step + 1) % config.eval_every == 0 or step + 1 == config.max_steps:
             last_eval = {"step": step + 1, "dev_loss": dev_loss(models, dev_set, collate, config, device, caches)}
             if config.eval_wer:
-                last_eval["dev_wer"] = dev_wer(models, dev_set, config, device)
+                last_eval.update(dev_wer(models, dev_set, config, device))
             history[-1].update({k: v for k, v in last_eval.items() if k != "step"})
             if writer is not None:
                 for key, value in last_eval.items():
                     if key != "step" and value is not None:
                         writer.add_scalar(f"dev/{key}", value, step + 1)
-            tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"))
-            metric = last_eval.get("dev_wer", last_eval["dev_loss"])
+            tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step" and v is not None))
+            metric = last_eval.get("dev_wer") if last_eval.get("dev_wer") is not None else last_eval["dev_loss"]
             if state["best_wer"] is None or metric < state["best_wer"]:
                 state["best_wer"], state["bad_evals"] = metric, 0
             else:
@@ -820,6 +821,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
         "final_contrastive": final("contrastive") if config.contrastive_weight > 0 else None,
         "dev_loss": last_eval.get("dev_loss"),
         "dev_wer": last_eval.get("dev_wer"),
+        "dev_cer": last_eval.get("dev_cer"),
         "nonfinite_steps": state["nonfinite_total"],
         "stopped_early": stopped_early,
         "trainable_report": report,
