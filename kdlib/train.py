@@ -918,6 +918,16 @@ def run_stage(config: TrainConfig, run_dir: str | Path, *, reuse: bool = True, p
     return train(config, run_dir, progress=progress, on_eval=on_eval)
 
 
+def finished_run(run_dir: str | Path, preset: Optional[str] = None) -> bool:
+    """Does ``run_dir`` hold a finished run (``adapter_final/`` + config), of ``preset`` if given?
+    Chapters use it to decide whether an earlier chapter's run can be built on."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "training_config.json"
+    if not ((run_dir / ADAPTER_DIR).exists() and config_file.exists()):
+        return False
+    return preset is None or TrainConfig.from_json(config_file).preset == preset
+
+
 def load_history(run_dir: str | Path) -> list[dict]:
     """``training_history.json`` of a run: one dict per optimizer step."""
     return json.loads((Path(run_dir) / "training_history.json").read_text())

@@ -53,7 +53,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from kdlib.config import TrainConfig, make_config
-from kdlib.train import load_history, run_stage
+from kdlib.train import finished_run, load_history, run_stage
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -64,14 +64,8 @@ if max_steps is not None:
 # ## Where stage II starts from
 
 # %%
-def usable(run: Path) -> bool:
-    config_file = run / "training_config.json"
-    return (run / "adapter_final").exists() and config_file.exists() and \
-        TrainConfig.from_json(config_file).preset == preset
-
-
 prev = Path(prev_run)
-if not usable(prev):
+if not finished_run(prev, preset):
     print(f"{prev} is missing or from another preset: training stage I here first")
     prev = out / "stage1"
     run_stage(make_config(preset, stage=1), prev)

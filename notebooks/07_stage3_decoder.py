@@ -51,7 +51,7 @@ import matplotlib.pyplot as plt
 from kdlib import evaluate
 from kdlib.config import TrainConfig, make_config
 from kdlib.data import embedded_corpus
-from kdlib.train import load_history, load_trained, run_stage, teacher_model, untrained_student
+from kdlib.train import finished_run, load_history, load_trained, run_stage, teacher_model, untrained_student
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -59,26 +59,20 @@ if max_steps is not None:
     overrides = {**overrides, "max_steps": max_steps}
 
 
-def usable(run: Path) -> bool:
-    config_file = run / "training_config.json"
-    return (run / "adapter_final").exists() and config_file.exists() and \
-        TrainConfig.from_json(config_file).preset == preset
-
-
 # %% [markdown]
 # ## The runs this chapter builds on
 
 # %%
 runs = {"stage1": Path(stage1_root) / "stage1", "ce_only": Path(stage1_root) / "ce_only", "stage2": Path(prev_run)}
-if not usable(runs["stage1"]):
+if not finished_run(runs["stage1"], preset):
     print(f"{runs['stage1']} missing or from another preset: training stage I here")
     runs["stage1"] = out / "stage1"
     run_stage(make_config(preset, stage=1), runs["stage1"])
-if not usable(runs["ce_only"]):
+if not finished_run(runs["ce_only"], preset):
     print(f"{runs['ce_only']} missing or from another preset: training the CE-only control here")
     runs["ce_only"] = out / "ce_only"
     run_stage(make_config(preset, stage=1, overrides={"kl_weight": 0.0}), runs["ce_only"])
-if not usable(runs["stage2"]):
+if not finished_run(runs["stage2"], preset):
     print(f"{runs['stage2']} missing or from another preset: training stage II here")
     runs["stage2"] = out / "stage2"
     stage1_config = TrainConfig.from_json(runs["stage1"] / "training_config.json")
