@@ -696,7 +696,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
     else:
         print("no checkpoint: fresh optimizer, schedule and scaler")
 
-    writer = SummaryWriter(str(run_dir / "tb")) if progress is not None else None
+    writer = SummaryWriter(str(run_dir / "tb"))
     stream = batch_stream(train_set, collate, config, state["epoch"], state["position"])
     models.student.train()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -763,7 +763,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
             record["taid_t"] = taid_t
         record.update(parts_sum)
         history.append(record)
-        if writer is not None and (step + 1) % config.log_every == 0:
+        if (step + 1) % config.log_every == 0:
             for key, value in record.items():
                 if key != "step" and value is not None:
                     writer.add_scalar(f"train/{key}", value, step + 1)
@@ -776,10 +776,9 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
             if config.eval_wer:
                 last_eval.update(dev_wer(models, dev_set, config, device))
             history[-1].update({k: v for k, v in last_eval.items() if k != "step"})
-            if writer is not None:
-                for key, value in last_eval.items():
-                    if key != "step" and value is not None:
-                        writer.add_scalar(f"dev/{key}", value, step + 1)
+            for key, value in last_eval.items():
+                if key != "step" and value is not None:
+                    writer.add_scalar(f"dev/{key}", value, step + 1)
             tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step" and v is not None))
             metric = last_eval.get("dev_wer") if last_eval.get("dev_wer") is not None else last_eval["dev_loss"]
             if state["best_wer"] is None or metric < state["best_wer"]:
@@ -799,8 +798,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
         if stopped_early:
             break
     bar.close()
-    if writer is not None:
-        writer.close()
+    writer.close()
 
     save_adapter(run_dir, models)
     atomic_write_json(run_dir / "training_history.json", history)
