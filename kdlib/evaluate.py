@@ -709,6 +709,16 @@ def _ordered(metrics: dict[str, Any]) -> dict[str, Any]:
     return {**head, **mid, **{k: metrics[k] for k in tail if k in metrics}}
 
 
+def _utterances_for(caller: str, utterances, data_root, split: str, limit: int | None):
+    """The utterances to score: given ones (first ``limit``), or a split scanned from ``data_root``.
+    Returns ``(utterances, skipped by the scan or None)``."""
+    if utterances is None:
+        if data_root is None:
+            raise ValueError(f"{caller}: give utterances or data_root (+ split)")
+        return load_utterances(data_root, split, limit=limit)
+    return (list(utterances)[:limit] if limit is not None else utterances), None
+
+
 def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
                    data_root: str | os.PathLike | None = None, split: str = "dev",
                    feature_extractor=None, tokenizer=None, language: str | None = "it",
@@ -738,13 +748,7 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
     import torch
 
     model, fe, tok, bundle_name = _unpack_model(model, feature_extractor, tokenizer)
-    pre_skipped = None
-    if utterances is None:
-        if data_root is None:
-            raise ValueError("evaluate_model: give utterances or data_root (+ split)")
-        utterances, pre_skipped = load_utterances(data_root, split, limit=limit)
-    elif limit is not None:
-        utterances = list(utterances)[:limit]
+    utterances, pre_skipped = _utterances_for("evaluate_model", utterances, data_root, split, limit)
     device = torch.device(device) if device is not None else _model_device(model)
 
     def decode(audios):
@@ -787,7 +791,8 @@ def _clean_json(obj):
     return obj
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file in the same folder, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -804,7 +809,7 @@ def write_metrics(run_dir: str | os.PathLike, split: str, metrics: dict[str, Any
     """Write ``<run_dir>/metrics_<split>.json`` (atomically; UTF-8, accents readable)."""
     path = Path(run_dir) / f"metrics_{split}.json"
     text = json.dumps(_clean_json(metrics), indent=2, ensure_ascii=False, default=_json_default)
-    _atomic_write(path, text + "\n")
+    write_text_atomic(path, text + "\n")
     return path
 
 
@@ -1023,13 +1028,7 @@ def evaluate_ct2(model_dir: str | os.PathLike, utterances: Iterable[Any] | None 
     `Measurement`), CTranslate2's own allocations included. ``n_parameters`` is not readable from
     the engine: pass the transformers model's count to fill the comparison table.
     """
-    pre_skipped = None
-    if utterances is None:
-        if data_root is None:
-            raise ValueError("evaluate_ct2: give utterances or data_root (+ split)")
-        utterances, pre_skipped = load_utterances(data_root, split, limit=limit)
-    elif limit is not None:
-        utterances = list(utterances)[:limit]
+    utterances, pre_skipped = _utterances_for("evaluate_ct2", utterances, data_root, split, limit)
     engine = CT2Whisper(model_dir, compute_type=compute_type, threads=threads)
 
     def decode(audios):
@@ -1118,13 +1117,14 @@ def per_speaker_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             for _, e in sorted(speakers.items())]
 
 
-def _write_csv(path: Path, table: list[dict[str, Any]], columns: Sequence[str]) -> None:
+def write_csv(path: Path, table: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Rows as CSV (``None`` as an empty cell), written atomically."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in table:
         writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    _atomic_write(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, *,
@@ -1139,22 +1139,22 @@ def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike,
     out = Path(out_dir)
     table = comparison_table(rows, columns)
     paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "csv", "md")}
-    _atomic_write(paths["json"], json.dumps(_clean_json(table), indent=2, ensure_ascii=False,
+    write_text_atomic(paths["json"], json.dumps(_clean_json(table), indent=2, ensure_ascii=False,
                                             default=_json_default) + "\n")
-    _write_csv(paths["csv"], table, columns)
-    _atomic_write(paths["md"], markdown_table(rows, columns))
+    write_csv(paths["csv"], table, columns)
+    write_text_atomic(paths["md"], markdown_table(rows, columns))
     speakers = per_speaker_table(rows)
     if speakers:
         cols = list(speakers[0])
         paths["speakers_csv"] = out / f"{stem}_per_speaker.csv"
         paths["speakers_md"] = out / f"{stem}_per_speaker.md"
-        _write_csv(paths["speakers_csv"], speakers, cols)
+        write_csv(paths["speakers_csv"], speakers, cols)
         head = "| speaker | voice | " + " | ".join(f"{c} WER (%)" for c in cols[2:]) + " |"
         lines = [head, "|" + "|".join("---" for _ in cols) + "|"]
         for r in speakers:
             cells = [r["speaker"], r["voice"] or "–"] + [_fmt("wer", r[c]) for c in cols[2:]]
             lines.append("| " + " | ".join(cells) + " |")
-        _atomic_write(paths["speakers_md"], "\n".join(lines) + "\n")
+        write_text_atomic(paths["speakers_md"], "\n".join(lines) + "\n")
     return paths
 
 

@@ -29,11 +29,9 @@ top layer and nothing in kdlib imports it.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
 import inspect
-import io
 import json
 import logging
 import math
@@ -45,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from kdlib.config import STAGE_TERMS, TERM_WEIGHTS, TrainConfig, make_config, replace
+from kdlib.evaluate import write_csv, write_text_atomic
 
 log = logging.getLogger("kdlib.tune")
 
@@ -534,23 +533,7 @@ def _write_trials_csv(study, path: Path) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    _write_csv(path, rows, columns)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    _write_text(path, buf.getvalue())
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_csv(path, rows, columns)
 
 
 # ================================================================================================
@@ -684,7 +667,7 @@ def _evaluate_cached(evaluate_fn: Callable, run_dir: Path, split: str, kwargs: d
             return stored["metrics"]
     metrics = evaluate_fn(run_dir, split, **kwargs)
     keep = {k: metrics.get(k) for k in ("wer", "cer", "n_utterances", "n_skipped", "normalizer")}
-    _write_text(cache, json.dumps({"kwargs": key, "metrics": keep}, indent=2) + "\n")
+    write_text_atomic(cache, json.dumps({"kwargs": key, "metrics": keep}, indent=2) + "\n")
     return keep
 
 
@@ -731,7 +714,7 @@ def _freeze(out_dir: Path, main: Sequence[TrainConfig]) -> None:
             raise ValueError(f"{path}: the main configuration is frozen for this folder and differs ("
                              + "; ".join(problems) + "); ablate a new main in a new folder")
         return
-    _write_text(path, json.dumps({"main": frozen}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({"main": frozen}, indent=2) + "\n")
 
 
 def run_ablations(main: Sequence[TrainConfig], out_dir: str | Path, *,
@@ -916,12 +899,12 @@ def write_ablation_table(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str
     paths = {"csv": out_dir / "ablation_table.csv", "markdown": out_dir / "ablation_table.md",
              "figure": out_dir / "ablation_table.png", "runs": out_dir / "ablation_runs.csv"}
     columns = list(rows[0]) if rows else ["ablation"]
-    _write_csv(paths["csv"], list(rows), columns)
+    write_csv(paths["csv"], list(rows), columns)
     run_columns: list[str] = []
     for r in runs:
         run_columns += [k for k in r if k not in run_columns]
-    _write_csv(paths["runs"], list(runs), run_columns or ["ablation"])
-    _write_text(paths["markdown"], ablation_markdown(rows))
+    write_csv(paths["runs"], list(runs), run_columns or ["ablation"])
+    write_text_atomic(paths["markdown"], ablation_markdown(rows))
     fig = plot_ablations(rows, paths["figure"])
     plt.close(fig)
     return paths
