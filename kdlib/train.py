@@ -156,8 +156,10 @@ def _load_pair(config: TrainConfig):
 
     if config.teacher == "tiny-random":
         teacher, student = models.tiny_random_pair(seed=config.seed)
-        return teacher, student.model
-    teacher = models.load_whisper(config.teacher)
+        if config.student != "from-teacher":
+            return teacher, student.model
+    else:
+        teacher = models.load_whisper(config.teacher)
     # The student is built from the *pretrained* teacher (before any stage-0 adaptation), so
     # what it gains later is what distillation taught it, not weights copied from an adapted model.
     if config.student in ("distil-base", "from-teacher"):
@@ -282,12 +284,24 @@ def epoch_batches(dataset, config: TrainConfig, epoch: int) -> list[list[int]]:
     return [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
 
 
-def batch_stream(dataset, collate, config: TrainConfig, epoch: int, position: int) -> Iterator[tuple[int, int, dict]]:
-    """Yield (epoch, position_after, batch) forever, starting at `position` of `epoch`."""
+def batch_stream(dataset, collate, config: TrainConfig, epoch: int, position: int,
+                 ctx: Optional["Dist"] = None) -> Iterator[tuple[int, int, Optional[dict]]]:
+    """Yield (epoch, position_after, batch) forever, starting at `position` of `epoch`.
+
+    Distributed (``ctx.world > 1``): every rank walks the same global batches and collates its
+    slice ``batch[rank::world]``; a global batch smaller than the world is left out on every rank
+    alike, and a slice whose clips all failed to decode yields ``None`` (the rank then adds no
+    gradient) instead of being skipped, which would put the ranks out of step."""
     from torch.utils.data import DataLoader
 
+    from kdlib.distributed import Dist, shard
+
+    ctx = ctx or Dist()
     while True:
-        batches = epoch_batches(dataset, config, epoch)[position:]
+        batches = epoch_batches(dataset, config, epoch)
+        if ctx.enabled:
+            batches = [shard(b, ctx) for b in batches if len(b) >= ctx.world]
+        batches = batches[position:]
         # A generator of its own: creating a loader iterator draws a seed, and drawing it from the
         # global RNG would shift dropout masks after a resume (the run would no longer replay).
         loader = DataLoader(
@@ -296,7 +310,7 @@ def batch_stream(dataset, collate, config: TrainConfig, epoch: int, position: in
         )
         for batch in loader:
             position += 1
-            if batch is None:  # every clip of the batch failed to decode (counted by the collator)
+            if batch is None and not ctx.enabled:  # every clip of the batch failed to decode (counted)
                 continue
             yield epoch, position, batch
         epoch, position = epoch + 1, 0
@@ -400,6 +414,7 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
     need_logits = any(getattr(w, term) > 0 for term in ("kl", "l2", "taid"))
     with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=enabled):
         caches = caches or EncoderCaches()
+        encoded = None
         if caches.student is not None:  # frozen student encoder: cached or no-grad states
             encoded = caches.student(features, batch["ids"], device)
             student_out = student_model(encoder_outputs=(encoded,), decoder_input_ids=dec_in, use_cache=False)
@@ -407,8 +422,11 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
             student_out = student_model(input_features=features, decoder_input_ids=dec_in, use_cache=False)
         teacher_logits = teacher_hidden = None
         if models.teacher is not None and (need_logits or need_hidden):
+            # Identical frozen encoders (distil-whisper's student): the teacher's decoder reads the
+            # student's encoder states, so each batch costs one encoder forward, not two.
             teacher_logits, teacher_hidden = teacher_forward(
-                models.teacher, caches, batch["ids"], features, dec_in, labels, need_logits, device
+                models.teacher, caches, batch["ids"], features, dec_in, labels, need_logits, device,
+                encoded=encoded if caches.shared else None,
             )
         student_hidden = student_mask = teacher_mask = None
         if need_hidden:
@@ -435,17 +453,21 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
 
 @torch.no_grad()
 def teacher_forward(teacher, caches: EncoderCaches, ids: list[str], features: torch.Tensor,
-                    dec_in: torch.Tensor, labels: torch.Tensor, need_logits: bool, device: torch.device):
+                    dec_in: torch.Tensor, labels: torch.Tensor, need_logits: bool, device: torch.device,
+                    encoded: Optional[torch.Tensor] = None):
     """Frozen teacher: ``(logits (batch, tokens, vocab) or None, encoder states (batch, 1500, d))``.
 
     With caches, the encoder runs once per utterance and so does the decoder: its logits depend
     only on the (fixed) reference tokens of the utterance, so they are stored per utterance and
-    every later epoch reads them instead of running the teacher at all."""
+    every later epoch reads them instead of running the teacher at all. ``encoded``: the
+    teacher's encoder states when the caller already has them (a shared, identical encoder)."""
     tdev = next(teacher.parameters()).device
-    if caches.teacher is None:  # nothing cached: the whole teacher, every step
+    if caches.teacher is None and encoded is None:  # nothing cached: the whole teacher, every step
         out = teacher(input_features=features.to(tdev), decoder_input_ids=dec_in.to(tdev), use_cache=False)
         return (out.logits.to(device) if need_logits else None), out.encoder_last_hidden_state.to(device)
-    encoded = caches.teacher(features, ids, tdev)  # (batch, 1500, d_teacher)
+    if encoded is None:
+        encoded = caches.teacher(features, ids, tdev)  # (batch, 1500, d_teacher)
+    encoded = encoded.to(tdev)
     logits = None
     if need_logits:
         lengths = (labels != -100).sum(dim=1).tolist()
@@ -517,15 +539,19 @@ def stage_weights(config: TrainConfig, step: int):
 
 @torch.no_grad()
 def dev_loss(models: RunModels, dataset, collate, config: TrainConfig, device: torch.device,
-             caches: Optional[EncoderCaches] = None) -> float:
-    """Mean token cross-entropy of the student on the dev set (teacher forcing)."""
+             caches: Optional[EncoderCaches] = None, ctx: Optional["Dist"] = None) -> float:
+    """Mean token cross-entropy of the student on the dev set (teacher forcing). Distributed:
+    each rank scores every ``world``-th clip and the token-weighted sums are combined."""
     from torch.utils.data import DataLoader
 
+    from kdlib.distributed import Dist, sum_over_ranks
     from kdlib.losses import cross_entropy
 
+    ctx = ctx or Dist()
     models.student.eval()
     total, count = 0.0, 0
-    loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate,
+                        sampler=range(ctx.rank, len(dataset), ctx.world))
     base_config = models.student.base_model.model.config
     for batch in loader:
         if batch is None:
@@ -542,19 +568,23 @@ def dev_loss(models: RunModels, dataset, collate, config: TrainConfig, device: t
         total += float(cross_entropy(out.logits.float(), labels)) * tokens
         count += tokens
     models.student.train()
+    total, count = sum_over_ranks([total, count], ctx)
     return total / max(1, count)
 
 
 @torch.no_grad()
-def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.device) -> dict:
-    """Greedy dev WER and CER (Whisper basic normaliser) of the student as it is now."""
+def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.device,
+            ctx: Optional["Dist"] = None) -> dict:
+    """Greedy dev WER and CER (Whisper basic normaliser) of the student as it is now.
+    Distributed: each rank transcribes every ``world``-th clip; all ranks score all of them."""
     from kdlib import evaluate
-
-    models.student.eval()
     from kdlib.data import AudioError, load_audio
+    from kdlib.distributed import Dist, gather_objects
 
+    ctx = ctx or Dist()
+    models.student.eval()
     audios, refs = [], []
-    for u in dataset.utterances:
+    for u in dataset.utterances[ctx.rank :: ctx.world]:
         try:
             audios.append(load_audio(u.audio).numpy())
             refs.append(u.text)
@@ -566,6 +596,10 @@ def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.devic
         max_new_tokens=config.eval_max_new_tokens,
     )
     models.student.train()
+    if ctx.enabled:
+        shards = gather_objects((refs, hyps), ctx)
+        refs = [r for shard_refs, _ in shards for r in shard_refs]
+        hyps = [h for _, shard_hyps in shards for h in shard_hyps]
     scores = evaluate.wer_cer(refs, hyps)
     return {"dev_wer": scores["wer"], "dev_cer": scores["cer"]}
 
@@ -593,7 +627,10 @@ def load_trainable_state(models: RunModels, state: dict[str, torch.Tensor]) -> N
             target.copy_(value.to(target.device))
 
 
-def save_checkpoint(run_dir: Path, models: RunModels, optimizer, scheduler, scaler, progress: dict) -> None:
+def save_checkpoint(run_dir: Path, models: RunModels, optimizer, scheduler, scaler, progress: dict,
+                    rng_per_rank: Optional[list[dict]] = None) -> None:
+    """Atomic ``checkpoint.pt``. ``rng_per_rank``: every rank's RNG state (distributed runs), so
+    each rank's dropout stream replays on resume; ``rng`` is this process's."""
     payload = {
         "trainable": trainable_state(models),
         "optimizer": optimizer.state_dict(),
@@ -602,6 +639,8 @@ def save_checkpoint(run_dir: Path, models: RunModels, optimizer, scheduler, scal
         "rng": rng_state(),
         "progress": progress,
     }
+    if rng_per_rank is not None:
+        payload["rng_per_rank"] = rng_per_rank
     atomic_write_bytes(run_dir / CHECKPOINT, lambda h: torch.save(payload, h))
 
 
@@ -636,28 +675,47 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
     ``on_eval(step, metrics)`` is called after every dev evaluation (metrics: ``dev_loss`` and,
     when ``eval_wer``, ``dev_wer``); it may raise to stop the run (e.g. ``optuna.TrialPruned``).
     """
+    from kdlib import distributed
+
+    run_dir = Path(run_dir or config.run_dir or f"runs/stage{config.stage}")
+    device = resolve_device(config.device)
+    ctx = distributed.setup(device.type)  # torchrun / accelerate launch: one process per worker
+    try:
+        return _train(config, run_dir, device, ctx, progress=progress, on_eval=on_eval)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, progress: bool, on_eval) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    from kdlib import data
+    from kdlib import data, distributed
     from kdlib.losses import DistillationLoss, TAIDSchedule
     from kdlib.models import build_optimizer, trainable_report
 
-    run_dir = Path(run_dir or config.run_dir or f"runs/stage{config.stage}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.to_json(run_dir / "training_config.json")
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
+    main = ctx.is_main  # only rank 0 writes the run folder and prints
+    log = print if main else (lambda *a, **k: None)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.to_json(run_dir / "training_config.json")
+    seed_everything(config.seed)  # the same on every rank: identical initial LoRA weights
     autocast_on, autocast_dtype, use_scaler = amp_settings(config, device)
 
     models = build_models(config, device)
     report = trainable_report(models.student, [models.projector] if models.projector is not None else [])
-    print(f"stage {config.stage} · {report}")
-    atomic_write_json(run_dir / "trainable.json", models.trainable)
+    log(f"stage {config.stage} · {report}" + (f" · {ctx.world} data-parallel workers" if ctx.enabled else ""))
+    if main:
+        atomic_write_json(run_dir / "trainable.json", models.trainable)
+    if ctx.enabled:
+        seed_everything(config.seed + ctx.rank)  # from here on: a dropout stream of its own per rank
 
     train_set, dev_set, data_report = build_data(config, models.feature_extractor, models.tokenizer)
     for split, text in data_report.items():
-        print(f"[{split}] {text}")
+        log(f"[{split}] {text}")
     collate = data.WhisperCollator()
 
     modules = [models.student] + ([models.projector] if models.projector is not None else [])
@@ -669,7 +727,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
     )
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     caches = build_caches(models, config)
-    print("encoder outputs: teacher " + ("cached" if caches.teacher and caches.teacher.keep else "live")
+    log("encoder outputs: teacher " + ("cached" if caches.teacher and caches.teacher.keep else "live")
           + ", student " + ("trains (live)" if caches.student is None else
                             "shares the teacher's (identical frozen encoder)" if caches.shared else "frozen, cached"))
     loss_fn = DistillationLoss()
@@ -685,23 +743,29 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         scaler.load_state_dict(payload["scaler"])
-        set_rng_state(payload["rng"])
+        per_rank = payload.get("rng_per_rank")
+        if ctx.enabled and per_rank is not None and len(per_rank) == ctx.world:
+            set_rng_state(per_rank[ctx.rank])
+        elif not ctx.enabled:
+            set_rng_state(payload["rng"])
+        else:  # another number of workers than the run started with: data order kept, dropout reseeded
+            log(f"checkpoint has RNG states for {len(per_rank or [1])} worker(s), not {ctx.world}: reseeding dropout")
         state.update(payload["progress"])
         history_file = run_dir / "training_history.json"
         if history_file.exists():
             history = [h for h in json.loads(history_file.read_text()) if h["step"] <= state["step"]]
         if taid is not None and "taid" in state:
             taid.load_state_dict(state["taid"])
-        print(f"resumed from {checkpoint} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
+        log(f"resumed from {checkpoint} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
     else:
-        print("no checkpoint: fresh optimizer, schedule and scaler")
+        log("no checkpoint: fresh optimizer, schedule and scaler")
 
-    writer = SummaryWriter(str(run_dir / "tb"))
-    stream = batch_stream(train_set, collate, config, state["epoch"], state["position"])
+    writer = SummaryWriter(str(run_dir / "tb")) if main else None
+    stream = batch_stream(train_set, collate, config, state["epoch"], state["position"], ctx)
     models.student.train()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     nonfinite_in_row = 0
-    bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"stage {config.stage}", disable=not progress)
+    bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"stage {config.stage}", disable=not (progress and main))
     last_eval: dict = {}
     stopped_early = False
 
@@ -715,17 +779,23 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
         finite = True
         for _ in range(config.grad_accum):
             epoch, position, batch = next(stream)
+            if batch is None or not finite:  # an undecodable slice (distributed), or a step already lost
+                continue
             # forward + loss
             parts = forward_losses(models, loss_fn, batch, device, (autocast_on, autocast_dtype),
                                    taid_t=taid_t, frame_factor=config.student_frame_factor, caches=caches)
             if not torch.isfinite(parts["total"]):
-                finite = False
-                break
+                finite = False  # the rest of this step's micro-batches are drawn and left unused
+                continue
             # backward
             scaler.scale(parts["total"] / config.grad_accum).backward()
             for key, value in parts.items():
                 if value is not None:
                     parts_sum[key] = parts_sum.get(key, 0.0) + float(value.detach()) / config.grad_accum
+        # all-reduce (distributed: average the trainable gradients; skip together or not at all)
+        finite = distributed.all_true(finite, ctx, params)
+        if finite:
+            distributed.average_gradients(params, ctx)
         # clip
         grad_norm = float("nan")
         if finite:
@@ -750,8 +820,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        if taid is not None:
-            taid.update(parts_sum["taid"])
+        if taid is not None:  # distributed: every rank needs the same t, so use the mean TAID loss
+            taid.update(distributed.sum_over_ranks([parts_sum["taid"]], ctx)[0] / ctx.world)
             state["taid"] = taid.state_dict()
         state.update(step=step + 1, epoch=epoch, position=position)
 
@@ -763,7 +833,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
             record["taid_t"] = taid_t
         record.update(parts_sum)
         history.append(record)
-        if (step + 1) % config.log_every == 0:
+        if main and (step + 1) % config.log_every == 0:
             for key, value in record.items():
                 if key != "step" and value is not None:
                     writer.add_scalar(f"train/{key}", value, step + 1)
@@ -772,14 +842,15 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
 
         # evaluate
         if (step + 1) % config.eval_every == 0 or step + 1 == config.max_steps:
-            last_eval = {"step": step + 1, "dev_loss": dev_loss(models, dev_set, collate, config, device, caches)}
+            last_eval = {"step": step + 1, "dev_loss": dev_loss(models, dev_set, collate, config, device, caches, ctx)}
             if config.eval_wer:
-                last_eval.update(dev_wer(models, dev_set, config, device))
+                last_eval.update(dev_wer(models, dev_set, config, device, ctx))
             history[-1].update({k: v for k, v in last_eval.items() if k != "step"})
             for key, value in last_eval.items():
-                if key != "step" and value is not None:
+                if main and key != "step" and value is not None:
                     writer.add_scalar(f"dev/{key}", value, step + 1)
-            tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step" and v is not None))
+            if main:
+                tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step" and v is not None))
             metric = last_eval.get("dev_wer") if last_eval.get("dev_wer") is not None else last_eval["dev_loss"]
             if state["best_wer"] is None or metric < state["best_wer"]:
                 state["best_wer"], state["bad_evals"] = metric, 0
@@ -788,20 +859,22 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
             if on_eval is not None:
                 on_eval(step + 1, dict(last_eval))
             if config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience:
-                tqdm.write(f"early stopping: no dev improvement in {state['bad_evals']} evaluations")
+                log(f"early stopping: no dev improvement in {state['bad_evals']} evaluations")
                 stopped_early = True
 
         # checkpoint
         if (step + 1) % config.save_every == 0 or step + 1 == config.max_steps or stopped_early:
-            save_checkpoint(run_dir, models, optimizer, scheduler, scaler, dict(state))
-            atomic_write_json(run_dir / "training_history.json", history)
+            rng_per_rank = distributed.gather_objects(rng_state(), ctx) if ctx.enabled else None
+            if main:
+                save_checkpoint(run_dir, models, optimizer, scheduler, scaler, dict(state), rng_per_rank)
+                atomic_write_json(run_dir / "training_history.json", history)
         if stopped_early:
             break
     bar.close()
-    writer.close()
-
-    save_adapter(run_dir, models)
-    atomic_write_json(run_dir / "training_history.json", history)
+    if main:
+        writer.close()
+        save_adapter(run_dir, models)
+        atomic_write_json(run_dir / "training_history.json", history)
 
     def final(key: str):
         values = [h[key] for h in history if h.get(key) is not None]
@@ -823,8 +896,12 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
         "nonfinite_steps": state["nonfinite_total"],
         "stopped_early": stopped_early,
         "trainable_report": report,
+        "world_size": ctx.world,
+        # Exact fingerprint of the trained weights: equal on every rank of a distributed run.
+        "trainable_digest": distributed.tensor_digest(trainable_state(models)),
     }
-    atomic_write_json(run_dir / "summary.json", summary)
+    if main:
+        atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
 
