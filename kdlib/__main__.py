@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("train", help="run one training stage (0 teacher adaptation, 1 KD, 2 alignment, 3 decoder)")
-    p.add_argument("--preset", default="demo", choices=["smoke", "demo", "thesis"])
+    from kdlib.config import PRESETS
+
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     p.add_argument("--stage", type=int, default=1, choices=[0, 1, 2, 3])
     p.add_argument("--run-dir", required=True, help="run folder; rerun the same command to resume")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

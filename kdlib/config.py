@@ -6,6 +6,8 @@ run folder, so any result can be traced back to the exact settings that produced
 - ``smoke``: the tiny random teacher/student pair (real tokenizer), a few steps, seconds; tests.
 - ``demo``: real whisper-base teacher (offline weights) → ``distil-base`` student built from it,
   LoRA + projector, the embedded Italian corpus, CPU, minutes. Every chapter's default.
+- ``distil``: distil-whisper's recipe on the demo pair (frozen shared encoder, 2 decoder layers,
+  0.8·CE + KL·T² at T = 2); stage 1 only.
 - ``thesis``: whisper-large-v3 → whisper-small on MLS Italian, batch 64, 8,000 steps, the pilot's
   loss weights; runs unchanged on a CUDA machine with a Hugging Face hub.
 
@@ -166,6 +168,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CE near 5.6 nats after 30 steps where this reaches ~1.5 (measured on the demo, stage I).
     "demo": {"eval_max_new_tokens": 64, "eval_every": 30, "save_every": 10, "lr": 3e-3,
              "lora_r": 32, "lora_alpha": 64, "lora_preset": "qkvo_all"},
+    # distil-whisper's recipe (arXiv 2311.00430, its training code) at demo size: the student
+    # keeps the teacher's whole encoder, frozen and shared (the teacher's decoder reads the
+    # student's encoder states: one encoder forward per batch), and N maximally spaced decoder
+    # layers (first and last kept); loss 0.8·CE + 1.0·KL·T² at T = 2 over real tokens, no
+    # warm-up, no projector. One deviation: distil-whisper trains the whole decoder, here LoRA on
+    # every decoder linear layer trains (``decoder_all``). Stage 1 only.
+    "distil": {"eval_max_new_tokens": 64, "eval_every": 30, "save_every": 10, "lr": 3e-3,
+               "lora_r": 32, "lora_alpha": 64, "lora_preset": "decoder_all", "train_encoder": False,
+               "ce_weight": 0.8, "kl_weight": 1.0, "temperature": 2.0, "kl_warmup_steps": 0,
+               "projector": False},
     "thesis": {
         "teacher": "openai/whisper-large-v3",
         "student": "openai/whisper-small",
@@ -307,6 +319,8 @@ def make_config(preset: str = "demo", stage: int = 1, overrides: dict[str, Any] 
         raise ConfigError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
     if stage not in STAGE_TERMS:
         raise ConfigError(f"stage: {stage} is not one of {sorted(STAGE_TERMS)}")
+    if preset == "distil" and stage != 1:
+        raise ConfigError(f"preset 'distil' is distil-whisper's one-stage recipe: stage must be 1, got {stage}")
     config = replace(TrainConfig(), preset=preset, stage=stage, **PRESETS[preset])
     stage_changes: dict[str, Any] = {
         weight: 0.0 for term, weight in TERM_WEIGHTS.items() if term not in STAGE_TERMS[stage]

@@ -498,6 +498,9 @@ LORA_PRESETS: dict[str, str] = {
     "qkv_all": _ATTN + r"\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj)",
     "qkvo_all": _ATTN + r"\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)",
     "ffn": _ATTN + r"\.(fc1|fc2)",
+    # Every linear layer of the decoder (attention and FFN), none of the encoder: the LoRA
+    # stand-in for distil-whisper's fully trained decoder behind a frozen, shared encoder.
+    "decoder_all": r"model\.decoder\.layers\.\d+\.((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)",
 }
 
 
@@ -515,7 +518,8 @@ def apply_lora(model: nn.Module, preset: str, r: int = 8, alpha: int = 16,
 
     Presets (thesis names): ``dec_self_qv`` decoder self-attention q,v; ``dec_cross_qv`` decoder
     cross-attention q,v; ``qkv_all`` q,k,v of every attention (encoder and decoder, self and
-    cross); ``qkvo_all`` the same plus out_proj; ``ffn`` fc1, fc2 of every layer. Only the
+    cross); ``qkvo_all`` the same plus out_proj; ``ffn`` fc1, fc2 of every layer;
+    ``decoder_all`` every attention projection and fc1, fc2 of the decoder only. Only the
     adapters are trainable afterwards. Returns the ``peft.PeftModel``; ``merge_and_unload()``
     folds the adapters back into plain weights.
     """
