@@ -48,6 +48,9 @@ EXPECTED = {
     | _names("decoder", DEC_LAYERS, ("self_attn.", "encoder_attn."), QKVO),
     "ffn": _names("encoder", ENC_LAYERS, ("",), ("fc1", "fc2"))
     | _names("decoder", DEC_LAYERS, ("",), ("fc1", "fc2")),
+    # distil recipe: every decoder linear, nothing of the encoder
+    "decoder_all": _names("decoder", DEC_LAYERS, ("self_attn.", "encoder_attn."), QKVO)
+    | _names("decoder", DEC_LAYERS, ("",), ("fc1", "fc2")),
 }
 
 
@@ -62,7 +65,7 @@ def test_preset_targets_exactly_its_modules(whisper, preset):
     assert set(names) == EXPECTED[preset]
     modules = dict(whisper.named_modules())
     assert all(isinstance(modules[n], nn.Linear) for n in names)
-    if preset.startswith("dec_"):
+    if preset.startswith("dec"):
         assert not any(n.startswith("model.encoder.") for n in names)
 
 
