@@ -41,7 +41,9 @@ class TrainConfig:
     init_from: Optional[str] = None  # previous stage's run folder (adapter_final/ is loaded)
 
     # --- models ---------------------------------------------------------------------------
-    teacher: str = "whisper-base"  # HF id, local folder, offline name, or "tiny-random"
+    # HF id, local folder, offline name, "tiny-random", or "tiny-random-v3" (a tiny teacher that
+    # disagrees with the student like large-v3 with small: 128 mels, 51,866 tokens; for tests)
+    teacher: str = "whisper-base"
     teacher_from: Optional[str] = None  # a stage-0 run folder whose adapted teacher replaces it
     student: str = "distil-base"  # "distil-base": built from the teacher; or an HF id / folder
     student_encoder_layers: Optional[int] = None  # None: keep all teacher encoder layers

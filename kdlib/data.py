@@ -415,11 +415,15 @@ class MLSDataset(Dataset):
     ``safe=True``: a file that fails to decode (it passed the scan but broke later, e.g. a
     truncated download) gives ``None`` with a warning instead of raising; `collate` drops ``None``
     items and counts them in ``batch["n_dropped"]``, so a long run does not stop halfway.
+
+    ``teacher_feature_extractor``: a second extractor whose log-mels go to the teacher, for a
+    pair that disagrees on mel bins (whisper-large-v3 takes 128, whisper-small 80). Each item
+    then also has ``teacher_input_features`` ``(n_mels_teacher, 3000)``, from the same waveform.
     """
 
     def __init__(self, utterances: Sequence[Utterance], feature_extractor: Any, tokenizer: Any, *,
                  task: str = "transcribe", safe: bool = False, leading_space: bool = True,
-                 threads: int | None = 1):
+                 threads: int | None = 1, teacher_feature_extractor: Any = None):
         if task not in ("transcribe", "translate"):
             raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
         self.utterances = list(utterances)
@@ -429,6 +433,7 @@ class MLSDataset(Dataset):
         self.safe = safe
         self.leading_space = leading_space
         self.threads = threads
+        self.teacher_feature_extractor = teacher_feature_extractor
         self.sampling_rate = int(getattr(feature_extractor, "sampling_rate", SAMPLE_RATE))
         self.hop_length = int(getattr(feature_extractor, "hop_length", HOP_LENGTH))
         self.max_frames = int(getattr(feature_extractor, "nb_max_frames", N_FRAMES))
@@ -482,13 +487,18 @@ class MLSDataset(Dataset):
             return None
         features = self.feature_extractor(wave.numpy(), sampling_rate=self.sampling_rate,
                                           return_tensors="pt").input_features[0]   # (n_mels, 3000)
-        return {
+        item = {
             "input_features": features.float(),
             "labels": torch.tensor(self.labels_for(u.text, u.language), dtype=torch.long),
             "num_frames": num_frames(wave.shape[0], self.hop_length, self.max_frames),
             "duration": wave.shape[0] / self.sampling_rate,
             "id": u.id, "speaker": u.speaker, "language": u.language, "text": u.text,
         }
+        if self.teacher_feature_extractor is not None:
+            item["teacher_input_features"] = self.teacher_feature_extractor(
+                wave.numpy(), sampling_rate=self.sampling_rate, return_tensors="pt"
+            ).input_features[0].float()
+        return item
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,6 +516,7 @@ def collate(batch: Sequence[dict[str, Any] | None], label_pad_id: int = -100) ->
         feature_mask: ``(B, F)`` bool, True on log-mel frames that hold audio (``num_frames``).
         num_frames: ``(B,)`` int64; durations: ``(B,)`` float32 seconds.
         ids, speakers, languages, texts: lists of str; n_dropped: int (``None`` items removed).
+        teacher_input_features: ``(B, n_mels_teacher, F)``, only when the items carry them.
     Returns ``None`` when every item was ``None``; a training loop should skip that batch.
     """
     items = [b for b in batch if b is not None]
@@ -520,7 +531,7 @@ def collate(batch: Sequence[dict[str, Any] | None], label_pad_id: int = -100) ->
     decoder_mask = (torch.arange(labels.shape[1])[None, :] < lengths[:, None]).long()   # (B, L)
     frames = torch.tensor([b["num_frames"] for b in items], dtype=torch.long)
     feature_mask = torch.arange(features.shape[-1])[None, :] < frames[:, None]          # (B, F)
-    return {
+    out = {
         "input_features": features,
         "labels": labels,
         "decoder_attention_mask": decoder_mask,
@@ -533,6 +544,9 @@ def collate(batch: Sequence[dict[str, Any] | None], label_pad_id: int = -100) ->
         "texts": [b.get("text", "") for b in items],
         "n_dropped": n_dropped,
     }
+    if "teacher_input_features" in items[0]:
+        out["teacher_input_features"] = torch.stack([b["teacher_input_features"] for b in items])
+    return out
 
 
 class WhisperCollator:

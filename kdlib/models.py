@@ -324,7 +324,7 @@ def tiny_config(*, d_model: int, layers: tuple[int, int], heads: int, ffn: int,
     )
 
 
-def tiny_random_pair(seed: int = 0) -> tuple[WhisperBundle, WhisperBundle]:
+def tiny_random_pair(seed: int = 0, *, teacher_like_v3: bool = False) -> tuple[WhisperBundle, WhisperBundle]:
     """A random (teacher, student) pair for fast tests, with the real tokenizer.
 
     Teacher: d_model 128, 2 encoder + 2 decoder layers, 4 heads; student: d_model 64,
@@ -333,22 +333,89 @@ def tiny_random_pair(seed: int = 0) -> tuple[WhisperBundle, WhisperBundle]:
     Different widths on purpose: the projector and hidden-state losses see 64 -> 128.
     Needs the ``offline-whisper`` extra for the tokenizer files, read once per process (about
     2 s) and shared by both bundles; after that a pair takes about 0.2 s.
+
+    ``teacher_like_v3=True``: the teacher disagrees with the student the way whisper-large-v3
+    disagrees with whisper-small (the thesis pair): 128 mel bins and the 51,866-token
+    vocabulary of `large_v3_tokenizer`, whose special tokens from ``<|translate|>`` on sit one
+    id higher. Tests use it to exercise `vocab_index` and the teacher's own log-mels.
     """
     from transformers import WhisperForConditionalGeneration
 
     tokenizer = real_tokenizer()
     fe = ct2.build_feature_extractor(80)
+    teacher_tok, teacher_fe, teacher_kw = tokenizer, fe, {}
+    if teacher_like_v3:
+        teacher_tok, teacher_fe = large_v3_tokenizer(tokenizer), ct2.build_feature_extractor(128)
+        teacher_kw = {"num_mel_bins": 128, "vocab_size": len(teacher_tok)}
     bundles = []
     for i, cfg in enumerate((
-        tiny_config(d_model=128, layers=(2, 2), heads=4, ffn=256),
+        tiny_config(d_model=128, layers=(2, 2), heads=4, ffn=256, **teacher_kw),
         tiny_config(d_model=64, layers=(2, 1), heads=2, ffn=128),
     )):
         torch.manual_seed(seed + i)
         model = WhisperForConditionalGeneration(cfg).eval()
-        model.generation_config = _generation_config_for(model)
-        bundles.append(WhisperBundle(model, tokenizer, fe, None,
+        if i == 1 or not teacher_like_v3:  # whisper-base token ids; the v3-like teacher never generates
+            model.generation_config = _generation_config_for(model)
+        bundles.append(WhisperBundle(model, (teacher_tok, tokenizer)[i], (teacher_fe, fe)[i], None,
                                      ("tiny-random-teacher", "tiny-random-student")[i]))
     return bundles[0], bundles[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs that disagree: vocabulary and mel bins (whisper-large-v3 teacher, smaller student)
+
+V3_NEW_TOKEN, V3_NEW_ID = "<|yue|>", 50358
+
+
+def large_v3_tokenizer(tokenizer):
+    """The whisper-large-v3 vocabulary layout built from a multilingual Whisper tokenizer:
+    large-v3 added one language token, ``<|yue|>``, at id 50,358, after ``<|su|>``, so every
+    special token from ``<|translate|>`` on has an id one higher (51,866 tokens instead of
+    51,865). Text tokens (ids below 50,257) are unchanged. Offline stand-in for the real
+    large-v3 tokenizer, with exactly that shift; used by the ``teacher_like_v3`` test pair."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if any(t["content"] == V3_NEW_TOKEN for t in spec["added_tokens"]):
+        raise ValueError(f"tokenizer already has {V3_NEW_TOKEN}: it is large-v3's layout already")
+    template = next(t for t in spec["added_tokens"] if t["content"] == "<|su|>")
+    for token in spec["added_tokens"]:
+        if token["id"] >= V3_NEW_ID:
+            token["id"] += 1
+    spec["added_tokens"].append({**template, "id": V3_NEW_ID, "content": V3_NEW_TOKEN})
+    spec["added_tokens"].sort(key=lambda t: t["id"])
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def vocab_index(student_tokenizer, teacher_tokenizer, student_vocab_size: int) -> torch.Tensor | None:
+    """For each student token id, the teacher's id of the same token: ``(student_vocab_size,)``
+    int64, or ``None`` when the two vocabularies are identical (same token at every id).
+
+    Losses between the two output distributions are taken over the *student's* vocabulary:
+    ``teacher_logits[..., index]`` puts the teacher's logits in the student's order, and
+    ``index[decoder_input_ids]`` translates the student's decoder inputs for the teacher. A
+    teacher token the student lacks (large-v3's ``<|yue|>``) is left out, so the teacher's
+    softmax is renormalised over the shared tokens. A student token the teacher lacks has no
+    teacher logit: that is an error, naming the token.
+    """
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    by_id = {i: tok for tok, i in s_vocab.items()}
+    missing_ids = [i for i in range(student_vocab_size) if i not in by_id]
+    if missing_ids:
+        raise ValueError(f"the student's output layer has {student_vocab_size} rows but its tokenizer has no "
+                         f"token for id(s) {missing_ids[:5]}: cannot match them to the teacher's vocabulary")
+    absent = [by_id[i] for i in range(student_vocab_size) if by_id[i] not in t_vocab]
+    if absent:
+        raise ValueError(f"{len(absent)} student token(s) missing from the teacher's vocabulary, e.g. "
+                         f"{absent[:5]}: KD needs a teacher logit for every student token")
+    index = torch.tensor([t_vocab[by_id[i]] for i in range(student_vocab_size)], dtype=torch.long)
+    if len(t_vocab) == student_vocab_size and torch.equal(index, torch.arange(student_vocab_size)):
+        return None
+    return index
 
 
 # --------------------------------------------------------------------------------------------

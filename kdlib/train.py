@@ -145,31 +145,44 @@ class RunModels:
     student: torch.nn.Module  # peft-wrapped WhisperForConditionalGeneration
     teacher: Optional[torch.nn.Module]  # frozen; None in stage 0 (the teacher is the student)
     projector: Optional[torch.nn.Module]
-    tokenizer: Any
-    feature_extractor: Any
+    tokenizer: Any  # the student's: labels and decoding use it
+    feature_extractor: Any  # the student's
     trainable: dict[str, list[str]] = field(default_factory=dict)
+    # A teacher that disagrees with the student (the thesis pair: large-v3 → small):
+    teacher_feature_extractor: Any = None  # its own log-mels (128 bins) when the mel bins differ
+    vocab_index: Optional[torch.Tensor] = None  # student id → teacher id (see models.vocab_index)
 
 
 def _load_pair(config: TrainConfig):
-    """Teacher bundle and the base (un-adapted) student model for this config."""
+    """Teacher bundle and the base (un-adapted) student bundle for this config. The student
+    bundle carries the student's own tokenizer and feature extractor (they differ from the
+    teacher's for the thesis pair); a student built from the teacher shares the teacher's."""
     from kdlib import models
 
-    if config.teacher == "tiny-random":
-        teacher, student = models.tiny_random_pair(seed=config.seed)
+    if config.teacher in ("tiny-random", "tiny-random-v3"):
+        teacher, student = models.tiny_random_pair(seed=config.seed, teacher_like_v3=config.teacher == "tiny-random-v3")
         if config.student != "from-teacher":
-            return teacher, student.model
+            return _adapted_teacher(teacher, config), student
     else:
         teacher = models.load_whisper(config.teacher)
     # The student is built from the *pretrained* teacher (before any stage-0 adaptation), so
     # what it gains later is what distillation taught it, not weights copied from an adapted model.
     if config.student in ("distil-base", "from-teacher"):
-        student = models.student_from_teacher(
-            teacher.model,
-            encoder_layers=config.student_encoder_layers,
-            decoder_layers=config.student_decoder_layers,
+        student = models.WhisperBundle(
+            models.student_from_teacher(
+                teacher.model,
+                encoder_layers=config.student_encoder_layers,
+                decoder_layers=config.student_decoder_layers,
+            ),
+            teacher.tokenizer, teacher.feature_extractor, None, config.student,
         )
     else:
-        student = models.load_whisper(config.student).model
+        student = models.load_whisper(config.student)
+    return _adapted_teacher(teacher, config), student
+
+
+def _adapted_teacher(teacher, config: TrainConfig):
+    """The teacher with a stage-0 adapter (``teacher_from``) merged in, when one is set."""
     if config.teacher_from:
         adapter = Path(config.teacher_from) / ADAPTER_DIR
         if not adapter.exists():
@@ -177,17 +190,18 @@ def _load_pair(config: TrainConfig):
         from peft import PeftModel
 
         teacher.model = PeftModel.from_pretrained(teacher.model, str(adapter)).merge_and_unload()
-    return teacher, student
+    return teacher
 
 
 def build_models(config: TrainConfig, device: torch.device) -> RunModels:
     """Teacher (frozen), student with LoRA, projector; what is trainable set for the stage."""
     from kdlib import models
 
-    teacher_bundle, base_student = _load_pair(config)
+    teacher_bundle, student_bundle = _load_pair(config)
+    base_student = student_bundle.model
     if config.stage == 0:
         # Stage 0 adapts the teacher itself: it is the model being trained, nobody teaches it.
-        base_student, teacher_model = teacher_bundle.model, None
+        base_student, teacher_model, student_bundle = teacher_bundle.model, None, teacher_bundle
     else:
         teacher_model = teacher_bundle.model
         models.freeze_teacher(teacher_model)
@@ -220,13 +234,22 @@ def build_models(config: TrainConfig, device: torch.device) -> RunModels:
         projector.to(device)
 
     trainable = set_trainable(student, projector, config)
+    teacher_fe = vocab = None
+    if teacher_model is not None:
+        if teacher_model.config.num_mel_bins != base_student.config.num_mel_bins:
+            teacher_fe = teacher_bundle.feature_extractor
+        vocab = models.vocab_index(student_bundle.tokenizer, teacher_bundle.tokenizer, base_student.config.vocab_size)
+        if vocab is not None:
+            vocab = vocab.to(device)
     return RunModels(
         student=student,
         teacher=teacher_model,
         projector=projector,
-        tokenizer=teacher_bundle.tokenizer,
-        feature_extractor=teacher_bundle.feature_extractor,
+        tokenizer=student_bundle.tokenizer,
+        feature_extractor=student_bundle.feature_extractor,
         trainable=trainable,
+        teacher_feature_extractor=teacher_fe,
+        vocab_index=vocab,
     )
 
 
@@ -252,8 +275,9 @@ def set_trainable(student: torch.nn.Module, projector: Optional[torch.nn.Module]
     return names
 
 
-def build_data(config: TrainConfig, feature_extractor, tokenizer):
-    """Train and dev datasets from an MLS folder (or the embedded corpus); returns (train, dev, report)."""
+def build_data(config: TrainConfig, feature_extractor, tokenizer, teacher_feature_extractor=None):
+    """Train and dev datasets from an MLS folder (or the embedded corpus); returns (train, dev, report).
+    ``teacher_feature_extractor``: the teacher's own log-mels too (a pair with other mel bins)."""
     from kdlib import data
 
     root = Path(config.data_root) if config.data_root else data.embedded_corpus(config.language)
@@ -266,8 +290,10 @@ def build_data(config: TrainConfig, feature_extractor, tokenizer):
         utterances = result.utterances[:limit] if limit else result.utterances
         scans[split] = (utterances, result)
     # safe=True: a file that breaks after the scan is dropped and counted, not a crash mid-run.
-    train_set = data.MLSDataset(scans[config.train_split][0], feature_extractor, tokenizer, task=config.task, safe=True)
-    dev_set = data.MLSDataset(scans[config.dev_split][0], feature_extractor, tokenizer, task=config.task)
+    train_set = data.MLSDataset(scans[config.train_split][0], feature_extractor, tokenizer, task=config.task,
+                                safe=True, teacher_feature_extractor=teacher_feature_extractor)
+    dev_set = data.MLSDataset(scans[config.dev_split][0], feature_extractor, tokenizer, task=config.task,
+                              teacher_feature_extractor=teacher_feature_extractor)
     report = {split: result.report() for split, (_, result) in scans.items()}
     return train_set, dev_set, report
 
@@ -424,9 +450,10 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
         if models.teacher is not None and (need_logits or need_hidden):
             # Identical frozen encoders (distil-whisper's student): the teacher's decoder reads the
             # student's encoder states, so each batch costs one encoder forward, not two.
+            teacher_features = batch.get("teacher_input_features", batch["input_features"])
             teacher_logits, teacher_hidden = teacher_forward(
-                models.teacher, caches, batch["ids"], features, dec_in, labels, need_logits, device,
-                encoded=encoded if caches.shared else None,
+                models.teacher, caches, batch["ids"], teacher_features, dec_in, labels, need_logits, device,
+                encoded=encoded if caches.shared else None, vocab_index=models.vocab_index,
             )
         student_hidden = student_mask = teacher_mask = None
         if need_hidden:
@@ -454,17 +481,25 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
 @torch.no_grad()
 def teacher_forward(teacher, caches: EncoderCaches, ids: list[str], features: torch.Tensor,
                     dec_in: torch.Tensor, labels: torch.Tensor, need_logits: bool, device: torch.device,
-                    encoded: Optional[torch.Tensor] = None):
+                    encoded: Optional[torch.Tensor] = None, vocab_index: Optional[torch.Tensor] = None):
     """Frozen teacher: ``(logits (batch, tokens, vocab) or None, encoder states (batch, 1500, d))``.
 
     With caches, the encoder runs once per utterance and so does the decoder: its logits depend
     only on the (fixed) reference tokens of the utterance, so they are stored per utterance and
     every later epoch reads them instead of running the teacher at all. ``encoded``: the
-    teacher's encoder states when the caller already has them (a shared, identical encoder)."""
+    teacher's encoder states when the caller already has them (a shared, identical encoder).
+
+    ``vocab_index`` (a teacher with another vocabulary, e.g. large-v3 for a small student): the
+    student's token ids are translated for the teacher's decoder, and the returned logits are
+    the teacher's at the student's tokens, in the student's order ``(batch, tokens, vocab_student)``.
+    ``features`` are the teacher's own log-mels."""
     tdev = next(teacher.parameters()).device
+    if vocab_index is not None:
+        dec_in = vocab_index.to(dec_in.device)[dec_in]
     if caches.teacher is None and encoded is None:  # nothing cached: the whole teacher, every step
         out = teacher(input_features=features.to(tdev), decoder_input_ids=dec_in.to(tdev), use_cache=False)
-        return (out.logits.to(device) if need_logits else None), out.encoder_last_hidden_state.to(device)
+        logits = out.logits if vocab_index is None else out.logits[..., vocab_index.to(tdev)]
+        return (logits.to(device) if need_logits else None), out.encoder_last_hidden_state.to(device)
     if encoded is None:
         encoded = caches.teacher(features, ids, tdev)  # (batch, 1500, d_teacher)
     encoded = encoded.to(tdev)
@@ -474,6 +509,8 @@ def teacher_forward(teacher, caches: EncoderCaches, ids: list[str], features: to
         logits = caches.logits.get(ids, lengths, labels.shape[1], device) if caches.logits else None
         if logits is None:
             logits = teacher(encoder_outputs=(encoded,), decoder_input_ids=dec_in.to(tdev), use_cache=False).logits
+            if vocab_index is not None:
+                logits = logits[..., vocab_index.to(tdev)]
             if caches.logits is not None:
                 caches.logits.put(ids, lengths, logits)
             logits = logits.to(device)
@@ -713,7 +750,8 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
     if ctx.enabled:
         seed_everything(config.seed + ctx.rank)  # from here on: a dropout stream of its own per rank
 
-    train_set, dev_set, data_report = build_data(config, models.feature_extractor, models.tokenizer)
+    train_set, dev_set, data_report = build_data(config, models.feature_extractor, models.tokenizer,
+                                                 models.teacher_feature_extractor)
     for split, text in data_report.items():
         log(f"[{split}] {text}")
     collate = data.WhisperCollator()
@@ -925,8 +963,8 @@ def load_trained(run_dir: str | Path, *, merge: bool = True):
     if not adapter.exists():
         raise FileNotFoundError(f"{adapter} does not exist: the run has not finished")
     teacher, student = _load_pair(config)
-    base = teacher.model if config.stage == 0 else student
-    model = PeftModel.from_pretrained(base, str(adapter))
+    owner = teacher if config.stage == 0 else student  # stage 0 trained the teacher itself
+    model = PeftModel.from_pretrained(owner.model, str(adapter))
     if merge:
         model = model.merge_and_unload()
     model.eval()
@@ -937,7 +975,7 @@ def load_trained(run_dir: str | Path, *, merge: bool = True):
         state = torch.load(adapter / PROJECTOR_FILE, map_location="cpu")
         projector = RiemannianProjector(state["linear.weight"].shape[1], state["linear.weight"].shape[0])
         projector.load_state_dict(state)
-    return model, teacher.tokenizer, teacher.feature_extractor, projector
+    return model, owner.tokenizer, owner.feature_extractor, projector
 
 
 def export_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -1010,8 +1048,8 @@ def load_history(run_dir: str | Path) -> list[dict]:
 
 def untrained_student(config: TrainConfig):
     """The student of ``config`` before any training: ``(model, tokenizer, feature_extractor)``."""
-    teacher, student = _load_pair(config)
-    return student.eval(), teacher.tokenizer, teacher.feature_extractor
+    _, student = _load_pair(config)
+    return student.model.eval(), student.tokenizer, student.feature_extractor
 
 
 def teacher_model(config: TrainConfig):

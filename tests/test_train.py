@@ -143,7 +143,7 @@ def test_export_merged_loads_in_pipeline(stage1_run, tmp_path):
     merged = WhisperForConditionalGeneration.from_pretrained(str(out))
     _, base = T._load_pair(smoke(stage=1))
     name = "model.decoder.layers.0.self_attn.q_proj.weight"
-    assert not torch.allclose(merged.state_dict()[name], base.state_dict()[name])
+    assert not torch.allclose(merged.state_dict()[name], base.model.state_dict()[name])
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
