@@ -32,7 +32,7 @@ html: install
 	$(PY) scripts/build_book.py --html-only
 
 pdf: install
-	$(VENV)/bin/jupyter-book build book/ --builder pdflatex
+	$(PY) scripts/build_book.py --html-only --builder pdflatex
 
 test: install
 	$(PY) -m pytest

@@ -20,8 +20,11 @@
 #
 # Before a teacher can teach anything, speech has to reach it as Whisper expects: 16 kHz mono
 # audio, turned into a log-mel spectrogram of exactly 3000 frames (30 s), and a transcript turned
-# into tokens that start with the language and task. This chapter follows one clip through the
-# five stages of `kdlib.data`:
+# into tokens that start with the language and task.
+#
+# ## What this chapter teaches
+#
+# How one clip travels through the five stages of `kdlib.data`:
 #
 # 1. **scan files**: read a Multilingual LibriSpeech (MLS) folder, check every line and every
 #    audio header, skip and *count* what is broken;
@@ -30,7 +33,9 @@
 # 4. **DataLoader**: where padding happens, and how grouping clips by length cuts it;
 # 5. **batches**: the tensors a training step receives, also for a mixed Italian + Spanish batch.
 #
-# It needs no earlier chapter. By default it reads the small corpus shipped inside `kdlib`
+# ## What it needs
+#
+# No earlier chapter's output. By default it reads the small corpus shipped inside `kdlib`
 # (Italian and Spanish sentences spoken by espeak-ng with several voices; see
 # `scripts/make_corpus.py`). At thesis scale, set `data_root` to a real MLS language folder, e.g.
 # one extracted with `kdlib.data.extract_mls_archive` (end of the chapter).
@@ -46,7 +51,7 @@ bucket_factor = 50  # megabatch size in batches; thesis: 50
 min_duration = 1.0  # seconds; thesis: 1.0
 max_duration = 30.0  # seconds; thesis: 30.0
 num_workers = 0  # DataLoader worker processes; thesis: 8 (one per CPU core you can spare)
-out_dir = "../runs/01_data_loader"
+out_dir = "../runs/01_data_loader"  # figures, tables and runs of this chapter; thesis: the same
 
 # %%
 import json

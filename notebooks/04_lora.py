@@ -20,7 +20,11 @@
 #
 # The thesis never trains a whole Whisper. The teacher is adapted to the domain (stage 0) and the
 # student is distilled (stages I–III) through small low-rank adapters (LoRA) and one projector; the
-# rest stays frozen. This chapter looks at that machinery in `kdlib.models`:
+# rest stays frozen.
+#
+# ## What this chapter teaches
+#
+# The LoRA machinery of `kdlib.models`:
 #
 # * what a LoRA adapter computes, W x + (α/r)·B A x, checked by hand on one real layer;
 # * where `kdlib` can put adapters in Whisper (the named presets of the thesis) and how many
@@ -30,7 +34,9 @@
 #   and when they do not, and why `build_optimizer` takes trainable parameters only;
 # * merging an adapter back into plain weights, and checking that nothing changed.
 #
-# It needs no earlier chapter's output: it loads the offline whisper-base teacher and the
+# ## What it needs
+#
+# No earlier chapter's output: it loads the offline whisper-base teacher and the
 # `distil-base` student built from it (the `offline-whisper` extra) and one clip of the embedded
 # Italian corpus. With `preset = "smoke"` it uses a tiny random pair instead (seconds; the numbers
 # then mean nothing); the prose describes the `demo` run.
@@ -45,7 +51,7 @@ lora_preset = "dec_self_qv"  # preset of the optimizer and merge experiments; th
 steps = 3  # optimizer steps per setup in the caveat experiment; thesis: n/a (a demonstration)
 lr = 1e-3  # AdamW learning rate; thesis: 2.6e-4
 weight_decay = 0.01  # AdamW weight decay; thesis: 0.01
-out_dir = "../runs/04_lora"
+out_dir = "../runs/04_lora"  # figures, tables and runs of this chapter; thesis: the same
 
 # %%
 import copy

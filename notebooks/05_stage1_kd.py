@@ -32,22 +32,34 @@
 # the synthetic espeak-ng voices (dev WER around 0.6). Distilling a teacher that is wrong
 # in-domain teaches its errors, so we first run the standard remedy, **stage 0**: adapt the
 # teacher to the training split (decoder LoRA, cross-entropy), then distil from the adapted
-# teacher. We compare, with the same seed, data and steps:
+# teacher.
 #
-# 1. the student before any training (distil-base: whisper-base's encoder + 2 of its 6 decoder
-#    layers, chapter 02),
-# 2. the student fine-tuned with CE only (no teacher),
-# 3. the student trained with CE + KL from the adapted teacher (stage I).
+# ## What this chapter teaches
 #
-# **Needs**: chapters 01–04 for the pieces (nothing of theirs is read from disk). **Writes**
-# `out_dir/stage0`, `out_dir/stage1` (read by chapter 06) and `out_dir/ce_only`.
+# - the stage-I objective and the training loop that minimises it (one config, one run folder);
+# - how to adapt a weak teacher first (stage 0) and say which teacher a KD number comes from;
+# - how to show that the teacher helps, by comparing three students with the same seed, data and
+#   steps:
+#
+#   1. the student before any training (distil-base: whisper-base's encoder + 2 of its 6 decoder
+#      layers, chapter 02),
+#   2. the student fine-tuned with CE only (no teacher),
+#   3. the student trained with CE + KL from the adapted teacher (stage I).
+#
+# ## What it needs
+#
+# No earlier chapter's output: chapters 01–04 explain the pieces, and nothing of theirs is read
+# from disk. It loads the offline whisper-base teacher (the `offline-whisper` extra) and the
+# embedded Italian corpus. **Writes** `out_dir/stage0`, `out_dir/stage1` (read by chapter 06) and
+# `out_dir/ce_only`. With `preset = "smoke"` a tiny random pair trains for a few steps in seconds;
+# the prose describes the `demo` run.
 
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random models, seconds; "demo": whisper-base teacher, CPU minutes; "thesis"
 max_steps = None  # None: the preset's (demo 60; thesis 8000)
 adapt_teacher = True  # stage 0 first (demo: 40 decoder-LoRA steps); thesis: optional, teacher is strong
-overrides = {}  # any TrainConfig field, e.g. {"kl_weight": 0.5, "temperature": 4.0}
-out_dir = "../runs/05_stage1_kd"
+overrides = {}  # any TrainConfig field, e.g. {"kl_weight": 0.5, "temperature": 4.0}; thesis: {} (the preset holds the pilot's weights)
+out_dir = "../runs/05_stage1_kd"  # thesis: the same (chapters 06-08 read it)
 eval_limit = None  # dev clips scored in the tables (None: the preset's max_dev_utterances, demo: all 20; thesis: 1248)
 
 # %%

@@ -30,20 +30,28 @@
 # compared geodesic with MSE and point with curve alignment; here they are the fields
 # `geo_kind` and `alignment` of the config.
 #
+# ## What this chapter teaches
+#
+# - the stage-II objective (geodesic alignment per valid frame + utterance-level InfoNCE) and the
+#   projector it trains through;
+# - what the loss curves of an alignment stage look like, and when the stage earns its place.
+#
 # This is the stage where the student's **encoder** trains (its LoRA adapters), so every step
 # runs the encoder forward and backward over 30 s windows: the expensive stage on a CPU. The
 # demo uses batch 4 and a dozen steps; the thesis preset runs thousands on a GPU.
 #
-# **Needs**: chapter 05's stage-I run folder (`prev_run`). If it is missing, or was trained with
+# ## What it needs
+#
+# Chapter 05's stage-I run folder (`prev_run`). If it is missing, or was trained with
 # another preset, this chapter first trains stage I itself (same preset) into `out_dir`.
 # **Writes** `out_dir/stage2` (read by chapter 07).
 
 # %% tags=["parameters"]
-preset = "demo"  # "smoke" | "demo" | "thesis"
-prev_run = "../runs/05_stage1_kd/stage1"  # stage I run folder
+preset = "demo"  # "smoke": tiny random pair, seconds; "demo": whisper-base → distil-base on CPU, minutes; thesis: "thesis" (GPU)
+prev_run = "../runs/05_stage1_kd/stage1"  # stage I run folder (chapter 05); thesis: the same
 max_steps = None  # None: the preset's (demo 12; thesis 8000)
 overrides = {}  # e.g. {"alignment": "curve"} or {"geo_kind": "mse"}; thesis: {"geo_weight": 0.969909}
-out_dir = "../runs/06_stage2_alignment"
+out_dir = "../runs/06_stage2_alignment"  # thesis: the same (chapter 07 reads it)
 
 # %%
 import json

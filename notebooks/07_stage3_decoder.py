@@ -25,22 +25,31 @@
 # misaligned gradients during decoder optimization". With the encoder frozen, its outputs are
 # computed once per utterance and reused every epoch (`kdlib.train.EncoderCache`).
 #
+# ## What this chapter teaches
+#
+# - stage III: the encoder frozen (and cached), decoder LoRA trained with CE + KL, the contrastive
+#   weight decayed;
+# - how the stages chain (each starts from the previous stage's adapter) and how to read the
+#   results table of the whole pipeline.
+#
 # The chapter ends the training part of the book with the table that matters: dev WER of the
 # student before training, after CE-only fine-tuning, after stage I (KD), after stage II and
 # after stage III, next to the teacher.
 #
-# **Needs**: chapter 06's run folder (`prev_run`) and chapter 05's folder (`stage1_root`). A
+# ## What it needs
+#
+# Chapter 06's run folder (`prev_run`) and chapter 05's folder (`stage1_root`). A
 # missing (or other-preset) prerequisite is trained here first, at the same preset.
 # **Writes** `out_dir/stage3` (read by chapters 08 and 10) and `out_dir/results.json`.
 
 # %% tags=["parameters"]
-preset = "demo"  # "smoke" | "demo" | "thesis"
-prev_run = "../runs/06_stage2_alignment/stage2"  # stage II run folder
-stage1_root = "../runs/05_stage1_kd"  # holds stage1/ and ce_only/ from chapter 05
+preset = "demo"  # "smoke": tiny random pair, seconds; "demo": whisper-base → distil-base on CPU, minutes; thesis: "thesis" (GPU)
+prev_run = "../runs/06_stage2_alignment/stage2"  # stage II run folder (chapter 06); thesis: the same
+stage1_root = "../runs/05_stage1_kd"  # holds stage1/ and ce_only/ from chapter 05; thesis: the same
 max_steps = None  # None: the preset's (demo 60; thesis 8000)
-overrides = {}  # e.g. {"contrastive_final_weight": 0.0}
+overrides = {}  # e.g. {"contrastive_final_weight": 0.0}; thesis: {} (decay to 0.1, the thesis' schedule)
 eval_limit = None  # None: the preset's max_dev_utterances (demo: all 20 dev clips; thesis: 1248)
-out_dir = "../runs/07_stage3_decoder"
+out_dir = "../runs/07_stage3_decoder"  # thesis: the same (chapters 08 and 10 read it)
 
 # %%
 import json

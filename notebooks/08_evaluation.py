@@ -20,8 +20,9 @@
 #
 # Every earlier chapter printed a dev WER in passing. This chapter is the measurement itself,
 # done once and the same way for every model: the same clips, the same decoding (greedy,
-# language and task tokens forced, KV cache on), the same text normaliser, the same clock. It
-# teaches
+# language and task tokens forced, KV cache on), the same text normaliser, the same clock.
+#
+# ## What this chapter teaches
 #
 # 1. how text is **normalised** before it is scored, and why the normaliser must be named next to
 #    every WER;
@@ -34,9 +35,13 @@
 # The models, one row each: the teacher (whisper-base), the teacher adapted to the domain
 # (stage 0), the student before KD (distil-base: whisper-base's encoder and 2 of its 6 decoder
 # layers), the student fine-tuned with CE only, the student after KD (stage I) and after all
-# three stages. **Needs**: the run folders of chapter 05 (`stage0`, `ce_only`, `stage1`) and
-# chapter 07 (`stage3`) under `runs_root`, trained with the same `preset`; a row whose run is
-# missing is listed as "not run (chapter NN)", not dropped. The offline whisper-base (the
+# three stages.
+#
+# ## What it needs
+#
+# The run folders of chapter 05 (`stage0`, `ce_only`, `stage1`) and chapter 07 (`stage3`) under
+# `runs_root`, trained with the same `preset`; a row whose run is missing is listed as "not run
+# (chapter NN)", not dropped. The offline whisper-base (the
 # `offline-whisper` extra) and `ctranslate2`. **Writes** `out_dir/comparison.{json,csv,md,png}`,
 # the per-voice table and one `metrics_<split>_<model>.json` per row. With `preset = "smoke"` the
 # models are a tiny random pair and 3 clips: the numbers then mean nothing, the prose describes
@@ -48,7 +53,7 @@ split = "dev"  # embedded corpus split (20 clips); thesis: "test"
 limit = None  # None: all clips of the split (demo: 20); thesis: None, all 1262 test clips
 max_new_tokens = 64  # greedy decoding cap (embedded clips need < 50 tokens); thesis: 224
 runs_root = "../runs"  # where chapters 05 and 07 wrote their run folders; thesis: the same
-out_dir = "../runs/08_evaluation"
+out_dir = "../runs/08_evaluation"  # figures, tables and runs of this chapter; thesis: the same
 
 # %%
 import gc

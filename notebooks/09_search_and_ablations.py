@@ -30,7 +30,9 @@
 # | what changes | loss weights, temperature, learning rate… | one component at a time |
 # | fairness | best achievable under dev tuning | same seed, data and steps |
 #
-# This chapter turns that table into code with `kdlib.tune`:
+# ## What this chapter teaches
+#
+# How to turn that table into code with `kdlib.tune`:
 #
 # 1. an **Optuna study** (TPE sampler, median pruner, SQLite storage that survives a kill) tunes
 #    the main configuration and writes `best_params.json`;
@@ -40,7 +42,9 @@
 # 4. an **overfitting monitor** watches for the failure the thesis calls *objective overfitting*:
 #    auxiliary losses that keep falling while dev WER does not.
 #
-# It reads no earlier chapter's output: every run here is trained from scratch, with the trainer
+# ## What it needs
+#
+# No earlier chapter's output: every run here is trained from scratch, with the trainer
 # of `kdlib.train` and the evaluation of `kdlib.evaluate` (chapter 08). At the default `demo` size
 # (real whisper-base teacher, `distil-base` student, embedded Italian corpus, CPU) the runs are a
 # couple of steps long, so the numbers show the *machinery*, not which component wins; the
@@ -61,7 +65,7 @@ max_dev_utterances = 4  # dev clips for the dev loss during training; thesis: No
 eval_limit = 4  # dev/test clips decoded per row of the ablation table; thesis: None (whole splits)
 max_new_tokens = 48  # decoding cap per clip (our clips have at most 20 words); thesis: 224 (Whisper's)
 startup_trials = 1  # median pruner: finished trials before it prunes; thesis: 5
-out_dir = "../runs/09_search_and_ablations"
+out_dir = "../runs/09_search_and_ablations"  # figures, tables and runs of this chapter; thesis: the same
 
 # %%
 import json

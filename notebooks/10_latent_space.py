@@ -19,8 +19,11 @@
 # # 10 · The latent space: PCA, t-SNE, UMAP and DTW
 #
 # Losses tell us *how much* a student differs from its teacher; pictures tell us *where*. This
-# chapter looks at the last encoder layer of the teacher and of the student, on the same clips,
-# and asks three questions:
+# chapter looks at the last encoder layer of the teacher and of the student, on the same clips.
+#
+# ## What this chapter teaches
+#
+# How to answer three questions with pictures and numbers:
 #
 # 1. Do teacher and student put the same speech in the same place? We project every model's
 #    states onto **one** 2-D map (PCA, t-SNE and UMAP, each fitted on the union of all models),
@@ -32,7 +35,9 @@
 #    the teacher's frame sequence with the projected student's, per utterance, before and after
 #    distillation, and we draw the alignment path of one clip.
 #
-# It reads chapter 07's run folder (`run_dir`, the student after the three stages) when it exists;
+# ## What it needs
+#
+# Chapter 07's run folder (`run_dir`, the student after the three stages) when it exists;
 # otherwise the "after KD" student is a fresh, untrained `distil-base`, and the chapter says so in
 # its output. It loads the offline whisper-base teacher (the `offline-whisper` extra) and uses the
 # `dev` split of the embedded Italian corpus. With `preset = "smoke"` it runs on a tiny random
@@ -49,7 +54,7 @@ max_utterances = 20  # thesis: 500
 frames_per_utterance = 30  # evenly spaced frames per clip in the frame-level maps; thesis: 30
 batch_size = 8  # clips per encoder forward; thesis: 32 (on a GPU)
 seed = 0  # clip sample, fresh projector, t-SNE and UMAP; thesis: 0
-out_dir = "../runs/10_latent_space"
+out_dir = "../runs/10_latent_space"  # figures, tables and runs of this chapter; thesis: the same
 
 # %%
 import json

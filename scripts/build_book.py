@@ -4,14 +4,24 @@
     python scripts/build_book.py -p preset smoke # pass papermill parameters to every chapter
     python scripts/build_book.py --only 01 02    # a subset (by number prefix)
     python scripts/build_book.py --html-only     # render what is already executed
+    python scripts/build_book.py --preset smoke --only 00 01 --out /tmp/book   # a small book elsewhere
+    python scripts/build_book.py --html-only --only 05 06 07 --out build/appendix --builder pdflatex
 
 Executed copies go to book/chapters/NN_topic.ipynb (git-ignored), never over the paired notebook.
 A chapter that fails stops the build with the chapter's name and the failing cell.
+
+With ``--out DIR`` the book is built in DIR instead of book/: the book's sources (config, landing
+page, other pages) are copied there, the selected chapters are executed into DIR/chapters (each
+with ``out_dir`` = DIR/runs/NN_topic unless ``-p out_dir`` is given) or, with ``--html-only``,
+copied from book/chapters, and DIR/_toc.yml lists only those chapters. The HTML lands in
+DIR/_build/html, a PDF (``--builder pdflatex``) in DIR/_build/latex/.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +59,10 @@ def execute(notebook: Path, parameters: dict, out_dir: Path = EXECUTED) -> Path:
     target = out_dir / notebook.name
     start = time.perf_counter()
     print(f"== {notebook.stem}: executing", flush=True)
+    # The kernel inherits our environment. MPLBACKEND=Agg (exported by the Makefile and the
+    # tests for headless scripts) would make plt.show() draw nothing in the kernel, and the
+    # book would have no figures: let the kernel use its inline backend instead.
+    saved_backend = os.environ.pop("MPLBACKEND", None)
     try:
         pm.execute_notebook(
             str(notebook),
@@ -64,20 +78,58 @@ def execute(notebook: Path, parameters: dict, out_dir: Path = EXECUTED) -> Path:
             f"chapter {notebook.stem} failed in cell {err.exec_count} ({err.ename}: {err.evalue}).\n"
             f"The executed copy with the traceback is {target}"
         ) from None
+    finally:
+        if saved_backend is not None:
+            os.environ["MPLBACKEND"] = saved_backend
     print(f"== {notebook.stem}: done in {time.perf_counter() - start:.0f} s", flush=True)
     return target
 
 
-def build_html() -> Path:
-    """Render book/ with Jupyter Book 1.x into book/_build/html (execution off)."""
-    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(BOOK), "--keep-going"]
+def prepare_book(out: Path, selected: list[Path]) -> Path:
+    """Copy book/'s sources to ``out`` with a _toc.yml that lists only the ``selected`` chapters."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    for item in BOOK.iterdir():
+        if item.name in ("_build", "chapters", "_toc.yml") or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, out / item.name)
+    keep = {f"chapters/{p.stem}" for p in selected}
+    toc = yaml.safe_load((BOOK / "_toc.yml").read_text())
+    for part in toc.get("parts", []):
+        part["chapters"] = [c for c in part.get("chapters", [])
+                            if not str(c.get("file", "")).startswith("chapters/") or c["file"] in keep]
+    toc["parts"] = [part for part in toc.get("parts", []) if part["chapters"]]
+    (out / "_toc.yml").write_text("# Written by scripts/build_book.py --out: book/_toc.yml, selected chapters only.\n"
+                                  + yaml.safe_dump(toc, sort_keys=False))
+    return out
+
+
+def build(book: Path = BOOK, builder: str = "html") -> Path:
+    """Render ``book`` with Jupyter Book 1.x (execution off): HTML into ``book/_build/html``, or
+    a PDF with ``builder="pdflatex"`` into ``book/_build/latex``."""
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(book), "--keep-going"]
+    if builder != "html":
+        cmd += ["--builder", builder]
     print("== jupyter-book:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
-    index = BOOK / "_build" / "html" / "index.html"
-    if not index.exists():
-        raise SystemExit(f"jupyter-book finished but {index} is missing")
-    print(f"== book: {index}")
-    return index
+    if builder == "html":
+        result = book / "_build" / "html" / "index.html"
+    else:
+        found = sorted((book / "_build" / "latex").glob("*.pdf"))
+        result = found[0] if found else book / "_build" / "latex" / "(no pdf)"
+    if not result.exists():
+        raise SystemExit(f"jupyter-book finished but {result} is missing")
+    print(f"== book: {result}")
+    return result
+
+
+def build_html(book: Path = BOOK) -> Path:
+    """Render ``book`` (default book/) into ``book/_build/html``; returns its index.html."""
+    return build(book, "html")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,14 +137,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--only", nargs="*", help="chapter number prefixes, e.g. 01 02")
     parser.add_argument("--no-html", action="store_true", help="execute chapters, skip the HTML")
-    parser.add_argument("--html-only", action="store_true", help="render already executed chapters")
+    parser.add_argument("--html-only", action="store_true",
+                        help="render already executed chapters (from book/chapters), execute nothing")
+    parser.add_argument("--preset", help="shorthand for -p preset NAME (smoke, demo, thesis)")
+    parser.add_argument("--out", type=Path, help="build the book in this folder instead of book/")
+    parser.add_argument("--builder", default="html", choices=["html", "pdflatex"],
+                        help="html (default) or pdflatex (needs the TeX packages, see README)")
     args = parser.parse_args(argv)
     params = {name: _parse_value(value) for name, value in args.parameter}
-    if not args.html_only:
-        for notebook in chapters(args.only):
-            execute(notebook, params)
+    if args.preset:
+        params["preset"] = args.preset
+    selected = chapters(args.only)
+    if args.only and not selected:
+        raise SystemExit(f"no chapter in {NOTEBOOKS} starts with {' or '.join(args.only)}")
+    book, executed = BOOK, EXECUTED
+    if args.out:
+        book = prepare_book(args.out.resolve(), selected)
+        executed = book / "chapters"
+    if args.html_only:
+        if args.out:
+            executed.mkdir(parents=True, exist_ok=True)
+            for notebook in selected:
+                done = EXECUTED / notebook.name
+                if not done.exists():
+                    raise SystemExit(f"{done} does not exist: execute the chapter first "
+                                     f"(python scripts/build_book.py --no-html --only {notebook.stem[:2]})")
+                shutil.copy2(done, executed / notebook.name)
+    else:
+        for notebook in selected:
+            chapter_params = dict(params)
+            if args.out and "out_dir" not in params:
+                chapter_params["out_dir"] = str(book / "runs" / notebook.stem)
+            execute(notebook, chapter_params, executed)
     if not args.no_html:
-        build_html()
+        build(book, args.builder)
     return 0
 
 

@@ -56,10 +56,13 @@ def test_one_parameters_cell_with_preset(nb):
 
 @pytest.mark.parametrize("nb", IPYNBS, ids=lambda p: p.stem)
 def test_chapter_frame(nb):
-    """A chapter opens with a title and ends with a summary and exercises."""
+    """A chapter opens with a title, what it teaches and what it needs, and ends with a summary
+    and exercises."""
     cells = json.loads(nb.read_text())["cells"]
     first = "".join(cells[0]["source"])
     assert cells[0]["cell_type"] == "markdown" and first.startswith("# "), f"{nb.name}: no title cell"
+    for heading in ("## What this chapter teaches", "## What it needs"):
+        assert heading in first, f"{nb.name}: the first cell has no '{heading}' section"
     text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
     assert "## Summary" in text and "## Exercises" in text, f"{nb.name}: missing Summary/Exercises"
 
