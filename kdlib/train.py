@@ -1006,29 +1006,57 @@ def export_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
 # --------------------------------------------------------------------------------------------
 
 
-def _comparable(config_dict: dict) -> dict:
-    return {k: v for k, v in config_dict.items() if k not in ("run_dir", "eval_every", "save_every", "log_every")}
+# Fields that do not change what a run learns: a finished run with other values is the same run.
+CADENCE_FIELDS = ("run_dir", "eval_every", "save_every", "log_every")
+
+
+class RunFolderConflict(FileExistsError, ValueError):
+    """A run folder holds a run of another config; it is refused, never overwritten."""
 
 
 def run_stage(config: TrainConfig, run_dir: str | Path, *, reuse: bool = True, progress: bool = True,
-              on_eval=None) -> dict:
+              on_eval=None, train_fn=None, quiet: bool = False, ignore: tuple[str, ...] = ()) -> dict:
     """Train one stage into ``run_dir`` unless it already holds a finished run of this very
     config (then its ``summary.json`` is returned). A folder holding a *different* config is
-    refused rather than overwritten, and an unfinished run of this config resumes."""
+    refused (`RunFolderConflict` naming the fields) rather than overwritten, and an unfinished
+    run of this config resumes.
+
+    For runners (`kdlib.tune`): ``train_fn`` replaces `train` (same signature; ``on_eval`` is
+    passed only when it takes one), ``quiet`` sends the trainer's printout to
+    ``<run_dir>/train.log``, and ``ignore`` names more fields left out of the comparison (the
+    pipeline's folders are already keyed by their upstream, so it ignores ``init_from``)."""
+    import contextlib
+    import inspect
+
     run_dir = Path(run_dir)
     saved = run_dir / "training_config.json"
-    if saved.exists():
-        previous = TrainConfig.from_json(saved)
-        if _comparable(previous.to_dict()) != _comparable(config.to_dict()):
-            changed = sorted(k for k, v in _comparable(config.to_dict()).items() if previous.to_dict().get(k) != v)
-            raise FileExistsError(
-                f"{run_dir} holds a run with another config (differs in {', '.join(changed)}); "
-                "choose another run folder or delete it"
-            )
-        if reuse and (run_dir / "summary.json").exists():
-            print(f"{run_dir}: finished run of this config found, reusing it")
+    if saved.is_file():
+        skip = set(CADENCE_FIELDS) | set(ignore)
+        there, now = TrainConfig.from_json(saved).to_dict(), config.to_dict()
+        diff = {k: (there.get(k), v) for k, v in now.items() if k not in skip and there.get(k) != v}
+        if diff:
+            fields = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
+            raise RunFolderConflict(f"{run_dir}: holds a run of another config ({fields}); "
+                                    "remove the folder or use another one")
+        if reuse and (run_dir / "summary.json").is_file():
+            if not quiet:
+                print(f"{run_dir}: finished run of this config found, reusing it")
             return json.loads((run_dir / "summary.json").read_text())
-    return train(config, run_dir, progress=progress, on_eval=on_eval)
+    train_fn = train_fn or train
+    kwargs: dict[str, Any] = {"progress": progress}
+    if on_eval is not None:
+        try:
+            takes_on_eval = "on_eval" in inspect.signature(train_fn).parameters
+        except (TypeError, ValueError):
+            takes_on_eval = False
+        if takes_on_eval:
+            kwargs["on_eval"] = on_eval
+    if not quiet:
+        return train_fn(config, run_dir, **kwargs)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a", encoding="utf-8") as logfile, \
+            contextlib.redirect_stdout(logfile), contextlib.redirect_stderr(logfile):
+        return train_fn(config, run_dir, **kwargs)
 
 
 def finished_run(run_dir: str | Path, preset: Optional[str] = None) -> bool:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -105,13 +104,6 @@ def _config_key(config: TrainConfig, upstream: str | None) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _accepts_on_eval(train_fn: Callable) -> bool:
-    try:
-        return "on_eval" in inspect.signature(train_fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _default_train() -> Callable:
     from kdlib.train import train
 
@@ -125,36 +117,14 @@ def _read_history(run_dir: Path) -> list[dict]:
 
 def run_stage(config: TrainConfig, run_dir: str | Path, *, train_fn: Callable | None = None,
               on_eval: Callable | None = None, quiet: bool = True, progress: bool = False) -> dict:
-    """Train one stage in `run_dir` and return its summary; a finished run is not trained again.
+    """`kdlib.train.run_stage` with the runners' defaults: quiet (the trainer's printout goes to
+    ``<run_dir>/train.log``), no progress bar, and the folder fields (``run_dir``,
+    ``init_from``) left out of the same-config check, since pipeline folders are keyed by their
+    upstream. A folder holding another config raises (a `ValueError` naming the fields)."""
+    from kdlib.train import run_stage as train_run_stage
 
-    `kdlib.train.run_stage` with two additions the runners need: a replaceable trainer
-    (``train_fn``, same signature as `kdlib.train.train`) and quiet logs. A folder whose
-    ``training_config.json`` is another config is refused (`ValueError` naming the fields); one
-    with ``summary.json`` holds a finished run, whose summary is returned; one with only a
-    checkpoint is resumed by the trainer. ``on_eval`` goes to the trainer when it takes one
-    (``train(..., on_eval=)``). With ``quiet`` the trainer's printout goes to
-    ``<run_dir>/train.log`` instead of the screen.
-    """
-    train_fn = train_fn or _default_train()
-    run_dir = Path(run_dir)
-    saved = run_dir / "training_config.json"
-    if saved.is_file():
-        diff = config_diff(TrainConfig.from_json(saved), config)
-        if diff:
-            fields = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(f"{run_dir}: holds a run of another config ({fields}); "
-                             "remove the folder or use another one")
-        if (run_dir / "summary.json").is_file():
-            return json.loads((run_dir / "summary.json").read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {"progress": progress}
-    if on_eval is not None and _accepts_on_eval(train_fn):
-        kwargs["on_eval"] = on_eval
-    if not quiet:
-        return train_fn(config, run_dir, **kwargs)
-    with open(run_dir / "train.log", "a", encoding="utf-8") as logfile, \
-            contextlib.redirect_stdout(logfile), contextlib.redirect_stderr(logfile):
-        return train_fn(config, run_dir, **kwargs)
+    return train_run_stage(config, run_dir, train_fn=train_fn or _default_train(), on_eval=on_eval,
+                           quiet=quiet, progress=progress, ignore=LOCATION_FIELDS)
 
 
 def run_pipeline(configs: Sequence[TrainConfig], root: str | Path, *, train_fn: Callable | None = None,

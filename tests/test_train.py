@@ -246,3 +246,28 @@ def test_cached_teacher_and_encoder_give_the_live_losses(stage, train_encoder):
     # stage I needs teacher logits (cached per utterance); stage II only teacher states
     assert set(caches.logits.store) == (set(batch["ids"]) if stage == 1 else set())
     assert set(caches.teacher.store) == set(batch["ids"])
+
+
+def test_run_stage_reuses_a_finished_run_and_refuses_another_config(tmp_path):
+    calls = []
+
+    def fake_train(config, run_dir, progress=True):
+        calls.append(config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.to_json(run_dir / "training_config.json")
+        (run_dir / "summary.json").write_text(json.dumps({"steps": config.max_steps}))
+        return {"steps": config.max_steps}
+
+    run = tmp_path / "r"
+    assert T.run_stage(smoke(max_steps=3), run, train_fn=fake_train)["steps"] == 3
+    # cadence fields do not make another run; a finished run is not trained twice
+    assert T.run_stage(smoke(max_steps=3, eval_every=7, save_every=5), run, train_fn=fake_train)["steps"] == 3
+    assert len(calls) == 1
+    with pytest.raises(T.RunFolderConflict, match=r"max_steps: 3 there, 4 now") as err:
+        T.run_stage(smoke(max_steps=4), run, train_fn=fake_train)
+    assert isinstance(err.value, FileExistsError) and isinstance(err.value, ValueError)
+    with pytest.raises(T.RunFolderConflict, match="init_from"):
+        T.run_stage(smoke(max_steps=3, init_from="elsewhere"), run, train_fn=fake_train)
+    assert T.run_stage(smoke(max_steps=3, init_from="elsewhere"), run, train_fn=fake_train,
+                       ignore=("init_from",))["steps"] == 3
+    assert len(calls) == 1
