@@ -638,7 +638,7 @@ def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.devic
         refs = [r for shard_refs, _ in shards for r in shard_refs]
         hyps = [h for _, shard_hyps in shards for h in shard_hyps]
     scores = evaluate.wer_cer(refs, hyps)
-    return {"dev_wer": scores["wer"], "dev_cer": scores["cer"]}
+    return {"dev_wer": scores["wer"], "dev_cer": scores["cer"], "dev_utterances": len(refs)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -888,7 +888,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
                 if main and key != "step" and value is not None:
                     writer.add_scalar(f"dev/{key}", value, step + 1)
             if main:
-                tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step" and v is not None))
+                tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k not in ("step", "dev_utterances") and v is not None))
             metric = last_eval.get("dev_wer") if last_eval.get("dev_wer") is not None else last_eval["dev_loss"]
             if state["best_wer"] is None or metric < state["best_wer"]:
                 state["best_wer"], state["bad_evals"] = metric, 0
@@ -931,6 +931,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
         "dev_loss": last_eval.get("dev_loss"),
         "dev_wer": last_eval.get("dev_wer"),
         "dev_cer": last_eval.get("dev_cer"),
+        "dev_utterances": last_eval.get("dev_utterances"),  # clips behind dev_wer / dev_cer
         "nonfinite_steps": state["nonfinite_total"],
         "stopped_early": stopped_early,
         "trainable_report": report,

@@ -168,10 +168,19 @@ plt.show()
 # %%
 from kdlib.train import load_trained
 
+def run_scores(run, config, name):
+    """A trained run's dev scores: the final evaluation its trainer already ran (summary.json),
+    the same greedy decoding and normaliser; decoded again only for another `eval_limit`."""
+    done = json.loads((out / run / "summary.json").read_text())
+    if eval_limit is None and done.get("dev_wer") is not None:
+        return {"model": name, "wer": done["dev_wer"], "cer": done["dev_cer"], "n": done.get("dev_utterances")}
+    model, tok, fe, _ = load_trained(out / run)
+    return dev_scores(model, tok, fe, config, name)
+
+
 student_rows = [dev_scores(*untrained_student(config1), config1, "student, untrained")]
 for name, run in (("student, CE only", "ce_only"), ("student, KD (stage I)", "stage1")):
-    model, tok, fe, _ = load_trained(out / run)
-    student_rows.append(dev_scores(model, tok, fe, config1, name))
+    student_rows.append(run_scores(run, config1, name))
 table = rows + student_rows
 for row in table:
     print(f"{row['model']:<28} dev WER {row['wer']:.3f}  CER {row['cer']:.3f}")

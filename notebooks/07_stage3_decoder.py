@@ -147,14 +147,39 @@ def score(model, tokenizer, feature_extractor, name):
             "normalizer": metrics["normalizer"]}
 
 
-rows = [score(*teacher_model(make_config(preset, stage=1)), "teacher")]
+# Models chapter 05 already scored on the same clips are read from its table; a trained run's
+# scores come from its trainer's final evaluation (summary.json: same greedy decoding, same
+# normaliser). Only what is missing, or a different `eval_limit`, is decoded here.
+earlier = Path(stage1_root) / "stage1_table.json"
+earlier_rows = {r["model"]: r for r in json.loads(earlier.read_text())} if earlier.exists() and eval_limit is None else {}
+
+
+def reuse_or_score(name, earlier_name, load):
+    row = earlier_rows.get(earlier_name)
+    if row is not None and row.get("n") == limit_or_all:
+        return {"model": name, "wer": row["wer"], "cer": row["cer"], "n_utterances": row["n"],
+                "normalizer": "whisper-basic"}
+    return score(*load(), name)
+
+
+def run_row(name, key):
+    done = json.loads((runs[key] / "summary.json").read_text())
+    if eval_limit is None and done.get("dev_wer") is not None and done.get("dev_utterances"):
+        return {"model": name, "wer": done["dev_wer"], "cer": done["dev_cer"],
+                "n_utterances": done["dev_utterances"], "normalizer": "whisper-basic"}
+    model, tok, fe, _ = load_trained(runs[key])
+    return score(model, tok, fe, name)
+
+
+limit_or_all = json.loads((runs["stage3"] / "summary.json").read_text()).get("dev_utterances")
+rows = [reuse_or_score("teacher", "teacher (whisper-base)", lambda: teacher_model(make_config(preset, stage=1)))]
 if config3.teacher_from:
-    rows.append(score(*teacher_model(config3), "teacher, adapted (stage 0)"))
-rows.append(score(*untrained_student(config3), "student, untrained"))
+    rows.append(reuse_or_score("teacher, adapted (stage 0)", "teacher adapted (stage 0)",
+                               lambda: teacher_model(config3)))
+rows.append(reuse_or_score("student, untrained", "student, untrained", lambda: untrained_student(config3)))
 for name, key in (("student, CE only", "ce_only"), ("student, stage I (KD)", "stage1"),
                   ("student, stage I+II", "stage2"), ("student, stage I+II+III", "stage3")):
-    model, tok, fe, _ = load_trained(runs[key])
-    rows.append(score(model, tok, fe, name))
+    rows.append(run_row(name, key))
 print(f"{'model':<28}{'dev WER':>10}{'dev CER':>10}")
 for row in rows:
     print(f"{row['model']:<28}{row['wer']:>10.3f}{row['cer']:>10.3f}")
