@@ -141,7 +141,8 @@ def _records():
             ("1_1_5", "", "testo", 1.0),  # empty pseudo-label
             ("1_1_6", "senza riferimento", None, None), ("1_1_7", "quasi", "quasi giusto", 0.5),
             ("1_1_8", "due errori qui x y", "due errori qui a b", 0.4)]
-    return [dict(id=i, text=t, reference=r, wer=w, duration=3.6) for i, t, r, w in rows]
+    return [dict(id=i, text=t, reference=r, wer=w, duration=3.6, finished=True)
+            for i, t, r, w in rows]
 
 
 @pytest.mark.parametrize("lam, kept", [
@@ -167,6 +168,10 @@ def test_filter_counts_at_several_thresholds(lam, kept):
 def test_filter_unscored_can_be_dropped_and_sweep():
     result = pseudo.filter_pseudo_labels(_records(), 0.1, keep_unscored=False)
     assert result.kept == ["1_1_0"] and result.reasons["1_1_6"] == "no reference"
+    looping = [dict(r, finished=r["id"] != "1_1_6") for r in _records()]  # a loop, no reference
+    result = pseudo.filter_pseudo_labels(looping, 0.1)
+    assert result.kept == ["1_1_0"] and result.reasons["1_1_6"] == "cut at max_new_tokens"
+    assert pseudo.filter_pseudo_labels(looping, 0.1, drop_cut=False).kept == ["1_1_0", "1_1_6"]
     sweep = pseudo.wer_sweep(_records(), (0.1, 0.5))
     assert [(r["kept"], r["dropped"]) for r in sweep] == [(2, 7), (4, 5)]
     assert sweep[0]["kept_hours"] == pytest.approx(2 * 3.6 / 3600)
@@ -182,7 +187,7 @@ def test_training_folder_targets(labelled, tmp_path, targets):
     for uid, r in records.items():
         r = dict(r, wer=0.05 if uid in good else 0.9)
         if uid in good:
-            r["text"] = r["reference"]
+            r.update(text=r["reference"], finished=True)
         lines.append(json.dumps(r, ensure_ascii=False) + "\n")
     edited = tmp_path / "pl"
     edited.mkdir()
