@@ -311,6 +311,9 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
 
     t0 = time.perf_counter()
     out = Path(out_dir)
+    if out.resolve() == Path(data_dir).resolve():
+        raise ValueError(f"{out}: the pseudo-label folder must not be the data folder (its "
+                         f"{split}/transcripts.txt and audio would be replaced)")
     out.mkdir(parents=True, exist_ok=True)
     model_name = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name", None)
     settings = dict(model=str(model_name), data_dir=str(data_dir), split=split,
@@ -385,6 +388,8 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
 # --------------------------------------------------------------------------------------------
 def _place_audio(source: Path, target: Path, link: str) -> None:
     """Make ``target`` refer to ``source`` (symlink, hard link or copy); idempotent."""
+    if target.parent.resolve() / target.name == source.resolve():
+        raise ValueError(f"{target}: is the source audio itself; write to another folder")
     if target.is_symlink() or target.exists():
         if link == "symlink" and target.is_symlink() and Path(os.readlink(target)) == source:
             return

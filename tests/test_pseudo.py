@@ -99,6 +99,20 @@ def test_resume_refuses_other_settings(teacher, labelled):
         pseudo.pseudo_label(teacher, CORPUS, "dev", out, num_beams=2, **FAST)
 
 
+def test_never_writes_over_the_source(teacher, tmp_path):
+    src = tmp_path / "it"
+    shutil.copytree(CORPUS / "dev", src / "dev")
+    before = (src / "dev" / "transcripts.txt").read_text()
+    with pytest.raises(ValueError, match="must not be the data folder"):
+        pseudo.pseudo_label(teacher, src, "dev", src, **FAST)
+    records = [dict(id=u.id, text="x", audio=str(u.audio))
+               for u in data.scan_mls(src, "dev", language="it").utterances[:1]]
+    with pytest.raises(ValueError, match="source audio itself"):
+        pseudo.write_split(records, src, "dev")
+    assert (src / "dev" / "transcripts.txt").read_text() == before
+    assert data.scan_mls(src, "dev", language="it").n_kept == data.scan_mls(CORPUS, "dev").n_kept
+
+
 def test_bad_line_in_the_middle_is_an_error(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": "a_b_c"}\nnot json\n{"id": "a_b_d"}\n')
