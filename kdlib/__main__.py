@@ -31,7 +31,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     from kdlib import data
 
     result = data.scan_mls(
-        Path(args.root), args.split, min_duration=args.min_duration, max_duration=args.max_duration
+        Path(args.root), args.split, min_duration=args.min_duration, max_duration=args.max_duration,
+        language=args.language,
     )
     print(result.report())
     return 0
@@ -166,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="scan an MLS language folder and report kept/skipped utterances")
     p.add_argument("root", help="MLS language folder, e.g. data/mls_italian_opus")
-    p.add_argument("--split", default="train", choices=["train", "dev", "test"])
+    p.add_argument("--split", default="train", help="train, dev, test (or any split folder)")
     p.add_argument("--min-duration", type=float, default=1.0, help="seconds (default 1.0)")
     p.add_argument("--max-duration", type=float, default=30.0, help="seconds (default 30.0)")
+    p.add_argument("--language", default=None,
+                   help="it, es, ... (default: from the folder name, e.g. mls_italian_opus)")
     p.set_defaults(func=_cmd_scan)
 
     p = sub.add_parser("extract", help="stream chosen languages/splits out of MLS *.tar.gz archives")

@@ -245,3 +245,18 @@ def test_trainer_reads_a_training_folder(labelled, tmp_path):
     train_set, dev_set, report = train.build_data(config, teacher.feature_extractor, teacher.tokenizer)
     assert len(train_set) == min(config.max_train_utterances, folder.n_pseudo + folder.n_references)
     assert len(dev_set) == config.max_dev_utterances
+
+
+def test_cli_pseudo_filter_then_scan(labelled, tmp_path, capsys):
+    from kdlib.__main__ import main
+
+    pl, _ = labelled
+    out = tmp_path / "folder"
+    assert main(["pseudo-filter", "--data", str(CORPUS), "--pseudo", str(pl), "--split", "dev",
+                 "--targets", "references", "--max-wer", "none", "--out", str(out)]) == 0
+    assert "kept 6 of 6" in capsys.readouterr().out
+    assert main(["scan", str(out), "--split", "dev", "--language", "it"]) == 0
+    assert "kept 6 of 6" in capsys.readouterr().out
+    texts = {u.id: u.text for u in data.scan_mls(out, "dev", language="it", min_duration=0).utterances}
+    refs = {u.id: u.text for u in data.scan_mls(CORPUS, "dev", min_duration=0).utterances[:6]}
+    assert texts == refs
