@@ -31,7 +31,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     from kdlib import data
 
     result = data.scan_mls(
-        Path(args.root), args.split, min_duration=args.min_duration, max_duration=args.max_duration
+        Path(args.root), args.split, min_duration=args.min_duration, max_duration=args.max_duration,
+        language=args.language,
     )
     print(result.report())
     return 0
@@ -78,9 +79,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from kdlib.train import export_merged
 
-    if args.format != "hf":
-        raise SystemExit(f"export --format {args.format}: not available yet (only hf)")
-    print(export_merged(args.run_dir, args.out))
+    if args.format == "hf":
+        print(export_merged(args.run_dir, args.out))
+        return 0
+    import tempfile
+
+    from kdlib.evaluate import export_ct2
+
+    run = Path(args.run_dir)
+    out = Path(args.out) if args.out else run / f"ct2-{args.quantization}"
+    if (run / "config.json").is_file():  # already a transformers folder (e.g. RUN_DIR/merged)
+        print(export_ct2(run, out, quantization=args.quantization))
+        return 0
+    # merge LoRA into a fresh temporary folder (never a stale RUN_DIR/merged), then convert
+    with tempfile.TemporaryDirectory(prefix=".merged-", dir=out.parent if out.parent.is_dir() else None) as tmp:
+        merged = export_merged(run, Path(tmp) / "merged")
+        print(export_ct2(merged, out, quantization=args.quantization))
+    return 0
+
+
+def _cmd_pseudo_label(args: argparse.Namespace) -> int:
+    from kdlib import pseudo
+
+    report = pseudo.pseudo_label(
+        args.model, args.data, args.split, args.out, language=args.language,
+        num_beams=args.beam, batch_size=args.batch_size, limit=args.limit,
+        max_new_tokens=args.max_new_tokens, link=args.link, progress=not args.no_progress)
+    print(report.report())
+    if report.n_scored:
+        for row in pseudo.wer_sweep(Path(args.out)):
+            print(f"  λ = {row['max_wer']:.2f}: kept {row['kept']}, dropped {row['dropped']} "
+                  f"({row['kept_hours']:.2f} h kept)")
+    return 0
+
+
+def _cmd_pseudo_filter(args: argparse.Namespace) -> int:
+    from kdlib import pseudo
+
+    max_wer = None if str(args.max_wer).lower() == "none" else float(args.max_wer)
+    folder = pseudo.training_folder(args.data, args.pseudo, args.split, targets=args.targets,
+                                    max_wer=max_wer, out=args.out, link=args.link)
+    print(folder.report())
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from kdlib import evaluate
+
+    rows = evaluate.compare_model_paths(
+        args.model, data_root=args.data, split=args.split, out_dir=args.out, ct2=args.ct2,
+        quantizations=args.quantization, num_beams=args.beam, limit=args.limit,
+        threads=args.threads, language=args.language, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    print(evaluate.markdown_table(rows), end="")
+    print(f"text normaliser: {rows[0].get('normalizer') if rows else evaluate.NORMALIZER}; "
+          f"tables in {args.out}/comparison.{{md,csv,json}} and comparison_per_speaker.{{md,csv}}")
     return 0
 
 
@@ -114,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="scan an MLS language folder and report kept/skipped utterances")
     p.add_argument("root", help="MLS language folder, e.g. data/mls_italian_opus")
-    p.add_argument("--split", default="train", choices=["train", "dev", "test"])
+    p.add_argument("--split", default="train", help="train, dev, test (or any split folder)")
     p.add_argument("--min-duration", type=float, default=1.0, help="seconds (default 1.0)")
     p.add_argument("--max-duration", type=float, default=30.0, help="seconds (default 30.0)")
+    p.add_argument("--language", default=None,
+                   help="it, es, ... (default: from the folder name, e.g. mls_italian_opus)")
     p.set_defaults(func=_cmd_scan)
 
     p = sub.add_parser("extract", help="stream chosen languages/splits out of MLS *.tar.gz archives")
@@ -154,11 +209,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("export", help="merge LoRA into the student and save a Hugging Face folder")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--format", default="hf", choices=["hf"])
-    p.add_argument("--out", default=None, help="destination (default: RUN_DIR/merged)")
+    p = sub.add_parser("export", help="merge LoRA into the student; save a Hugging Face or CTranslate2 folder")
+    p.add_argument("--run-dir", required=True, help="a run folder (or a Hugging Face folder, for ct2)")
+    p.add_argument("--format", default="hf", choices=["hf", "ct2"],
+                   help="hf: transformers folder; ct2: CTranslate2 (faster-whisper) folder")
+    p.add_argument("--quantization", default="float32", choices=["int8", "float16", "float32"],
+                   help="ct2 weight type (default float32)")
+    p.add_argument("--out", default=None,
+                   help="destination (default: RUN_DIR/merged, or RUN_DIR/ct2-QUANTIZATION)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("pseudo-label", help="transcribe a split with a teacher; write pseudo-labels "
+                       "(resumable) and an MLS-shaped folder")
+    p.add_argument("--model", required=True, help="whisper-base, a Hugging Face folder (e.g. an "
+                   "exported stage-0 teacher) or a hub id")
+    p.add_argument("--data", required=True, help="MLS language folder, or a folder of audio files")
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    p.add_argument("--language", default="it")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="label only the first N clips")
+    p.add_argument("--max-new-tokens", type=int, default=224)
+    p.add_argument("--link", default="symlink", choices=["symlink", "hardlink", "copy"],
+                   help="how OUT/SPLIT/audio refers to the source audio")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pseudo_label)
+
+    p = sub.add_parser("pseudo-filter", help="WER-filter pseudo-labels into an MLS training folder "
+                       "(train with --set data_root=OUT)")
+    p.add_argument("--data", required=True, help="the MLS folder that was pseudo-labelled")
+    p.add_argument("--pseudo", required=True, help="pseudo-label folder (holds pseudo_labels.jsonl)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--targets", default="pseudo", choices=["pseudo", "references", "both"],
+                   help="pseudo (distil-whisper), references (same kept clips), both (pseudo where "
+                   "kept, reference elsewhere)")
+    p.add_argument("--max-wer", default="0.10", help="λ: keep WER < λ (default 0.10); none: no filter")
+    p.add_argument("--out", required=True, help="the training folder to write")
+    p.add_argument("--link", default="symlink", choices=["symlink", "hardlink", "copy"])
+    p.set_defaults(func=_cmd_pseudo_filter)
+
+    p = sub.add_parser("compare", help="evaluate several models on one split; write the comparison "
+                       "table (markdown, CSV, JSON) and WER per speaker")
+    p.add_argument("--model", required=True, nargs="+", metavar="[NAME=]MODEL",
+                   help="offline name, Hugging Face folder or run folder; NAME= sets the row label")
+    p.add_argument("--data", required=True, help="MLS language folder")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--out", required=True, help="folder for comparison.{md,csv,json,png}")
+    p.add_argument("--ct2", action="store_true", help="also convert each model to CTranslate2 "
+                   "and time it (int8 and float32, same threads)")
+    p.add_argument("--quantization", nargs="+", default=["int8", "float32"],
+                   choices=["int8", "float16", "float32"], help="ct2 weight types (with --ct2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for both engines")
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--language", default="it")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="first N utterances only")
+    p.add_argument("--max-new-tokens", type=int, default=224)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -11,19 +11,22 @@ What this module owns, in the order a reader meets it:
    indicator (repeated 5-grams per 100 hypothesis words). An utterance whose reference is empty
    after normalisation is skipped and counted, never divided by; an empty hypothesis is scored as
    all deletions (WER 1 for that utterance).
-3. **Decoding** (`transcribe`, `generate_token_ids`): ``model.generate`` with the KV cache on,
-   language and task tokens forced, no timestamps, batched. Clips are sorted by length inside
-   (similar clips decode for a similar number of steps) and returned in input order.
+3. **Decoding** (`transcribe`, `generate_token_ids`, `generate_with_logprobs`): ``model.generate``
+   with the KV cache on, language and task tokens forced, no timestamps, batched. Clips are
+   sorted by length inside (similar clips decode for a similar number of steps) and returned in
+   input order. `generate_with_logprobs` adds each clip's average log-probability.
 4. **Cost** (`measure`, `measure_call`, `Measurement`): real-time factor = decode wall seconds /
    audio seconds, and peak memory (CUDA ``max_memory_allocated`` on a GPU; sampled peak resident
    set size of the process on CPU).
 5. **Whole evaluations** (`evaluate_model`, `evaluate_ct2`, `evaluate_run_dir`, `write_metrics`):
    a split (or a list of utterances) in, a metrics dict out, ``metrics_<split>.json`` on disk.
-6. **Deployment engine** (`CT2Whisper`, `transcribe_ct2`, `offline_ct2_dir`): the same clips
-   through CTranslate2 (the engine of faster-whisper) at int8 or float32, for speed comparisons.
-7. **Comparison** (`compare_models`, `comparison_table`, `markdown_table`, `per_speaker_table`,
-   `write_comparison`, `plot_comparison`): one row per model: WER, CER, RTF, parameters,
-   memory, hallucination indicators; JSON, CSV, markdown and a bar figure; WER per speaker.
+6. **Deployment engine** (`CT2Whisper`, `transcribe_ct2`, `offline_ct2_dir`, `export_ct2`): the
+   same clips through CTranslate2 (the engine of faster-whisper) at int8 or float32, for speed
+   comparisons; `export_ct2` converts a merged transformers folder offline.
+7. **Comparison** (`compare_models`, `compare_model_paths`, `comparison_table`,
+   `markdown_table`, `per_speaker_table`, `write_comparison`, `plot_comparison`): one row per
+   model: WER, CER, RTF, parameters, memory, hallucination indicators; JSON, CSV, markdown and
+   a bar figure; WER per speaker. ``python -m kdlib compare`` runs it from names and folders.
 
 Units: seconds, MiB (2**20 bytes, keys say ``_mb`` by habit), rates as fractions (0.12 = 12 %).
 """
@@ -396,6 +399,108 @@ def transcribe(model, feature_extractor, tokenizer, audios: Sequence[np.ndarray]
                              num_beams=num_beams, batch_size=batch_size, device=device,
                              max_new_tokens=max_new_tokens, progress=progress)
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@dataclass
+class Hypothesis:
+    """One decoded clip: generated token ids (prompt and end-of-text removed), whether the
+    decoder stopped by itself (``finished``; False: cut at ``max_new_tokens``), and
+    ``avg_logprob``: the mean natural-log probability of the generated tokens, the closing
+    end-of-text included when there is one (as Whisper's own ``avg_logprob``). A clip that
+    ends exactly at the limit counts as cut."""
+
+    token_ids: list[int]
+    avg_logprob: float | None
+    finished: bool
+
+
+def _forced_prompt(model, language: str | None, task: str) -> list[int]:
+    """``<|sot|><|lang|><|task|><|notimestamps|>`` as ids, as ``generate`` builds it."""
+    gc = model.generation_config
+    ids = [gc.decoder_start_token_id]
+    if getattr(gc, "is_multilingual", False):
+        if language is not None:
+            key = language if language.startswith("<|") else f"<|{language}|>"
+            ids.append(gc.lang_to_id[key])
+        ids.append(gc.task_to_id[task])
+    ids.append(gc.no_timestamps_token_id)
+    return ids
+
+
+def generate_with_logprobs(model, feature_extractor, audios: Sequence[np.ndarray], *,
+                           language: str | None = "it", task: str = "transcribe",
+                           num_beams: int = 1, batch_size: int = 8, device=None,
+                           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                           on_batch: Callable[[list[int], list[Hypothesis]], None] | None = None,
+                           ) -> list[Hypothesis]:
+    """`generate_token_ids` plus a confidence per clip (`Hypothesis`), for pseudo-labelling.
+
+    The encoder runs once per batch; ``generate`` (same settings as `generate_token_ids`, so the
+    same tokens) and one teacher-forced decoder pass over ``prompt + tokens + <|endoftext|>``
+    reuse its states. The log-probabilities come from that pass: ``log_softmax`` of the raw
+    logits, so they do not depend on greedy vs beam search bookkeeping; Whisper's token
+    suppression is not applied (a suppressed token is never generated, so this changes the
+    normalisation by a negligible amount). ``on_batch(indices, hypotheses)`` is called after each
+    batch (indices into ``audios``): the hook for writing results as they come.
+    """
+    import torch
+
+    audios = _check_audios(audios)
+    if not audios:
+        return []
+    device = torch.device(device) if device is not None else _model_device(model)
+    if _model_device(model) != device:
+        model.to(device)
+    dtype = next(model.parameters()).dtype
+    gc = model.generation_config
+    kwargs: dict[str, Any] = dict(task=task) if getattr(gc, "is_multilingual", False) else {}
+    if language is not None and getattr(gc, "is_multilingual", False):
+        kwargs["language"] = language
+    max_new = min(int(max_new_tokens), model.config.max_target_positions - 4)
+    prompt_set, eos = _prompt_ids(gc), _eos_ids(gc)
+    eot = gc.eos_token_id if isinstance(gc.eos_token_id, int) else list(gc.eos_token_id)[0]
+    prompt = _forced_prompt(model, language, task)
+    results: list[Hypothesis | None] = [None] * len(audios)
+    model.eval()
+    with torch.inference_mode():
+        for batch in _length_sorted_batches([len(a) for a in audios], batch_size):
+            feats = feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
+                                      return_tensors="pt").input_features
+            feats = feats.to(device=device, dtype=dtype)  # (batch, n_mels, 3000)
+            encoder_outputs = model.get_encoder()(feats)
+            with _quiet_transformers():
+                out = model.generate(
+                    encoder_outputs=encoder_outputs, num_beams=num_beams, do_sample=False,
+                    max_new_tokens=max_new, return_timestamps=False, use_cache=True, **kwargs,
+                )
+            sequences = out if isinstance(out, torch.Tensor) else out["sequences"]
+            # (generated ids, stopped by itself). Whisper's generate trims the end-of-text of the
+            # longest row, so "shorter than the limit" is the test, not "an end-of-text follows".
+            rows = [(ids, len(ids) < max_new)
+                    for ids in (_clean_ids(row, prompt_set, eos) for row in sequences.tolist())]
+            # teacher-forced pass: decoder input prompt + ids (+ eot), scored positions = ids (+ eot)
+            targets = [ids + ([eot] if done else []) for ids, done in rows]
+            width = len(prompt) + max(len(t) for t in targets)
+            inputs = torch.full((len(batch), width), eot, dtype=torch.long, device=device)
+            for j, t in enumerate(targets):
+                seq = prompt + t
+                inputs[j, : len(seq)] = torch.tensor(seq, device=device)
+            logits = model(encoder_outputs=encoder_outputs, decoder_input_ids=inputs[:, :-1],
+                           use_cache=False).logits  # (batch, width - 1, vocab)
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            hyps = []
+            for j, ((ids, done), t) in enumerate(zip(rows, targets)):
+                if not t:
+                    hyps.append(Hypothesis(ids, None, done))
+                    continue
+                pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(t), device=device)
+                lp = logprobs[j, pos, torch.tensor(t, device=device)]
+                hyps.append(Hypothesis(ids, float(lp.mean()), done))
+            for i, h in zip(batch, hyps):
+                results[i] = h
+            if on_batch is not None:
+                on_batch(list(batch), hyps)
+    return results  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -918,6 +1023,52 @@ def offline_ct2_dir(name: str = "whisper-base") -> Path:
     return target
 
 
+#: Files copied next to ``model.bin`` so that `CT2Whisper` and faster-whisper find the tokenizer
+#: and the front end (faster-whisper reads ``preprocessor_config.json`` for the number of mels).
+CT2_COPY_FILES = ("tokenizer.json", "preprocessor_config.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+CT2_QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16",
+                     "int8_bfloat16", "int16")
+
+
+def export_ct2(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+               quantization: str = "float32") -> Path:
+    """Convert a transformers Whisper folder (e.g. `kdlib.train.export_merged`'s output) into a
+    CTranslate2 folder, offline; returns ``out_dir``.
+
+    ``ctranslate2.converters.TransformersConverter`` reads the local folder (no hub) and writes
+    ``model.bin`` (weights stored as ``quantization``: ``int8`` about 4x smaller than
+    ``float32``), ``config.json`` and ``vocabulary.json``; `CT2_COPY_FILES` that exist in
+    ``hf_dir`` are copied alongside, so ``CT2Whisper(out_dir)`` and
+    ``faster_whisper.WhisperModel(out_dir)`` load it. Written into a temporary folder and
+    renamed, so an interrupted conversion never leaves a half folder at ``out_dir``; an existing
+    ``out_dir`` is replaced.
+    """
+    import ctranslate2
+
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    if quantization not in CT2_QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r}: expected one of {CT2_QUANTIZATIONS}")
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir / 'config.json'}: not a transformers model folder "
+                                "(export a run first: python -m kdlib export --format hf)")
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{hf_dir / 'tokenizer.json'}: missing; CTranslate2 needs the "
+                                "fast tokenizer's file next to the model (tokenizer.save_pretrained)")
+    copy = [f for f in CT2_COPY_FILES if (hf_dir / f).is_file()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        converter = ctranslate2.converters.TransformersConverter(str(hf_dir), copy_files=copy)
+        converter.convert(str(tmp / "model"), quantization=quantization, force=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp / "model", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 class CT2Whisper:
     """A CTranslate2 Whisper (``ctranslate2.models.Whisper``) with its tokenizer and front end.
 
@@ -1282,3 +1433,52 @@ def compare_models(entries: Sequence[dict[str, Any]], *, data_root: str | os.Pat
         plt.close(plot_comparison(rows, Path(out_dir) / "comparison.png",
                                   title=f"Model comparison on {Path(data_root).name}/{split}"))
     return rows
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def _hf_folder_for(bundle, name: str, out_dir: Path) -> Path:
+    """A transformers folder holding ``bundle`` (its own folder when it has one with a fast
+    tokenizer file; otherwise saved under ``out_dir/hf/<name>``), for `export_ct2`."""
+    path = getattr(bundle, "path", None)
+    if path is not None and (Path(path) / "config.json").is_file() \
+            and (Path(path) / "tokenizer.json").is_file():
+        return Path(path)
+    target = out_dir / "hf" / _safe_name(name)
+    bundle.model.save_pretrained(target)
+    bundle.tokenizer.save_pretrained(target)
+    bundle.feature_extractor.save_pretrained(target)
+    return target
+
+
+def compare_model_paths(specs: Sequence[str], *, data_root: str | os.PathLike, split: str = "dev",
+                        out_dir: str | os.PathLike, ct2: bool = False,
+                        quantizations: Sequence[str] = ("int8", "float32"),
+                        num_beams: int = 1, **kwargs) -> list[dict[str, Any]]:
+    """`compare_models` from names and folders: what ``python -m kdlib compare`` runs.
+
+    Each spec is ``NAME=PATH`` or ``PATH``: an offline name (``whisper-base``), a Hugging Face
+    folder, or a training run folder (see `load_run_model`). With ``ct2=True`` each model is
+    also converted (`export_ct2`, into ``out_dir/ct2/<name>-<quantization>``) and decoded by
+    CTranslate2 at every quantization, with the same threads as transformers, and the
+    transformers parameter count. ``kwargs`` go to `compare_models` (``limit``, ``threads``,
+    ``language``, ``batch_size``, ``max_new_tokens``, ``progress``).
+    """
+    out = Path(out_dir)
+    entries: list[dict[str, Any]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name or spec, spec
+        bundle = load_run_model(path)
+        entries.append(dict(name=name, model=bundle, num_beams=num_beams))
+        if ct2:
+            hf = _hf_folder_for(bundle, name, out)
+            n_params = count_parameters(bundle.model)
+            for q in quantizations:
+                folder = export_ct2(hf, out / "ct2" / f"{_safe_name(name)}-{q}", quantization=q)
+                entries.append(dict(name=f"{name} (ct2 {q})", ct2_dir=folder, compute_type=q,
+                                    n_parameters=n_params, num_beams=num_beams))
+    return compare_models(entries, data_root=data_root, split=split, out_dir=out, **kwargs)

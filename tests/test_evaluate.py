@@ -372,3 +372,112 @@ def test_compare_models_writes_table_per_speaker_and_figure(tiny, tmp_path):
     assert {"speaker", "voice", "tiny greedy", "tiny beam 2"} <= set(speakers[0])
     voices = data.read_speakers(data.embedded_corpus("it"))
     assert all(r["voice"] == voices[r["speaker"]] for r in speakers)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding with a confidence (pseudo-labels)
+
+
+def test_generate_with_logprobs_same_tokens_and_exact_logprob(tiny, tiny_alone):
+    clips = _clips()
+    model, fe = tiny.model, tiny.feature_extractor
+    hyps = ev.generate_with_logprobs(model, fe, clips, max_new_tokens=16, batch_size=3)
+    assert [h.token_ids for h in hyps] == tiny_alone
+    assert all(h.finished for h in hyps)
+    # at a limit of 2 tokens, the clip that says two tokens is cut, the others stopped
+    cut = ev.generate_with_logprobs(model, fe, clips, max_new_tokens=2, batch_size=3)
+    assert [h.finished for h in cut] == [len(a) < 2 for a in tiny_alone]
+    assert {h.finished for h in cut} == {True, False}
+    # the mean log-probability, recomputed with a plain forward pass per clip
+    prompt = [50258, 50274, 50359, 50363]  # <|sot|><|it|><|transcribe|><|notimestamps|>
+    for clip, h in zip(clips + clips, hyps + cut):
+        target = h.token_ids + ([50257] if h.finished else [])
+        feats = fe([clip], sampling_rate=16000, return_tensors="pt").input_features
+        with torch.no_grad():
+            logits = model(input_features=feats,
+                           decoder_input_ids=torch.tensor([prompt + target[:-1]])).logits[0]
+        lp = torch.log_softmax(logits, -1)[len(prompt) - 1:, :].gather(
+            1, torch.tensor(target)[:, None])
+        assert h.avg_logprob == pytest.approx(float(lp.mean()), abs=1e-4)
+    seen = []
+    ev.generate_with_logprobs(model, fe, clips, max_new_tokens=4, batch_size=3,
+                              on_batch=lambda idx, hs: seen.append((idx, len(hs))))
+    assert sorted(i for idx, _ in seen for i in idx) == list(range(len(clips)))
+    assert all(len(idx) == n for idx, n in seen)
+
+
+# --------------------------------------------------------------------------------------------
+# Export to CTranslate2 and the compare command
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from kdlib import train
+    from kdlib.config import make_config
+
+    run_dir = tmp_path_factory.mktemp("smoke_run")
+    train.train(make_config("smoke", stage=1), run_dir, progress=False)
+    return run_dir
+
+
+@needs_offline
+@pytest.mark.skipif(not HAS_CT2, reason="needs ctranslate2")
+def test_export_ct2_of_a_trained_run_decodes_like_transformers(smoke_run, tmp_path):
+    from kdlib import data, models
+    from kdlib.__main__ import main
+    from kdlib.train import export_merged
+
+    out = tmp_path / "ct2"
+    assert main(["export", "--run-dir", str(smoke_run), "--format", "ct2",
+                 "--quantization", "float32", "--out", str(out)]) == 0
+    for name in ("model.bin", "config.json", "vocabulary.json", "tokenizer.json",
+                 "preprocessor_config.json"):
+        assert (out / name).is_file(), name
+    assert not list(tmp_path.glob(".merged-*")), "the temporary merged folder is removed"
+    merged = models.load_whisper(export_merged(smoke_run, tmp_path / "merged"))
+    utts = data.scan_mls(data.embedded_corpus("it"), "dev").utterances[:4]
+    waves = [data.load_audio(u.audio).numpy() for u in utts]
+    hf_ids = ev.generate_token_ids(merged.model, merged.feature_extractor, waves,
+                                   max_new_tokens=12)
+    engine = ev.CT2Whisper(out, compute_type="float32", threads=1)
+    assert engine.generate_token_ids(waves, max_new_tokens=12) == hf_ids
+    assert engine.transcribe(waves, max_new_tokens=12) == ev.transcribe(
+        merged.model, merged.feature_extractor, merged.tokenizer, waves, max_new_tokens=12)
+    # int8 from the merged folder: 4x smaller weights, still loads and decodes
+    small = ev.export_ct2(tmp_path / "merged", tmp_path / "ct2-int8", quantization="int8")
+    assert (small / "model.bin").stat().st_size < 0.5 * (out / "model.bin").stat().st_size
+    assert len(ev.transcribe_ct2(small, waves[:1], compute_type="int8", max_new_tokens=4)) == 1
+    with pytest.raises(ValueError, match="quantization"):
+        ev.export_ct2(tmp_path / "merged", tmp_path / "x", quantization="int3")
+
+
+@needs_offline
+@pytest.mark.skipif(not HAS_CT2, reason="needs ctranslate2")
+def test_compare_command_writes_markdown_and_csv(tiny, tmp_path):
+    from kdlib import data
+    from kdlib.__main__ import main
+
+    hf = tmp_path / "tiny_hf"
+    tiny.model.save_pretrained(hf)
+    tiny.tokenizer.save_pretrained(hf)
+    tiny.feature_extractor.save_pretrained(hf)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", f"tiny={hf}", "--data", str(data.embedded_corpus("it")),
+                 "--split", "dev", "--limit", "3", "--out", str(out), "--ct2", "--threads", "1",
+                 "--max-new-tokens", "4", "--no-progress"]) == 0
+    with open(out / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["tiny", "tiny (ct2 int8)", "tiny (ct2 float32)"]
+    assert [r["engine"] for r in rows] == ["transformers", "ctranslate2", "ctranslate2"]
+    for column in ("wer", "cer", "insertion_rate", "repeated_5grams_per_100_words", "rtf",
+                   "n_parameters"):
+        assert all(r[column] != "" for r in rows), column
+    assert {r["normalizer"] for r in rows} == {"whisper-basic"}
+    assert {r["threads"] for r in rows} == {"1"}
+    assert len({r["n_parameters"] for r in rows}) == 1  # ct2 rows carry the model's count
+    # transformers and float32 CTranslate2 decode the same tokens, hence the same WER
+    assert float(rows[0]["wer"]) == pytest.approx(float(rows[2]["wer"]))
+    md = (out / "comparison.md").read_text()
+    assert "WER (%)" in md and "whisper-basic" in md and md.count("\n") == 5
+    assert (out / "comparison_per_speaker.md").is_file()
+    assert (out / "ct2" / "tiny-int8" / "model.bin").is_file()
