@@ -208,10 +208,16 @@ def test_generated_ids_cleaned_of_prompt_and_padding():
 
 
 def test_measure_rtf_and_transient_peak():
+    import mmap
+
     with ev.measure(audio_seconds=2.0) as m:
-        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+        # 64 MiB of fresh anonymous memory, every page touched. A direct mapping, not np.ones:
+        # malloc may hand back pages an earlier test freed but kept resident, so RSS need not grow.
+        block = mmap.mmap(-1, 64 * 2**20)
+        for offset in range(0, len(block), mmap.PAGESIZE):
+            block[offset] = 1
         time.sleep(0.1)
-        del block  # freed before the block ends: only the sampler thread can have seen it
+        block.close()  # unmapped before the block ends: only the sampler thread can have seen it
     assert m.seconds >= 0.1
     assert m.rtf == pytest.approx(m.seconds / 2.0)
     assert m.memory_kind == "cpu_peak_rss"
