@@ -935,6 +935,9 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
         "nonfinite_steps": state["nonfinite_total"],
         "stopped_early": stopped_early,
         "trainable_report": report,
+        # A pseudo-labelled training folder (kdlib.pseudo.training_folder) says which targets and
+        # which WER threshold λ made it, and how many clips were kept: the run records it.
+        "training_data": _training_folder_info(config),
         "world_size": ctx.world,
         # Exact fingerprint of the trained weights: equal on every rank of a distributed run.
         "trainable_digest": distributed.tensor_digest(trainable_state(models)),
@@ -942,6 +945,16 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
     if main:
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _training_folder_info(config: TrainConfig) -> Optional[dict]:
+    info = Path(config.data_root) / "training_folder.json" if config.data_root else None
+    if info is None or not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text())
+    except json.JSONDecodeError as err:
+        return {"error": f"{info}: not valid JSON ({err})"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -245,6 +245,11 @@ def test_trainer_reads_a_training_folder(labelled, tmp_path):
     train_set, dev_set, report = train.build_data(config, teacher.feature_extractor, teacher.tokenizer)
     assert len(train_set) == min(config.max_train_utterances, folder.n_pseudo + folder.n_references)
     assert len(dev_set) == config.max_dev_utterances
+    # A run on the folder records which targets and λ made its data.
+    summary = train.train(make_config("smoke", stage=1, overrides=dict(
+        data_root=str(out), train_split="dev", dev_split="test", max_steps=1)), tmp_path / "run", progress=False)
+    assert summary["training_data"]["targets"] == "both" and summary["training_data"]["max_wer"] == 0.1
+    assert summary["training_data"]["n_pseudo"] == folder.n_pseudo
 
 
 def test_cli_pseudo_filter_then_scan(labelled, tmp_path, capsys):
