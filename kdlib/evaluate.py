@@ -333,6 +333,24 @@ def _quiet_transformers():
         hf_logging.set_verbosity(before)
 
 
+def _decode_setup(model, device, language: str | None, task: str, max_new_tokens: int):
+    """What every decoding entry point settles first: the device (the model is moved there),
+    the model's dtype, ``generate``'s language/task arguments (multilingual models only), and
+    ``max_new_tokens`` capped so prompt plus output fit the decoder's positions."""
+    import torch
+
+    device = torch.device(device) if device is not None else _model_device(model)
+    if _model_device(model) != device:
+        model.to(device)
+    dtype = next(model.parameters()).dtype
+    gc = model.generation_config
+    kwargs: dict[str, Any] = dict(task=task) if getattr(gc, "is_multilingual", False) else {}
+    if language is not None and getattr(gc, "is_multilingual", False):
+        kwargs["language"] = language
+    max_new = min(int(max_new_tokens), model.config.max_target_positions - 4)
+    return device, dtype, kwargs, max_new
+
+
 def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *,
                        language: str | None = "it", task: str = "transcribe", num_beams: int = 1,
                        batch_size: int = 8, device=None,
@@ -353,16 +371,8 @@ def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *
     audios = _check_audios(audios)
     if not audios:
         return []
-    device = torch.device(device) if device is not None else _model_device(model)
-    if _model_device(model) != device:
-        model.to(device)
-    dtype = next(model.parameters()).dtype
-    gc = model.generation_config
-    kwargs: dict[str, Any] = dict(task=task) if getattr(gc, "is_multilingual", False) else {}
-    if language is not None and getattr(gc, "is_multilingual", False):
-        kwargs["language"] = language
-    max_new = min(int(max_new_tokens), model.config.max_target_positions - 4)
-    prompt, eos = _prompt_ids(gc), _eos_ids(gc)
+    device, dtype, kwargs, max_new = _decode_setup(model, device, language, task, max_new_tokens)
+    prompt, eos = _prompt_ids(model.generation_config), _eos_ids(model.generation_config)
     batches = _length_sorted_batches([len(a) for a in audios], batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -448,15 +458,8 @@ def generate_with_logprobs(model, feature_extractor, audios: Sequence[np.ndarray
     audios = _check_audios(audios)
     if not audios:
         return []
-    device = torch.device(device) if device is not None else _model_device(model)
-    if _model_device(model) != device:
-        model.to(device)
-    dtype = next(model.parameters()).dtype
+    device, dtype, kwargs, max_new = _decode_setup(model, device, language, task, max_new_tokens)
     gc = model.generation_config
-    kwargs: dict[str, Any] = dict(task=task) if getattr(gc, "is_multilingual", False) else {}
-    if language is not None and getattr(gc, "is_multilingual", False):
-        kwargs["language"] = language
-    max_new = min(int(max_new_tokens), model.config.max_target_positions - 4)
     prompt_set, eos = _prompt_ids(gc), _eos_ids(gc)
     eot = gc.eos_token_id if isinstance(gc.eos_token_id, int) else list(gc.eos_token_id)[0]
     prompt = _forced_prompt(model, language, task)
