@@ -21,6 +21,7 @@ The terms:
 ======================  ================================================================
 ``cross_entropy``       hard labels (teacher pseudo-labels or references), -100 ignored
 ``kl_divergence``       Hinton et al. 2015: KL(p_T^teacher || p_T^student) * T^2
+``kl_divergence_topk``  the same KL from a cached teacher: top-k logits + log-sum-exp (``TopKLogits``)
 ``logit_l2``            Caruana et al. (Bucilua 2006, Ba & Caruana 2014): regress logits
 ``hidden_mse``          FitNets-style mean squared error between hidden states
 ``geodesic``            angle between L2-normalised vectors (arc length on the unit sphere)
@@ -47,6 +48,8 @@ __all__ = [
     "IGNORE_INDEX",
     "cross_entropy",
     "kl_divergence",
+    "TopKLogits",
+    "kl_divergence_topk",
     "logit_l2",
     "hidden_mse",
     "geodesic",
@@ -174,6 +177,121 @@ def kl_divergence(
     log_p = F.log_softmax(teacher, dim=-1)
     # kl_div(input=log q, target=log p, log_target) = sum p (log p - log q); exact 0 where p = 0
     kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+    return kl / student.shape[0] * temperature**2
+
+
+@dataclass
+class TopKLogits:
+    """Teacher logits as an offline cache keeps them: the k largest per position, their vocabulary
+    ids, and the log-sum-exp of the *full* logits at each stored temperature.
+
+    Shapes (``...`` is ``(batch, tokens)`` in training, ``(tokens,)`` on disk)::
+
+        values   (..., k)              the k largest raw teacher logits z (temperature 1)
+        indices  (..., k)              their vocabulary ids
+        lse      (..., n_temperatures) logsumexp_v(z_v / T) over the whole vocabulary, per T
+
+    The log-sum-exp cannot be recovered at another temperature from the top-k alone (the tail's
+    shape is gone), so it is stored for every temperature the cache is meant for; asking for one
+    that is not stored is an error (`lse_at`), never a silent approximation.
+    """
+
+    values: Tensor
+    indices: Tensor
+    lse: Tensor
+    temperatures: tuple[float, ...]
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, k: int, temperatures=(1.0, 2.0)) -> "TopKLogits":
+        """Keep the top ``k`` of ``logits`` ``(..., vocab)`` and the full log-sum-exp per T."""
+        z = _float(logits.detach())
+        if not 1 <= k <= z.shape[-1]:
+            raise ValueError(f"kdlib.losses.TopKLogits: k must be in [1, {z.shape[-1]}], got {k}")
+        values, indices = z.topk(k, dim=-1)
+        lse = torch.stack([torch.logsumexp(z / float(t), dim=-1) for t in temperatures], dim=-1)
+        return cls(values, indices, lse, tuple(float(t) for t in temperatures))
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    def lse_at(self, temperature: float) -> Tensor:
+        """``(...)`` log-sum-exp of the full teacher logits divided by ``temperature``."""
+        for i, t in enumerate(self.temperatures):
+            if abs(t - temperature) <= 1e-9 * max(1.0, abs(t)):
+                return self.lse[..., i]
+        raise ValueError(
+            f"kdlib.losses.TopKLogits: the cache holds the log-sum-exp at T = "
+            f"{', '.join(f'{t:g}' for t in self.temperatures)}, not at T = {temperature:g}; rebuild it "
+            f"with that temperature (python -m kdlib cache-teacher --temperatures ...)"
+        )
+
+    def select(self, mask: Tensor) -> "TopKLogits":
+        """The positions where ``mask`` (shape ``...``) is true, flattened: ``(n, k)`` etc."""
+        return TopKLogits(self.values[mask], self.indices[mask], self.lse[mask], self.temperatures)
+
+    def to(self, device) -> "TopKLogits":
+        return TopKLogits(self.values.to(device), self.indices.to(device), self.lse.to(device), self.temperatures)
+
+
+def kl_divergence_topk(
+    student_logits: Tensor, teacher: TopKLogits, mask: Optional[Tensor] = None, temperature: float = 2.0
+) -> Tensor:
+    """KL(p_T^teacher || p_T^student) * T^2 when only the teacher's top-k logits are known.
+
+    The estimator (the KL between the two distributions *coarsened* to k + 1 outcomes: the
+    teacher's top-k tokens K, and one "tail" bucket holding every other token)::
+
+        p_i    = exp(z_i / T - lse_T)                i in K, exact (lse_T is the full log-sum-exp)
+        p_tail = 1 - sum_K p_i                        exact teacher mass outside K
+        q_i    = softmax(s / T)_i                     the student has all its logits: exact
+        q_tail = sum_{j not in K} q_j                 (a log-sum-exp over the student's non-K logits)
+        KL_K   = sum_K p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
+
+    Bias, exactly (the chain rule of KL): ``KL_full = KL_K + p_tail * KL(p(.|tail) || q(.|tail))``,
+    where ``p(.|tail)`` is the teacher's distribution *within* the tail. So KL_K is never above the
+    exact KL, it is exact when k = vocab (no tail) or when the student spreads its tail mass in the
+    teacher's proportions, and its error is at most p_tail times the within-tail mismatch. The
+    gradient on a tail logit is ``q_j (1 - p_tail / q_tail) / T``: the student is taught *how much*
+    mass to leave outside K, not how to share it. Averaging, masking and the T^2 factor are those of
+    `kl_divergence`.
+
+    Args:
+        student_logits: ``(batch, tokens, vocab)``.
+        teacher: `TopKLogits` with ``(batch, tokens, k)`` values/indices and ``temperature`` stored.
+        mask: ``(batch, tokens)`` real tokens, or ``None``. Padded positions may hold anything.
+        temperature: T > 0; must be one of ``teacher.temperatures``.
+
+    Returns:
+        Scalar >= 0, nats per real token (times T^2).
+    """
+    if temperature <= 0:
+        raise ValueError(f"kdlib.losses.kl_divergence_topk: temperature must be > 0, got {temperature}")
+    if tuple(teacher.values.shape[:-1]) != tuple(student_logits.shape[:-1]):
+        raise ValueError(
+            f"kdlib.losses.kl_divergence_topk: teacher top-k positions {tuple(teacher.values.shape[:-1])}"
+            f" do not match student logits {tuple(student_logits.shape[:-1])}"
+        )
+    vocab, k = student_logits.shape[-1], teacher.k
+    if k > vocab:
+        raise ValueError(f"kdlib.losses.kl_divergence_topk: k = {k} exceeds the student's vocabulary {vocab}")
+    lse = teacher.lse_at(temperature)
+    real = _mask_or_all(mask, student_logits.shape[:-1], student_logits.device, "mask")
+    student = _float(student_logits[real]) / temperature  # (n, vocab)
+    if student.shape[0] == 0:
+        return _zero_like_graph(student_logits)
+    real_t = real.to(teacher.values.device)
+    index = teacher.indices[real_t].to(student.device, torch.long)  # (n, k)
+    log_p = _float(teacher.values[real_t].to(student.device)) / temperature - _float(lse[real_t].to(student.device))[:, None]
+    log_q = F.log_softmax(student, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q.gather(-1, index))).sum()
+    if k < vocab:
+        # Teacher tail mass; float32 rounding can make sum_K p exceed 1 by ~1e-7: clamp to 0.
+        p_tail = (-torch.expm1(torch.logsumexp(log_p, dim=-1).clamp(max=0.0))).detach()  # (n,)
+        log_q_tail = torch.logsumexp(log_q.scatter(-1, index, float("-inf")), dim=-1)  # (n,)
+        has_tail = p_tail > 0
+        log_p_tail = torch.log(torch.where(has_tail, p_tail, torch.ones_like(p_tail)))
+        kl = kl + torch.where(has_tail, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail)).sum()
     return kl / student.shape[0] * temperature**2
 
 
@@ -637,7 +755,7 @@ class DistillationLoss(nn.Module):
         self,
         student_logits: Tensor,
         labels: Tensor,
-        teacher_logits: Optional[Tensor] = None,
+        teacher_logits: Optional[Tensor | TopKLogits] = None,
         student_hidden: Optional[Tensor] = None,
         teacher_hidden: Optional[Tensor] = None,
         hidden_mask: Optional[Tensor] = None,
@@ -650,7 +768,8 @@ class DistillationLoss(nn.Module):
         Args:
             student_logits: ``(batch, tokens, vocab)``.
             labels: ``(batch, tokens)``, -100 at padding.
-            teacher_logits: ``(batch, tokens, vocab)``; needed by kl, l2, taid.
+            teacher_logits: ``(batch, tokens, vocab)``, needed by kl, l2, taid; or a `TopKLogits`
+                from a teacher cache (kl only, through `kl_divergence_topk`).
             student_hidden: ``(batch, frames_s, d_s)``; teacher_hidden ``(batch, frames_t, d_t)``;
                 needed by mse, geo, contrastive, curve.
             hidden_mask: ``(batch, frames_s)`` real student frames, or ``None``.
@@ -668,9 +787,17 @@ class DistillationLoss(nn.Module):
 
         if w.ce > 0:
             parts["ce"] = cross_entropy(student_logits, labels)
+        cached = isinstance(teacher_logits, TopKLogits)
         if w.kl > 0:
             self._need("kl", teacher_logits=teacher_logits)
-            parts["kl"] = kl_divergence(student_logits, teacher_logits, mask, w.temperature)
+            kl = kl_divergence_topk if cached else kl_divergence
+            parts["kl"] = kl(student_logits, teacher_logits, mask, w.temperature)
+        for term in ("l2", "taid"):
+            if getattr(w, term) > 0 and cached:
+                raise ValueError(
+                    f"kdlib.losses.DistillationLoss: the {term!r} term needs the teacher's full logits;"
+                    f" a teacher cache keeps only the top {teacher_logits.k} (use the live teacher)"
+                )
         if w.l2 > 0:
             self._need("l2", teacher_logits=teacher_logits)
             parts["l2"] = logit_l2(student_logits, teacher_logits, mask)
