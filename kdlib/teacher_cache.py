@@ -384,16 +384,18 @@ def topk_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ma
 
 
 @torch.no_grad()
-def measure_topk_error(teacher: torch.nn.Module, student: torch.nn.Module, dataset, *,
-                       ks: Sequence[int] = (8, 32, 64), temperature: float = 2.0, batch_size: int = 4,
-                       noise_std: Optional[float] = None, progress: bool = True) -> dict:
+def measure_topk_error(teacher: torch.nn.Module, students: dict[str, Any], dataset, *,
+                       ks: Sequence[int] = (8, 32, 64), temperatures: Sequence[float] = (2.0,),
+                       batch_size: int = 4, progress: bool = True) -> dict:
     """Exact KL (full teacher logits) against the cached top-k KL over a dataset, teacher forcing.
 
-    ``student``: a Whisper model (its own forward on the same features and labels), or None with
-    ``noise_std``: the "student" is then the teacher's logits plus Gaussian noise of that std (a
-    student close to the teacher, where the KL is small). Returns per-token means::
+    ``students`` maps a name to a Whisper model (its own forward on the same features and labels)
+    or to a float ``s``: that "student" is the teacher's logits plus Gaussian noise of std ``s``
+    (a student close to the teacher, where the KL is small). The teacher runs once per batch.
+    Returns per-token means::
 
-        {"tokens", "exact_kl", "k": {k: {"topk_kl", "relative_error", "p_tail"}}}
+        {"tokens": n, "students": {name: {T: {"exact_kl", "k": {k: {"topk_kl", "relative_error",
+                                                                     "p_tail"}}}}}}
 
     ``relative_error = (exact - topk) / exact`` (never negative: see `kl_divergence_topk`)."""
     from torch.utils.data import DataLoader
@@ -403,31 +405,37 @@ def measure_topk_error(teacher: torch.nn.Module, student: torch.nn.Module, datas
 
     generator = torch.Generator().manual_seed(0)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=data.WhisperCollator())
-    totals = {"tokens": 0, "exact": 0.0, "topk": {k: 0.0 for k in ks}, "p_tail": {k: 0.0 for k in ks}}
+    sums = {(name, t): {"exact": 0.0, "topk": dict.fromkeys(ks, 0.0), "p_tail": dict.fromkeys(ks, 0.0)}
+            for name in students for t in temperatures}
+    tokens = 0
     for batch in tqdm(loader, desc="top-k KL", disable=not progress):
         if batch is None:
             continue
         labels = batch["labels"]
-        _, teacher_logits = teacher_outputs(teacher, batch["input_features"], labels)
-        if student is not None:
-            dec_in = _shift_right(labels, student.config)
-            param = next(student.parameters())
-            student_logits = student(input_features=batch["input_features"].to(param.device, param.dtype),
-                                     decoder_input_ids=dec_in.to(param.device), use_cache=False).logits.float()
-        else:
-            noise = torch.randn(teacher_logits.shape, generator=generator) * float(noise_std)
-            student_logits = teacher_logits.cpu() + noise
-        terms = topk_kl_terms(student_logits.cpu(), teacher_logits.cpu(), labels != -100, ks, temperature)
-        totals["tokens"] += terms["tokens"]
-        totals["exact"] += terms["exact"]
-        for k in ks:
-            totals["topk"][k] += terms["topk"][k]
-            totals["p_tail"][k] += terms["p_tail"][k]
-    n = max(1, totals["tokens"])
-    exact = totals["exact"] / n
-    return {
-        "tokens": totals["tokens"], "temperature": temperature, "exact_kl": exact,
-        "k": {k: {"topk_kl": totals["topk"][k] / n,
-                  "relative_error": (exact - totals["topk"][k] / n) / exact if exact > 0 else 0.0,
-                  "p_tail": totals["p_tail"][k] / n} for k in ks},
-    }
+        mask = labels != -100
+        tokens += int(mask.sum())
+        teacher_logits = teacher_outputs(teacher, batch["input_features"], labels)[1].cpu()
+        for name, student in students.items():
+            if isinstance(student, torch.nn.Module):
+                dec_in = _shift_right(labels, student.config)
+                param = next(student.parameters())
+                student_logits = student(input_features=batch["input_features"].to(param.device, param.dtype),
+                                         decoder_input_ids=dec_in.to(param.device), use_cache=False).logits.float().cpu()
+            else:
+                student_logits = teacher_logits + torch.randn(teacher_logits.shape, generator=generator) * float(student)
+            for t in temperatures:
+                terms = topk_kl_terms(student_logits, teacher_logits, mask, ks, t)
+                acc = sums[(name, t)]
+                acc["exact"] += terms["exact"]
+                for k in ks:
+                    acc["topk"][k] += terms["topk"][k]
+                    acc["p_tail"][k] += terms["p_tail"][k]
+    n = max(1, tokens)
+    out: dict = {"tokens": tokens, "students": {name: {} for name in students}}
+    for (name, t), acc in sums.items():
+        exact = acc["exact"] / n
+        out["students"][name][t] = {"exact_kl": exact, "k": {
+            k: {"topk_kl": acc["topk"][k] / n,
+                "relative_error": (exact - acc["topk"][k] / n) / exact if exact > 0 else 0.0,
+                "p_tail": acc["p_tail"][k] / n} for k in ks}}
+    return out
