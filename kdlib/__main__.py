@@ -93,7 +93,7 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     print(report[args.split])
     out = teacher_cache.build_teacher_cache(
         model, dataset, args.out, top_k=args.top_k, temperatures=args.temperatures,
-        hidden_dtype=args.hidden_dtype, store_hidden=not args.no_hidden, batch_size=args.batch_size or config.batch_size,
+        hidden_dtype=args.hidden_dtype, store_hidden=not args.no_hidden, tail_samples=args.tail_samples, batch_size=args.batch_size or config.batch_size,
         autocast_dtype=dtype if on else None, overwrite=args.overwrite, progress=not args.no_progress,
         note=f"python -m kdlib cache-teacher --preset {args.preset} --split {args.split}",
     )
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token (default 64)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0],
                    help="KD temperatures whose log-sum-exp is stored (default 1 2)")
+    p.add_argument("--tail-samples", type=int, default=64,
+                   help="tail tokens sampled per token and T for an unbiased KL (0: lumped tail only)")
     p.add_argument("--hidden-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--no-hidden", action="store_true", help="skip encoder states (KL-only runs)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")

@@ -191,6 +191,11 @@ class TopKLogits:
         indices  (..., k)              their vocabulary ids
         lse      (..., n_temperatures) logsumexp_v(z_v / T) over the whole vocabulary, per T
 
+    and, optionally (``tail_samples = m > 0``), a sample of the tail for an unbiased KL::
+
+        tail_indices (..., n_temperatures, m)  ids drawn with replacement from p_T(. | not top-k)
+        tail_plogp   (..., n_temperatures)     sum over the tail of p_T log p_T (no gradient)
+
     The log-sum-exp cannot be recovered at another temperature from the top-k alone (the tail's
     shape is gone), so it is stored for every temperature the cache is meant for; asking for one
     that is not stored is an error (`lse_at`), never a silent approximation.
@@ -200,16 +205,35 @@ class TopKLogits:
     indices: Tensor
     lse: Tensor
     temperatures: tuple[float, ...]
+    tail_indices: Optional[Tensor] = None
+    tail_plogp: Optional[Tensor] = None
 
     @classmethod
-    def from_logits(cls, logits: Tensor, k: int, temperatures=(1.0, 2.0)) -> "TopKLogits":
-        """Keep the top ``k`` of ``logits`` ``(..., vocab)`` and the full log-sum-exp per T."""
+    def from_logits(cls, logits: Tensor, k: int, temperatures=(1.0, 2.0), tail_samples: int = 0,
+                    generator: Optional[torch.Generator] = None) -> "TopKLogits":
+        """Keep the top ``k`` of ``logits`` ``(..., vocab)``, the full log-sum-exp per T and, with
+        ``tail_samples`` m > 0 (and k < vocab), m tail tokens per T drawn from the teacher's tail."""
         z = _float(logits.detach())
-        if not 1 <= k <= z.shape[-1]:
-            raise ValueError(f"kdlib.losses.TopKLogits: k must be in [1, {z.shape[-1]}], got {k}")
+        vocab = z.shape[-1]
+        if not 1 <= k <= vocab:
+            raise ValueError(f"kdlib.losses.TopKLogits: k must be in [1, {vocab}], got {k}")
         values, indices = z.topk(k, dim=-1)
         lse = torch.stack([torch.logsumexp(z / float(t), dim=-1) for t in temperatures], dim=-1)
-        return cls(values, indices, lse, tuple(float(t) for t in temperatures))
+        tail_indices = tail_plogp = None
+        if tail_samples > 0 and k < vocab:
+            flat = z.reshape(-1, vocab)
+            in_top = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, indices.reshape(-1, k), True)
+            ids, plogp = [], []
+            for t in temperatures:
+                log_p = torch.log_softmax(flat / float(t), dim=-1)
+                p = log_p.exp().masked_fill(in_top, 0.0)
+                plogp.append((p * log_p).sum(-1))
+                # a tail with no mass in float32 (p_tail = 0 weighs it out): sample it uniformly
+                weights = torch.where(p.sum(-1, keepdim=True) > 0, p, (~in_top).to(p.dtype))
+                ids.append(torch.multinomial(weights, tail_samples, replacement=True, generator=generator))
+            tail_indices = torch.stack(ids, dim=1).reshape(*z.shape[:-1], len(temperatures), tail_samples)
+            tail_plogp = torch.stack(plogp, dim=-1).reshape(*z.shape[:-1], len(temperatures))
+        return cls(values, indices, lse, tuple(float(t) for t in temperatures), tail_indices, tail_plogp)
 
     @property
     def k(self) -> int:
@@ -217,21 +241,24 @@ class TopKLogits:
 
     def lse_at(self, temperature: float) -> Tensor:
         """``(...)`` log-sum-exp of the full teacher logits divided by ``temperature``."""
+        return self.lse[..., self._t_index(temperature)]
+
+    def _t_index(self, temperature: float) -> int:
         for i, t in enumerate(self.temperatures):
             if abs(t - temperature) <= 1e-9 * max(1.0, abs(t)):
-                return self.lse[..., i]
+                return i
         raise ValueError(
             f"kdlib.losses.TopKLogits: the cache holds the log-sum-exp at T = "
             f"{', '.join(f'{t:g}' for t in self.temperatures)}, not at T = {temperature:g}; rebuild it "
             f"with that temperature (python -m kdlib cache-teacher --temperatures ...)"
         )
 
-    def select(self, mask: Tensor) -> "TopKLogits":
-        """The positions where ``mask`` (shape ``...``) is true, flattened: ``(n, k)`` etc."""
-        return TopKLogits(self.values[mask], self.indices[mask], self.lse[mask], self.temperatures)
-
     def to(self, device) -> "TopKLogits":
-        return TopKLogits(self.values.to(device), self.indices.to(device), self.lse.to(device), self.temperatures)
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return TopKLogits(move(self.values), move(self.indices), move(self.lse), self.temperatures,
+                          move(self.tail_indices), move(self.tail_plogp))
 
 
 def kl_divergence_topk(
@@ -239,8 +266,9 @@ def kl_divergence_topk(
 ) -> Tensor:
     """KL(p_T^teacher || p_T^student) * T^2 when only the teacher's top-k logits are known.
 
-    The estimator (the KL between the two distributions *coarsened* to k + 1 outcomes: the
-    teacher's top-k tokens K, and one "tail" bucket holding every other token)::
+    Without tail samples (``teacher.tail_indices is None``) the estimator is the KL between the
+    two distributions *coarsened* to k + 1 outcomes: the teacher's top-k tokens K, and one "tail"
+    bucket holding every other token::
 
         p_i    = exp(z_i / T - lse_T)                i in K, exact (lse_T is the full log-sum-exp)
         p_tail = 1 - sum_K p_i                        exact teacher mass outside K
@@ -253,7 +281,15 @@ def kl_divergence_topk(
     exact KL, it is exact when k = vocab (no tail) or when the student spreads its tail mass in the
     teacher's proportions, and its error is at most p_tail times the within-tail mismatch. The
     gradient on a tail logit is ``q_j (1 - p_tail / q_tail) / T``: the student is taught *how much*
-    mass to leave outside K, not how to share it. Averaging, masking and the T^2 factor are those of
+    mass to leave outside K, not how to share it.
+
+    With m tail samples ``j_1..j_m ~ p_T(. | tail)`` (drawn once, when the cache was built) the tail
+    term is instead ``sum_tail p log p - p_tail * mean_s log q_{j_s}``: the first part is stored
+    exactly (it carries no gradient), the second is an unbiased estimate of the tail's
+    cross-entropy, so value and gradient are unbiased over the draw (variance
+    ``p_tail^2 Var(log q_j) / m``, a single token's estimate may even be slightly negative). This
+    matters at T = 2, where Whisper's tempered distribution keeps most of its mass outside any
+    practical top-k (``benchmarks/topk_kl.py``). Averaging, masking and the T^2 factor are those of
     `kl_divergence`.
 
     Args:
@@ -288,6 +324,12 @@ def kl_divergence_topk(
     if k < vocab:
         # Teacher tail mass; float32 rounding can make sum_K p exceed 1 by ~1e-7: clamp to 0.
         p_tail = (-torch.expm1(torch.logsumexp(log_p, dim=-1).clamp(max=0.0))).detach()  # (n,)
+        if teacher.tail_indices is not None:  # sampled tail: unbiased
+            i = teacher._t_index(temperature)
+            samples = teacher.tail_indices[..., i, :][real_t].to(student.device, torch.long)  # (n, m)
+            plogp = _float(teacher.tail_plogp[..., i][real_t].to(student.device))  # (n,)
+            cross = log_q.gather(-1, samples).mean(-1)  # (n,) estimate of E_tail[log q]
+            return (kl + (plogp - p_tail * cross).sum()) / student.shape[0] * temperature**2
         log_q_tail = torch.logsumexp(log_q.scatter(-1, index, float("-inf")), dim=-1)  # (n,)
         has_tail = p_tail > 0
         log_p_tail = torch.log(torch.where(has_tail, p_tail, torch.ones_like(p_tail)))

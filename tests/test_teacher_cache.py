@@ -62,18 +62,40 @@ def test_topk_kl_bias_is_exactly_the_within_tail_kl(k):
         assert bias == 0  # a one-token tail has no inside: exact
 
 
+def test_sampled_tail_is_unbiased_where_the_lumped_tail_is_not():
+    """Flat teacher (most mass outside the top k, as Whisper at T = 2): the lumped estimate loses
+    most of the KL, the sampled tail recovers it; averaged over draws it converges to the exact KL."""
+    vocab, k, temperature = 2000, 16, 2.0
+    student, teacher = _logits(10, (4, 8, vocab), 2.0), _logits(11, (4, 8, vocab), 2.0)
+    exact = float(kl_divergence(student, teacher, None, temperature))
+    lumped = float(kl_divergence_topk(student, TopKLogits.from_logits(teacher, k, (temperature,)), None, temperature))
+    assert (exact - lumped) / exact > 0.5
+    draws = [float(kl_divergence_topk(student, TopKLogits.from_logits(
+        teacher, k, (1.0, temperature), 64, torch.Generator().manual_seed(seed)), None, temperature))
+        for seed in range(8)]
+    assert all(abs(d - exact) / exact < 0.1 for d in draws)
+    assert abs(sum(draws) / len(draws) - exact) / exact < 0.02
+    top = TopKLogits.from_logits(teacher, k, (temperature,), 64, torch.Generator().manual_seed(0))
+    in_top = (top.tail_indices[..., 0, :, None] == top.indices[..., None, :]).any(-1)
+    assert not in_top.any(), "tail samples must come from outside the top k"
+
+
 def test_topk_kl_ignores_padding_and_has_finite_gradients():
     student = _logits(4, (2, 6, 50)).requires_grad_()
     teacher = _logits(5, (2, 6, 50))
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, 4:] = False
-    top = TopKLogits.from_logits(teacher, 8, (2.0,))
-    top.values[0, 4:] = torch.nan  # garbage at padded positions must not matter
-    top.lse[0, 4:] = torch.inf
-    loss = kl_divergence_topk(student, top, mask, 2.0)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
-    assert torch.all(student.grad[0, 4:] == 0)
+    for tail_samples in (0, 16):
+        student.grad = None
+        top = TopKLogits.from_logits(teacher, 8, (2.0,), tail_samples)
+        top.values[0, 4:] = torch.nan  # garbage at padded positions must not matter
+        top.lse[0, 4:] = torch.inf
+        if tail_samples:
+            top.tail_plogp[0, 4:] = torch.nan
+        loss = kl_divergence_topk(student, top, mask, 2.0)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+        assert torch.all(student.grad[0, 4:] == 0)
 
 
 def test_topk_needs_its_temperature_and_refuses_l2():
@@ -143,6 +165,15 @@ def test_stored_values_match_a_live_teacher_forward(smoke, built):
         torch.testing.assert_close(top.lse[..., i][real], torch.logsumexp(live.logits / t, -1)[real],
                                    atol=1e-5, rtol=1e-5)
     assert torch.all(top.values[~real] == 0)  # padding positions are left empty
+    # the tail: sampled outside the top k, and its exact sum p log p at each T
+    assert cache.tail_samples == 64 and top.tail_indices.shape[-2:] == (2, 64)
+    in_top = (top.tail_indices[..., :, :, None] == top.indices[..., None, None, :]).any(-1)
+    assert not in_top[real].any()
+    for i, t in enumerate((1.0, 2.0)):
+        log_p = torch.log_softmax(live.logits / t, -1)
+        tail = torch.ones_like(log_p, dtype=torch.bool).scatter(-1, want_indices, False)
+        plogp = (log_p.exp() * log_p).masked_fill(~tail, 0).sum(-1)
+        torch.testing.assert_close(top.tail_plogp[..., i][real], plogp[real], atol=1e-5, rtol=1e-4)
     index = json.loads((built / "index.json").read_text())
     assert set(index["fingerprint"]) == {"teacher", "features", "data", "settings"}
 
