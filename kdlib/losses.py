@@ -299,7 +299,8 @@ def kl_divergence_topk(
         temperature: T > 0; must be one of ``teacher.temperatures``.
 
     Returns:
-        Scalar >= 0, nats per real token (times T^2).
+        Scalar, nats per real token (times T^2); >= 0 with the lumped tail, an unbiased estimate
+        (possibly a little below 0 on a near-perfect student) with tail samples.
     """
     if temperature <= 0:
         raise ValueError(f"kdlib.losses.kl_divergence_topk: temperature must be > 0, got {temperature}")
@@ -318,6 +319,11 @@ def kl_divergence_topk(
         return _zero_like_graph(student_logits)
     real_t = real.to(teacher.values.device)
     index = teacher.indices[real_t].to(student.device, torch.long)  # (n, k)
+    if int(index.max()) >= vocab:
+        raise ValueError(
+            f"kdlib.losses.kl_divergence_topk: the teacher's top-k holds token id {int(index.max())}, the student's"
+            f" vocabulary has {vocab} tokens (whisper-large-v3 has 51866, earlier sizes 51865)"
+        )
     log_p = _float(teacher.values[real_t].to(student.device)) / temperature - _float(lse[real_t].to(student.device))[:, None]
     log_q = F.log_softmax(student, dim=-1)
     kl = (log_p.exp() * (log_p - log_q.gather(-1, index))).sum()
