@@ -76,6 +76,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from kdlib.config import make_config, replace
+
+    config = make_config(args.preset, stage=1, sets=args.set)
+    from kdlib import teacher_cache
+    from kdlib.train import _load_pair, amp_settings, build_data, resolve_device
+
+    device = resolve_device(args.device or config.device)
+    on, dtype, _ = amp_settings(config, device)
+    if args.split != config.dev_split:
+        config = replace(config, train_split=args.split)
+    teacher, _ = _load_pair(config)  # teacher_from (a stage-0 adapter) is merged in, as in training
+    model = teacher.model.to(device).eval()
+    train_set, dev_set, report = build_data(config, teacher.feature_extractor, teacher.tokenizer)
+    dataset = dev_set if args.split == config.dev_split else train_set
+    print(report[args.split])
+    out = teacher_cache.build_teacher_cache(
+        model, dataset, args.out, top_k=args.top_k, temperatures=args.temperatures,
+        hidden_dtype=args.hidden_dtype, store_hidden=not args.no_hidden, tail_samples=args.tail_samples, batch_size=args.batch_size or config.batch_size,
+        autocast_dtype=dtype if on else None, overwrite=args.overwrite, progress=not args.no_progress,
+        note=f"python -m kdlib cache-teacher --preset {args.preset} --split {args.split}",
+    )
+    cache = teacher_cache.TeacherCache(out)
+    size = sum(f.stat().st_size for f in Path(out).iterdir()) / 1e6
+    print(f"{out}: {len(cache)} utterances, {cache.fingerprint['data']['tokens']} tokens, top-{cache.top_k}, "
+          f"T = {', '.join(f'{t:g}' for t in cache.temperatures)}, {size:.1f} MB, {cache.index['seconds']} s")
+    print(f"train from it: python -m kdlib train --preset {args.preset} --set teacher_cache={out} ...")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from kdlib.train import export_merged
 
@@ -199,6 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any TrainConfig field, e.g. --set lr=3e-4 --set init_from=runs/s1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("cache-teacher",
+                       help="run the frozen teacher once over a split; store encoder states + top-k logits")
+    p.add_argument("--preset", default="demo", choices=["smoke", "demo", "thesis"])
+    p.add_argument("--split", default="train", help="train (default), dev or test")
+    p.add_argument("--out", required=True, help="cache folder (train with --set teacher_cache=DIR)")
+    p.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token (default 64)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0],
+                   help="KD temperatures whose log-sum-exp is stored (default 1 2)")
+    p.add_argument("--tail-samples", type=int, default=64,
+                   help="tail tokens sampled per token and T for an unbiased KL (0: lumped tail only)")
+    p.add_argument("--hidden-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--no-hidden", action="store_true", help="skip encoder states (KL-only runs)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--device", default=None, help="default: the preset's (auto)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override, e.g. --set max_train_utterances=32 --set teacher_from=runs/s0")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_cache_teacher)
 
     p = sub.add_parser("evaluate", help="decode a split with a run's model; writes metrics_<split>.json")
     p.add_argument("--run-dir", required=True, help="a run folder (or a Hugging Face model folder)")

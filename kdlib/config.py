@@ -78,6 +78,10 @@ class TrainConfig:
     # once per utterance and their outputs are kept in RAM (1500 x d_model floats per clip: fine
     # for the embedded corpus, not for MLS at thesis scale). "off": recompute every step.
     encoder_cache: str = "memory"
+    # Offline KD: a folder written by `python -m kdlib cache-teacher` (kdlib.teacher_cache). The
+    # teacher's encoder states and top-k logits are read from it instead of running the teacher;
+    # the KL becomes kdlib.losses.kl_divergence_topk. A cache of another teacher or data is refused.
+    teacher_cache: Optional[str] = None
 
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = 60
@@ -301,6 +305,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"temperature: must be positive, got {config.temperature}")
     if config.min_duration >= config.max_duration:
         raise ConfigError("min_duration must be below max_duration")
+    if config.teacher_cache and config.kd_kind == "taid":
+        raise ConfigError("teacher_cache: TAID needs the teacher's full logits; a teacher cache keeps the top k "
+                          "(use kd_kind=kl or the live teacher)")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -21,6 +21,7 @@ The terms:
 ======================  ================================================================
 ``cross_entropy``       hard labels (teacher pseudo-labels or references), -100 ignored
 ``kl_divergence``       Hinton et al. 2015: KL(p_T^teacher || p_T^student) * T^2
+``kl_divergence_topk``  the same KL from a cached teacher: top-k logits + log-sum-exp (``TopKLogits``)
 ``logit_l2``            Caruana et al. (Bucilua 2006, Ba & Caruana 2014): regress logits
 ``hidden_mse``          FitNets-style mean squared error between hidden states
 ``geodesic``            angle between L2-normalised vectors (arc length on the unit sphere)
@@ -47,6 +48,8 @@ __all__ = [
     "IGNORE_INDEX",
     "cross_entropy",
     "kl_divergence",
+    "TopKLogits",
+    "kl_divergence_topk",
     "logit_l2",
     "hidden_mse",
     "geodesic",
@@ -174,6 +177,169 @@ def kl_divergence(
     log_p = F.log_softmax(teacher, dim=-1)
     # kl_div(input=log q, target=log p, log_target) = sum p (log p - log q); exact 0 where p = 0
     kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+    return kl / student.shape[0] * temperature**2
+
+
+@dataclass
+class TopKLogits:
+    """Teacher logits as an offline cache keeps them: the k largest per position, their vocabulary
+    ids, and the log-sum-exp of the *full* logits at each stored temperature.
+
+    Shapes (``...`` is ``(batch, tokens)`` in training, ``(tokens,)`` on disk)::
+
+        values   (..., k)              the k largest raw teacher logits z (temperature 1)
+        indices  (..., k)              their vocabulary ids
+        lse      (..., n_temperatures) logsumexp_v(z_v / T) over the whole vocabulary, per T
+
+    and, optionally (``tail_samples = m > 0``), a sample of the tail for an unbiased KL::
+
+        tail_indices (..., n_temperatures, m)  ids drawn with replacement from p_T(. | not top-k)
+        tail_plogp   (..., n_temperatures)     sum over the tail of p_T log p_T (no gradient)
+
+    The log-sum-exp cannot be recovered at another temperature from the top-k alone (the tail's
+    shape is gone), so it is stored for every temperature the cache is meant for; asking for one
+    that is not stored is an error (`lse_at`), never a silent approximation.
+    """
+
+    values: Tensor
+    indices: Tensor
+    lse: Tensor
+    temperatures: tuple[float, ...]
+    tail_indices: Optional[Tensor] = None
+    tail_plogp: Optional[Tensor] = None
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, k: int, temperatures=(1.0, 2.0), tail_samples: int = 0,
+                    generator: Optional[torch.Generator] = None) -> "TopKLogits":
+        """Keep the top ``k`` of ``logits`` ``(..., vocab)``, the full log-sum-exp per T and, with
+        ``tail_samples`` m > 0 (and k < vocab), m tail tokens per T drawn from the teacher's tail."""
+        z = _float(logits.detach())
+        vocab = z.shape[-1]
+        if not 1 <= k <= vocab:
+            raise ValueError(f"kdlib.losses.TopKLogits: k must be in [1, {vocab}], got {k}")
+        values, indices = z.topk(k, dim=-1)
+        lse = torch.stack([torch.logsumexp(z / float(t), dim=-1) for t in temperatures], dim=-1)
+        tail_indices = tail_plogp = None
+        if tail_samples > 0 and k < vocab:
+            flat = z.reshape(-1, vocab)
+            in_top = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, indices.reshape(-1, k), True)
+            ids, plogp = [], []
+            for t in temperatures:
+                log_p = torch.log_softmax(flat / float(t), dim=-1)
+                p = log_p.exp().masked_fill(in_top, 0.0)
+                plogp.append((p * log_p).sum(-1))
+                # a tail with no mass in float32 (p_tail = 0 weighs it out): sample it uniformly
+                weights = torch.where(p.sum(-1, keepdim=True) > 0, p, (~in_top).to(p.dtype))
+                ids.append(torch.multinomial(weights, tail_samples, replacement=True, generator=generator))
+            tail_indices = torch.stack(ids, dim=1).reshape(*z.shape[:-1], len(temperatures), tail_samples)
+            tail_plogp = torch.stack(plogp, dim=-1).reshape(*z.shape[:-1], len(temperatures))
+        return cls(values, indices, lse, tuple(float(t) for t in temperatures), tail_indices, tail_plogp)
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    def lse_at(self, temperature: float) -> Tensor:
+        """``(...)`` log-sum-exp of the full teacher logits divided by ``temperature``."""
+        return self.lse[..., self._t_index(temperature)]
+
+    def _t_index(self, temperature: float) -> int:
+        for i, t in enumerate(self.temperatures):
+            if abs(t - temperature) <= 1e-9 * max(1.0, abs(t)):
+                return i
+        raise ValueError(
+            f"kdlib.losses.TopKLogits: the cache holds the log-sum-exp at T = "
+            f"{', '.join(f'{t:g}' for t in self.temperatures)}, not at T = {temperature:g}; rebuild it "
+            f"with that temperature (python -m kdlib cache-teacher --temperatures ...)"
+        )
+
+    def to(self, device) -> "TopKLogits":
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return TopKLogits(move(self.values), move(self.indices), move(self.lse), self.temperatures,
+                          move(self.tail_indices), move(self.tail_plogp))
+
+
+def kl_divergence_topk(
+    student_logits: Tensor, teacher: TopKLogits, mask: Optional[Tensor] = None, temperature: float = 2.0
+) -> Tensor:
+    """KL(p_T^teacher || p_T^student) * T^2 when only the teacher's top-k logits are known.
+
+    Without tail samples (``teacher.tail_indices is None``) the estimator is the KL between the
+    two distributions *coarsened* to k + 1 outcomes: the teacher's top-k tokens K, and one "tail"
+    bucket holding every other token::
+
+        p_i    = exp(z_i / T - lse_T)                i in K, exact (lse_T is the full log-sum-exp)
+        p_tail = 1 - sum_K p_i                        exact teacher mass outside K
+        q_i    = softmax(s / T)_i                     the student has all its logits: exact
+        q_tail = sum_{j not in K} q_j                 (a log-sum-exp over the student's non-K logits)
+        KL_K   = sum_K p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
+
+    Bias, exactly (the chain rule of KL): ``KL_full = KL_K + p_tail * KL(p(.|tail) || q(.|tail))``,
+    where ``p(.|tail)`` is the teacher's distribution *within* the tail. So KL_K is never above the
+    exact KL, it is exact when k = vocab (no tail) or when the student spreads its tail mass in the
+    teacher's proportions, and its error is at most p_tail times the within-tail mismatch. The
+    gradient on a tail logit is ``q_j (1 - p_tail / q_tail) / T``: the student is taught *how much*
+    mass to leave outside K, not how to share it.
+
+    With m tail samples ``j_1..j_m ~ p_T(. | tail)`` (drawn once, when the cache was built) the tail
+    term is instead ``sum_tail p log p - p_tail * mean_s log q_{j_s}``: the first part is stored
+    exactly (it carries no gradient), the second is an unbiased estimate of the tail's
+    cross-entropy, so value and gradient are unbiased over the draw (variance
+    ``p_tail^2 Var(log q_j) / m``, a single token's estimate may even be slightly negative). This
+    matters at T = 2, where Whisper's tempered distribution keeps most of its mass outside any
+    practical top-k (``benchmarks/topk_kl.py``). Averaging, masking and the T^2 factor are those of
+    `kl_divergence`.
+
+    Args:
+        student_logits: ``(batch, tokens, vocab)``.
+        teacher: `TopKLogits` with ``(batch, tokens, k)`` values/indices and ``temperature`` stored.
+        mask: ``(batch, tokens)`` real tokens, or ``None``. Padded positions may hold anything.
+        temperature: T > 0; must be one of ``teacher.temperatures``.
+
+    Returns:
+        Scalar, nats per real token (times T^2); >= 0 with the lumped tail, an unbiased estimate
+        (possibly a little below 0 on a near-perfect student) with tail samples.
+    """
+    if temperature <= 0:
+        raise ValueError(f"kdlib.losses.kl_divergence_topk: temperature must be > 0, got {temperature}")
+    if tuple(teacher.values.shape[:-1]) != tuple(student_logits.shape[:-1]):
+        raise ValueError(
+            f"kdlib.losses.kl_divergence_topk: teacher top-k positions {tuple(teacher.values.shape[:-1])}"
+            f" do not match student logits {tuple(student_logits.shape[:-1])}"
+        )
+    vocab, k = student_logits.shape[-1], teacher.k
+    if k > vocab:
+        raise ValueError(f"kdlib.losses.kl_divergence_topk: k = {k} exceeds the student's vocabulary {vocab}")
+    lse = teacher.lse_at(temperature)
+    real = _mask_or_all(mask, student_logits.shape[:-1], student_logits.device, "mask")
+    student = _float(student_logits[real]) / temperature  # (n, vocab)
+    if student.shape[0] == 0:
+        return _zero_like_graph(student_logits)
+    real_t = real.to(teacher.values.device)
+    index = teacher.indices[real_t].to(student.device, torch.long)  # (n, k)
+    if int(index.max()) >= vocab:
+        raise ValueError(
+            f"kdlib.losses.kl_divergence_topk: the teacher's top-k holds token id {int(index.max())}, the student's"
+            f" vocabulary has {vocab} tokens (whisper-large-v3 has 51866, earlier sizes 51865)"
+        )
+    log_p = _float(teacher.values[real_t].to(student.device)) / temperature - _float(lse[real_t].to(student.device))[:, None]
+    log_q = F.log_softmax(student, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q.gather(-1, index))).sum()
+    if k < vocab:
+        # Teacher tail mass; float32 rounding can make sum_K p exceed 1 by ~1e-7: clamp to 0.
+        p_tail = (-torch.expm1(torch.logsumexp(log_p, dim=-1).clamp(max=0.0))).detach()  # (n,)
+        if teacher.tail_indices is not None:  # sampled tail: unbiased
+            i = teacher._t_index(temperature)
+            samples = teacher.tail_indices[..., i, :][real_t].to(student.device, torch.long)  # (n, m)
+            plogp = _float(teacher.tail_plogp[..., i][real_t].to(student.device))  # (n,)
+            cross = log_q.gather(-1, samples).mean(-1)  # (n,) estimate of E_tail[log q]
+            return (kl + (plogp - p_tail * cross).sum()) / student.shape[0] * temperature**2
+        log_q_tail = torch.logsumexp(log_q.scatter(-1, index, float("-inf")), dim=-1)  # (n,)
+        has_tail = p_tail > 0
+        log_p_tail = torch.log(torch.where(has_tail, p_tail, torch.ones_like(p_tail)))
+        kl = kl + torch.where(has_tail, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail)).sum()
     return kl / student.shape[0] * temperature**2
 
 
@@ -637,7 +803,7 @@ class DistillationLoss(nn.Module):
         self,
         student_logits: Tensor,
         labels: Tensor,
-        teacher_logits: Optional[Tensor] = None,
+        teacher_logits: Optional[Tensor | TopKLogits] = None,
         student_hidden: Optional[Tensor] = None,
         teacher_hidden: Optional[Tensor] = None,
         hidden_mask: Optional[Tensor] = None,
@@ -650,7 +816,8 @@ class DistillationLoss(nn.Module):
         Args:
             student_logits: ``(batch, tokens, vocab)``.
             labels: ``(batch, tokens)``, -100 at padding.
-            teacher_logits: ``(batch, tokens, vocab)``; needed by kl, l2, taid.
+            teacher_logits: ``(batch, tokens, vocab)``, needed by kl, l2, taid; or a `TopKLogits`
+                from a teacher cache (kl only, through `kl_divergence_topk`).
             student_hidden: ``(batch, frames_s, d_s)``; teacher_hidden ``(batch, frames_t, d_t)``;
                 needed by mse, geo, contrastive, curve.
             hidden_mask: ``(batch, frames_s)`` real student frames, or ``None``.
@@ -668,9 +835,17 @@ class DistillationLoss(nn.Module):
 
         if w.ce > 0:
             parts["ce"] = cross_entropy(student_logits, labels)
+        cached = isinstance(teacher_logits, TopKLogits)
         if w.kl > 0:
             self._need("kl", teacher_logits=teacher_logits)
-            parts["kl"] = kl_divergence(student_logits, teacher_logits, mask, w.temperature)
+            kl = kl_divergence_topk if cached else kl_divergence
+            parts["kl"] = kl(student_logits, teacher_logits, mask, w.temperature)
+        for term in ("l2", "taid"):
+            if getattr(w, term) > 0 and cached:
+                raise ValueError(
+                    f"kdlib.losses.DistillationLoss: the {term!r} term needs the teacher's full logits;"
+                    f" a teacher cache keeps only the top {teacher_logits.k} (use the live teacher)"
+                )
         if w.l2 > 0:
             self._need("l2", teacher_logits=teacher_logits)
             parts["l2"] = logit_l2(student_logits, teacher_logits, mask)

@@ -354,16 +354,28 @@ class EncoderCache:
     The encoder is the most expensive part of Whisper (3000 log-mel frames in, 1500 states out,
     whatever the clip's length), and a frozen one gives the same output every epoch. Outputs are
     computed in eval mode (no dropout) and stored as float32 on the CPU: ``(1500, d_model)`` each.
+
+    ``disk``: a verified `kdlib.teacher_cache.TeacherCache` of this (teacher) encoder; utterances
+    it holds are read from it (offline KD), the others computed as above.
+
+    With ``keep=False`` the last batch is still remembered: a student sharing this cache and the
+    teacher ask for the same batch within one step, and the encoder should run once, not twice.
     """
 
-    def __init__(self, model: torch.nn.Module, keep: bool = True):
+    def __init__(self, model: torch.nn.Module, keep: bool = True, disk=None):
         self.model = model
         self.keep = keep
         self.store: dict[str, torch.Tensor] = {}
+        self.disk = disk if disk is not None and disk.has_hidden else None
+        self.last: Optional[tuple[list[str], torch.Tensor]] = None
 
     @torch.no_grad()
     def __call__(self, features: torch.Tensor, ids: list[str], device: torch.device) -> torch.Tensor:
         """``features`` (batch, n_mels, 3000) → encoder states (batch, 1500, d_model) on ``device``."""
+        if self.disk is not None and self.disk.has_all(ids):
+            return self.disk.hidden(ids, device)
+        if not self.keep and self.last is not None and self.last[0] == list(ids):
+            return self.last[1].to(device)
         missing = [i for i, key in enumerate(ids) if key not in self.store]
         fresh = {}
         if missing:
@@ -377,7 +389,10 @@ class EncoderCache:
             if self.keep:
                 self.store.update(fresh)
         rows = [fresh[key] if key in fresh else self.store[key] for key in ids]
-        return torch.stack(rows).to(device)
+        states = torch.stack(rows)
+        if not self.keep:
+            self.last = (list(ids), states)
+        return states.to(device)
 
 
 def same_encoder(student: torch.nn.Module, teacher: torch.nn.Module) -> bool:
@@ -399,18 +414,32 @@ class EncoderCaches:
     student: Optional[EncoderCache] = None  # None: the student's encoder trains (runs live)
     shared: bool = False  # the student reuses the teacher's cache
     logits: Optional["LogitCache"] = None  # the teacher's logits per utterance
+    disk: Any = None  # kdlib.teacher_cache.TeacherCache: offline teacher (top-k logits, encoder states)
 
 
-def build_caches(models: RunModels, config: TrainConfig) -> EncoderCaches:
+def build_caches(models: RunModels, config: TrainConfig, train_set=None) -> EncoderCaches:
+    """Encoder/logit caches of a run. With ``config.teacher_cache`` the disk cache is opened and
+    verified against this teacher, feature extractor and ``train_set`` (refused if stale); the
+    teacher then runs only for utterances the cache does not hold (the dev set)."""
     keep = config.encoder_cache == "memory"
-    teacher = EncoderCache(models.teacher, keep) if models.teacher is not None else None
+    disk = None
+    if config.teacher_cache and models.teacher is not None:
+        from kdlib.teacher_cache import TeacherCache
+
+        need_hidden = config.geo_weight > 0 or config.contrastive_weight > 0
+        disk = TeacherCache(config.teacher_cache).verify(
+            teacher=models.teacher, feature_extractor=models.teacher_feature_extractor or models.feature_extractor,
+            dataset=train_set,
+            temperature=config.temperature, need_hidden=need_hidden,
+        )
+    teacher = EncoderCache(models.teacher, keep, disk) if models.teacher is not None else None
     logits = LogitCache() if keep and models.teacher is not None else None
     encoder_trains = any(p.requires_grad for n, p in models.student.named_parameters() if ".encoder." in n)
     if encoder_trains:
-        return EncoderCaches(teacher=teacher, logits=logits)
+        return EncoderCaches(teacher=teacher, logits=logits, disk=disk)
     if teacher is not None and same_encoder(models.student, models.teacher):
-        return EncoderCaches(teacher=teacher, student=teacher, shared=True, logits=logits)
-    return EncoderCaches(teacher=teacher, student=EncoderCache(models.student, keep), logits=logits)
+        return EncoderCaches(teacher=teacher, student=teacher, shared=True, logits=logits, disk=disk)
+    return EncoderCaches(teacher=teacher, student=EncoderCache(models.student, keep), logits=logits, disk=disk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +483,7 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
             teacher_logits, teacher_hidden = teacher_forward(
                 models.teacher, caches, batch["ids"], teacher_features, dec_in, labels, need_logits, device,
                 encoded=encoded if caches.shared else None, vocab_index=models.vocab_index,
+                need_hidden=need_hidden,
             )
         student_hidden = student_mask = teacher_mask = None
         if need_hidden:
@@ -481,7 +511,8 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
 @torch.no_grad()
 def teacher_forward(teacher, caches: EncoderCaches, ids: list[str], features: torch.Tensor,
                     dec_in: torch.Tensor, labels: torch.Tensor, need_logits: bool, device: torch.device,
-                    encoded: Optional[torch.Tensor] = None, vocab_index: Optional[torch.Tensor] = None):
+                    encoded: Optional[torch.Tensor] = None, vocab_index: Optional[torch.Tensor] = None,
+                    need_hidden: bool = True):
     """Frozen teacher: ``(logits (batch, tokens, vocab) or None, encoder states (batch, 1500, d))``.
 
     With caches, the encoder runs once per utterance and so does the decoder: its logits depend
@@ -489,11 +520,21 @@ def teacher_forward(teacher, caches: EncoderCaches, ids: list[str], features: to
     every later epoch reads them instead of running the teacher at all. ``encoded``: the
     teacher's encoder states when the caller already has them (a shared, identical encoder).
 
+    With a disk cache (``caches.disk``) holding every utterance of the batch, the logits are a
+    `kdlib.losses.TopKLogits` read from it and the teacher does not run.
+
     ``vocab_index`` (a teacher with another vocabulary, e.g. large-v3 for a small student): the
     student's token ids are translated for the teacher's decoder, and the returned logits are
     the teacher's at the student's tokens, in the student's order ``(batch, tokens, vocab_student)``.
     ``features`` are the teacher's own log-mels."""
     tdev = next(teacher.parameters()).device
+    if caches.disk is not None and caches.disk.has_all(ids):
+        if vocab_index is not None:
+            raise ValueError("teacher_cache: the cache holds top-k ids in the teacher's vocabulary, which "
+                             "differs from the student's here; train with the live teacher (teacher_cache=None)")
+        logits = caches.disk.topk(ids, labels.shape[1], device, labels=labels) if need_logits else None
+        encoded = caches.teacher(features, ids, device) if need_hidden and caches.disk.has_hidden else None
+        return logits, encoded
     if vocab_index is not None:
         dec_in = vocab_index.to(dec_in.device)[dec_in]
     if caches.teacher is None and encoded is None:  # nothing cached: the whole teacher, every step
@@ -764,8 +805,9 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
                                lr=config.lr, min_lr=config.min_lr),
     )
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    caches = build_caches(models, config)
-    log("encoder outputs: teacher " + ("cached" if caches.teacher and caches.teacher.keep else "live")
+    caches = build_caches(models, config, train_set)
+    log("encoder outputs: teacher " + ("from the disk cache " + config.teacher_cache if caches.disk
+                                       else "cached" if caches.teacher and caches.teacher.keep else "live")
           + ", student " + ("trains (live)" if caches.student is None else
                             "shares the teacher's (identical frozen encoder)" if caches.shared else "frozen, cached"))
     loss_fn = DistillationLoss()

@@ -1,0 +1,329 @@
+"""The offline teacher cache (kdlib.teacher_cache) and the top-k KL (kdlib.losses.kl_divergence_topk):
+stored values equal a live teacher forward, stale caches are refused, the top-k KL is exact at
+k = vocab and biased low by exactly the within-tail KL otherwise, and training from the cache
+gives the live teacher's losses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from kdlib import teacher_cache as TC
+from kdlib.losses import DistillationLoss, LossWeights, TopKLogits, kl_divergence, kl_divergence_topk
+
+VOCAB = 51865
+
+
+# ---- the top-k KL: pure math -----------------------------------------------------------------
+
+
+def _logits(seed, shape, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def test_topk_kl_equals_exact_kl_when_k_is_vocab():
+    student, teacher = _logits(0, (2, 5, 300)), _logits(1, (2, 5, 300))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    top = TopKLogits.from_logits(teacher, 300, (1.0, 2.0))
+    for temperature in (1.0, 2.0):
+        exact = kl_divergence(student, teacher, mask, temperature)
+        assert float(kl_divergence_topk(student, top, mask, temperature)) == pytest.approx(float(exact), rel=1e-10)
+
+
+@pytest.mark.parametrize("k", [1, 8, 64, 298, 299])
+def test_topk_kl_bias_is_exactly_the_within_tail_kl(k):
+    """KL_full = KL_topk + p_tail * KL(p(.|tail) || q(.|tail)) (chain rule), so 0 <= error."""
+    temperature, vocab = 2.0, 300
+    student, teacher = _logits(2, (3, 4, vocab)), _logits(3, (3, 4, vocab))
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    top = TopKLogits.from_logits(teacher, k, (temperature,))
+    exact = float(kl_divergence(student, teacher, mask, temperature))
+    approx = float(kl_divergence_topk(student, top, mask, temperature))
+    # the within-tail KL, from the full logits the cache does not keep
+    log_p = torch.log_softmax(teacher / temperature, -1).reshape(-1, vocab)
+    log_q = torch.log_softmax(student / temperature, -1).reshape(-1, vocab)
+    tail = torch.ones_like(log_p, dtype=torch.bool).scatter(-1, top.indices.reshape(-1, k), False)
+    lp_tail = torch.logsumexp(log_p.masked_fill(~tail, -torch.inf), -1, keepdim=True)
+    lq_tail = torch.logsumexp(log_q.masked_fill(~tail, -torch.inf), -1, keepdim=True)
+    cond = ((log_p - lp_tail).exp() * ((log_p - lp_tail) - (log_q - lq_tail))).masked_fill(~tail, 0).sum(-1)
+    bias = float((lp_tail.squeeze(-1).exp() * cond).mean()) * temperature**2
+    assert exact - approx >= -1e-12
+    assert exact - approx == pytest.approx(bias, rel=1e-8, abs=1e-12)
+    if vocab - k > 1:
+        assert bias > 0  # random logits: the tails differ, the estimator is really biased
+    else:
+        assert bias == 0  # a one-token tail has no inside: exact
+
+
+def test_sampled_tail_is_unbiased_where_the_lumped_tail_is_not():
+    """Flat teacher (most mass outside the top k, as Whisper at T = 2): the lumped estimate loses
+    most of the KL, the sampled tail recovers it; averaged over draws it converges to the exact KL."""
+    vocab, k, temperature = 2000, 16, 2.0
+    student, teacher = _logits(10, (4, 8, vocab), 2.0), _logits(11, (4, 8, vocab), 2.0)
+    exact = float(kl_divergence(student, teacher, None, temperature))
+    lumped = float(kl_divergence_topk(student, TopKLogits.from_logits(teacher, k, (temperature,)), None, temperature))
+    assert (exact - lumped) / exact > 0.5
+    draws = [float(kl_divergence_topk(student, TopKLogits.from_logits(
+        teacher, k, (1.0, temperature), 64, torch.Generator().manual_seed(seed)), None, temperature))
+        for seed in range(8)]
+    assert all(abs(d - exact) / exact < 0.1 for d in draws)
+    assert abs(sum(draws) / len(draws) - exact) / exact < 0.02
+    top = TopKLogits.from_logits(teacher, k, (temperature,), 64, torch.Generator().manual_seed(0))
+    in_top = (top.tail_indices[..., 0, :, None] == top.indices[..., None, :]).any(-1)
+    assert not in_top.any(), "tail samples must come from outside the top k"
+
+
+def test_topk_kl_ignores_padding_and_has_finite_gradients():
+    student = _logits(4, (2, 6, 50)).requires_grad_()
+    teacher = _logits(5, (2, 6, 50))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    for tail_samples in (0, 16):
+        student.grad = None
+        top = TopKLogits.from_logits(teacher, 8, (2.0,), tail_samples)
+        top.values[0, 4:] = torch.nan  # garbage at padded positions must not matter
+        top.lse[0, 4:] = torch.inf
+        if tail_samples:
+            top.tail_plogp[0, 4:] = torch.nan
+        loss = kl_divergence_topk(student, top, mask, 2.0)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+        assert torch.all(student.grad[0, 4:] == 0)
+
+
+def test_topk_needs_its_temperature_and_refuses_l2():
+    top = TopKLogits.from_logits(_logits(6, (1, 2, 20)), 4, (1.0,))
+    with pytest.raises(ValueError, match="not at T = 2"):
+        kl_divergence_topk(_logits(7, (1, 2, 20)), top, None, 2.0)
+    loss = DistillationLoss(LossWeights(ce=0.0, kl=1.0, l2=1.0, temperature=1.0))
+    with pytest.raises(ValueError, match="full logits"):
+        loss(_logits(7, (1, 2, 20)), torch.zeros(1, 2, dtype=torch.long), teacher_logits=top)
+
+
+def test_distillation_loss_uses_topk_kl_for_cached_teacher():
+    student, teacher = _logits(8, (2, 3, 40)), _logits(9, (2, 3, 40))
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    loss = DistillationLoss(LossWeights(ce=0.8, kl=1.0, temperature=2.0))
+    live = loss(student, labels, teacher_logits=teacher)
+    cached = loss(student, labels, teacher_logits=TopKLogits.from_logits(teacher, 40, (2.0,)))
+    assert float(cached["kl"]) == pytest.approx(float(live["kl"]), rel=1e-10)
+    assert float(cached["total"]) == pytest.approx(float(live["total"]), rel=1e-10)
+
+
+# ---- the cache on the smoke pair -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    """The smoke teacher and its first 6 training utterances (embedded corpus)."""
+    from kdlib import data, models
+    from kdlib.config import make_config
+    from kdlib.train import build_data
+
+    config = make_config("smoke", stage=1)
+    teacher, _ = models.tiny_random_pair(seed=config.seed)
+    train_set, _, _ = build_data(config, teacher.feature_extractor, teacher.tokenizer)
+    dataset = data.MLSDataset(train_set.utterances[:6], teacher.feature_extractor, teacher.tokenizer)
+    return teacher, dataset
+
+
+@pytest.fixture(scope="module")
+def built(smoke, tmp_path_factory):
+    teacher, dataset = smoke
+    out = tmp_path_factory.mktemp("cache") / "teacher"
+    TC.build_teacher_cache(teacher.model, dataset, out, top_k=16, temperatures=(1.0, 2.0),
+                           hidden_dtype="float32", batch_size=4, progress=False)
+    return out
+
+
+def test_stored_values_match_a_live_teacher_forward(smoke, built):
+    from kdlib import data
+
+    teacher, dataset = smoke
+    batch = data.collate([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():  # the whole teacher in one call, as training's live path runs it
+        dec_in = TC._shift_right(batch["labels"], teacher.model.config)
+        live = teacher.model(input_features=batch["input_features"], decoder_input_ids=dec_in, use_cache=False)
+    cache = TC.TeacherCache(built).verify(teacher=teacher.model, feature_extractor=dataset.feature_extractor,
+                                          dataset=dataset, temperature=2.0, need_hidden=True)
+    assert len(cache) == len(dataset) and cache.top_k == 16
+    ids = batch["ids"]
+    torch.testing.assert_close(cache.hidden(ids), live.encoder_last_hidden_state, atol=1e-5, rtol=1e-5)
+    top = cache.topk(ids, batch["labels"].shape[1], labels=batch["labels"])
+    real = batch["labels"] != -100
+    want_values, want_indices = live.logits.topk(16, dim=-1)
+    assert torch.equal(top.indices[real], want_indices[real])
+    torch.testing.assert_close(top.values[real], want_values[real], atol=1e-5, rtol=1e-5)
+    for i, t in enumerate((1.0, 2.0)):
+        torch.testing.assert_close(top.lse[..., i][real], torch.logsumexp(live.logits / t, -1)[real],
+                                   atol=1e-5, rtol=1e-5)
+    assert torch.all(top.values[~real] == 0)  # padding positions are left empty
+    # the tail: sampled outside the top k, and its exact sum p log p at each T
+    assert cache.tail_samples == 64 and top.tail_indices.shape[-2:] == (2, 64)
+    in_top = (top.tail_indices[..., :, :, None] == top.indices[..., None, None, :]).any(-1)
+    assert not in_top[real].any()
+    for i, t in enumerate((1.0, 2.0)):
+        log_p = torch.log_softmax(live.logits / t, -1)
+        tail = torch.ones_like(log_p, dtype=torch.bool).scatter(-1, want_indices, False)
+        plogp = (log_p.exp() * log_p).masked_fill(~tail, 0).sum(-1)
+        torch.testing.assert_close(top.tail_plogp[..., i][real], plogp[real], atol=1e-5, rtol=1e-4)
+    index = json.loads((built / "index.json").read_text())
+    assert set(index["fingerprint"]) == {"teacher", "features", "data", "settings"}
+
+
+def test_cache_of_another_teacher_is_refused(smoke, built):
+    from kdlib import models
+
+    teacher, dataset = smoke
+    other, _ = models.tiny_random_pair(seed=1)
+    with pytest.raises(TC.StaleCacheError, match="teacher weights differ"):
+        TC.TeacherCache(built).verify(teacher=other.model, dataset=dataset)
+    bias = teacher.model.model.decoder.layer_norm.bias
+    with torch.no_grad():  # one weight nudged is enough
+        bias[0] += 1e-3
+    try:
+        assert any("teacher weights differ" in p for p in TC.TeacherCache(built).problems(teacher=teacher.model))
+    finally:
+        with torch.no_grad():
+            bias[0] -= 1e-3
+    assert TC.TeacherCache(built).problems(teacher=teacher.model) == []
+
+
+def test_cache_of_other_data_or_features_is_refused(smoke, built, tmp_path):
+    from kdlib import ct2, data
+
+    teacher, dataset = smoke
+    cache = TC.TeacherCache(built)
+    # an utterance the cache never saw, and one whose transcript changed
+    more = data.MLSDataset(dataset.utterances + [dataclasses.replace(dataset.utterances[0], id="9999_1_000001")],
+                           dataset.feature_extractor, dataset.tokenizer)
+    with pytest.raises(TC.StaleCacheError, match="1 of 7 utterances are not in the cache.*9999_1_000001"):
+        cache.verify(dataset=more)
+    edited = [dataclasses.replace(dataset.utterances[1], text=dataset.utterances[1].text + " altro")]
+    edited_set = data.MLSDataset(edited, dataset.feature_extractor, dataset.tokenizer)
+    assert any("changed" in p and edited[0].id in p for p in cache.problems(dataset=edited_set))
+    # other feature settings (128 mels, as whisper-large-v3 uses)
+    assert any("feature_size 80" in p for p in cache.problems(feature_extractor=ct2.build_feature_extractor(128)))
+    # the audio file itself replaced (size / modification time)
+    copy = tmp_path / dataset.utterances[2].audio.name
+    shutil.copy(dataset.utterances[2].audio, copy)
+    moved = [dataclasses.replace(dataset.utterances[2], audio=copy)]
+    moved_set = data.MLSDataset(moved, dataset.feature_extractor, dataset.tokenizer)
+    out = tmp_path / "one"
+    TC.build_teacher_cache(teacher.model, moved_set, out, top_k=4, store_hidden=False, progress=False)
+    assert TC.TeacherCache(out).problems(dataset=moved_set) == []
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(TC.StaleCacheError, match="changed since the cache was built"):
+        TC.TeacherCache(out).verify(dataset=moved_set)
+    # and a temperature or encoder states it does not hold
+    problems = TC.TeacherCache(out).problems(temperature=3.0, need_hidden=True)
+    assert any("temperature 3" in p for p in problems) and any("encoder states" in p for p in problems)
+
+
+def test_no_cache_folder_says_how_to_build_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cache-teacher"):
+        TC.TeacherCache(tmp_path / "nothing")
+
+
+def test_cli_builds_a_cache(tmp_path, capsys):
+    from kdlib.__main__ import main
+
+    out = tmp_path / "cli"
+    assert main(["cache-teacher", "--preset", "smoke", "--split", "dev", "--out", str(out), "--top-k", "4",
+                 "--no-hidden", "--no-progress", "--set", "max_dev_utterances=2"]) == 0
+    cache = TC.TeacherCache(out)
+    assert len(cache) == 2 and cache.top_k == 4 and not cache.has_hidden
+    assert "teacher_cache=" in capsys.readouterr().out
+    with pytest.raises(FileExistsError):
+        main(["cache-teacher", "--preset", "smoke", "--split", "dev", "--out", str(out), "--no-progress",
+              "--set", "max_dev_utterances=2"])
+
+
+# ---- training from the cache ----------------------------------------------------------------
+
+
+def test_training_from_a_full_vocab_cache_gives_the_live_losses(tmp_path):
+    """k = vocab: the top-k KL is the exact KL, so every step's losses match the live teacher's
+    (float32 rounding of batched vs cached forwards: relative 1e-5)."""
+    from kdlib import train as T
+    from kdlib.config import make_config
+
+    overrides = {"max_train_utterances": 4, "max_dev_utterances": 2, "batch_size": 2, "max_steps": 2,
+                 "eval_every": 100, "save_every": 100}
+    live_config = make_config("smoke", stage=1, overrides=overrides)
+    models = T.build_models(live_config, torch.device("cpu"))
+    train_set, _, _ = T.build_data(live_config, models.feature_extractor, models.tokenizer)
+    cache_dir = tmp_path / "full"
+    TC.build_teacher_cache(models.teacher, train_set, cache_dir, top_k=VOCAB, store_hidden=False, progress=False)
+
+    T.train(live_config, tmp_path / "live", progress=False)
+    T.train(make_config("smoke", stage=1, overrides={**overrides, "teacher_cache": str(cache_dir)}),
+            tmp_path / "cached", progress=False)
+    live = json.loads((tmp_path / "live" / "training_history.json").read_text())
+    cached = json.loads((tmp_path / "cached" / "training_history.json").read_text())
+    assert len(live) == len(cached) == 2
+    for a, b in zip(live, cached):
+        for key in ("ce", "kl", "total", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+    # a cache of other utterances is refused before the first step
+    stale = make_config("smoke", stage=1, overrides={**overrides, "max_train_utterances": 6,
+                                                      "teacher_cache": str(cache_dir)})
+    with pytest.raises(TC.StaleCacheError, match="2 of 6 utterances are not in the cache"):
+        T.train(stale, tmp_path / "stale", progress=False)
+
+
+def test_uncached_encoder_runs_once_per_batch_for_student_and_teacher():
+    """encoder_cache="off": a student sharing the teacher's frozen encoder and the teacher ask for
+    the same batch in one step; the encoder must run once, and again for the next batch."""
+    from kdlib import models
+    from kdlib.train import EncoderCache
+
+    teacher, _ = models.tiny_random_pair()
+    calls = []
+    teacher.model.get_encoder().register_forward_hook(lambda *a: calls.append(1))
+    cache = EncoderCache(teacher.model, keep=False)
+    features = torch.randn(2, 80, 3000)
+    first = cache(features, ["a", "b"], torch.device("cpu"))
+    again = cache(features, ["a", "b"], torch.device("cpu"))
+    assert len(calls) == 1 and torch.equal(first, again)
+    cache(features, ["c", "d"], torch.device("cpu"))
+    assert len(calls) == 2 and cache.store == {}
+
+
+def test_stage3_reads_teacher_encoder_states_from_the_cache(smoke, built):
+    """Stage III (contrastive on the teacher's encoder states, KL on its logits): the states come
+    from the cache (float32 here, so identical), the teacher's encoder does not run."""
+    from kdlib import data, train as T
+    from kdlib.config import make_config
+
+    teacher, dataset = smoke
+    config = make_config("smoke", stage=3, overrides={"teacher_cache": str(built), "max_train_utterances": 6})
+    models = T.build_models(config, torch.device("cpu"))
+    models.student.eval()  # no dropout: the two forwards must be comparable
+    caches = T.build_caches(models, config, dataset)
+    assert caches.disk is not None and caches.teacher.disk is not None
+    live_caches = T.build_caches(models, make_config("smoke", stage=3), dataset)
+    batch = data.collate([dataset[i] for i in range(3)])
+    loss_fn = DistillationLoss(T.stage_weights(config, 0))
+    calls = []
+    hook = models.teacher.get_encoder().register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        cached = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=caches)
+        assert calls == [], "the teacher's encoder ran although the cache holds its states"
+        live = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=live_caches)
+    hook.remove()
+    assert float(cached["contrastive"]) == pytest.approx(float(live["contrastive"]), rel=1e-5)
+    assert float(cached["ce"]) == pytest.approx(float(live["ce"]), rel=1e-6)
+    # The KL here is the sampled-tail estimate (top 16 + 64 tail samples) of a near-uniform random
+    # teacher, whose KL (0.04) is small next to the sampling noise: only check it is there; its
+    # accuracy is tested above and measured in benchmarks/topk_kl.py.
+    assert cached["kl"] is not None and torch.isfinite(cached["kl"])
