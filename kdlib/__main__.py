@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache-teacher",
                        help="run the frozen teacher once over a split; store encoder states + top-k logits")
-    p.add_argument("--preset", default="demo", choices=["smoke", "demo", "thesis"])
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     p.add_argument("--split", default="train", help="train (default), dev or test")
     p.add_argument("--out", required=True, help="cache folder (train with --set teacher_cache=DIR)")
     p.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token (default 64)")
