@@ -1,0 +1,474 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 11 · distil-whisper's recipe next to the thesis method
+#
+# distil-whisper (Gandhi et al., arXiv 2311.00430) is the reference recipe for distilling
+# Whisper, and the one most readers will meet first. It has three ingredients:
+#
+# 1. **pseudo-labels**: the teacher transcribes the training audio, and the student learns the
+#    teacher's transcripts rather than the human ones;
+# 2. **a WER filter**: a pseudo-label is kept only when its WER against the human transcript is
+#    below a threshold λ (10 % in the paper), so the student is not taught the teacher's
+#    hallucinations;
+# 3. **one training stage**: the student keeps the teacher's whole encoder, frozen and shared,
+#    and a few maximally spaced decoder layers; the loss is $0.8\,\mathrm{CE} + 1.0\,
+#    \mathrm{KL}\cdot T^2$ at $T = 2$.
+#
+# The thesis method (chapters 05–07) takes another road: human transcripts, three stages, an
+# encoder that is aligned to the teacher's geometry. This chapter runs both recipes with the
+# **same teacher, data, number of steps and seed**, and compares them in one table.
+#
+# ## What this chapter teaches
+#
+# - how to pseudo-label a split with a teacher (`kdlib.pseudo.pseudo_label`), read the labels'
+#   per-utterance WER, and choose λ from a sweep (`wer_sweep`);
+# - how to turn filtered pseudo-labels into a training folder (`training_folder`) and train
+#   distil-whisper's recipe on it (the `distil` preset), with and without the filter;
+# - how to compare recipes fairly: same clips, same decoding, same normaliser, the same engines
+#   (transformers and CTranslate2), and what each recipe costs per training step.
+#
+# ## What it needs
+#
+# Chapter 05's stage-0 run (`runs_root/05_stage1_kd/stage0`, the adapted teacher) and chapter
+# 07's final run (`runs_root/07_stage3_decoder/stage3`), trained with the same `preset`. A
+# missing stage 0 is trained here; a missing stage III is replaced by chapter 05's stage-I run
+# (and said so), or, when that is missing too, by a stage-I run trained here. The offline
+# whisper-base teacher (the `offline-whisper` extra) and `ctranslate2`. **Writes** into
+# `out_dir`: the pseudo-labels (`pseudo/`), two training folders (`data_filtered/`,
+# `data_all/`), two runs (`distil_filtered/`, `distil_all/`), merged and CTranslate2 models,
+# and `comparison.{json,csv,md,png}` with `comparison_per_speaker.{csv,md}` and
+# `step_cost.json`. With `preset = "smoke"` a tiny random pair runs every cell in seconds; the
+# numbers then mean nothing, and the prose describes the `demo` run.
+
+# %% tags=["parameters"]
+preset = "demo"  # "smoke": tiny random pair, seconds; "demo": whisper-base → distil-base on CPU, minutes; "thesis" (GPU)
+max_wer = 0.1  # λ of the WER filter (distil-whisper: 0.1; 0.2 for a weaker teacher); thesis: 0.1
+max_steps = None  # None: the preset's (demo 60; thesis 8000); the same for both distil runs
+label_max_new_tokens = 64  # decoding cap for pseudo-labels (embedded clips ≤ 10 s need < 50 tokens); thesis: 224
+ct2 = True  # also decode teacher and the two main students in CTranslate2 (int8, float32); smoke: off
+eval_limit = None  # dev clips in the table (None: the preset's max_dev_utterances, demo: all 20; thesis: 1248)
+runs_root = "../runs"  # where chapters 05 and 07 wrote their runs; thesis: the same
+out_dir = "../runs/11_distil_whisper_recipe"  # thesis: the same
+
+# %%
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from kdlib import evaluate, pseudo
+from kdlib.config import TrainConfig, make_config
+from kdlib.data import embedded_corpus, scan_mls
+from kdlib.models import tiny_random_pair
+from kdlib.train import export_merged, finished_run, load_history, run_stage, untrained_student
+
+chapter_start = time.perf_counter()
+smoke = preset == "smoke"
+if smoke:
+    ct2, label_max_new_tokens = False, 8
+out = Path(out_dir)
+out.mkdir(parents=True, exist_ok=True)
+runs = Path(runs_root)
+base = make_config(preset, stage=1)
+data_root = Path(base.data_root) if base.data_root else embedded_corpus(base.language)
+steps = {"max_steps": max_steps} if max_steps is not None else {}
+print(f"preset {preset}, data {data_root}, λ = {max_wer}, steps {max_steps or base.max_steps}")
+
+# %% [markdown]
+# ## The teacher that writes the labels
+#
+# distil-whisper pseudo-labels with the teacher it distils from. Our offline teacher,
+# whisper-base, is weak on the synthetic espeak-ng voices: on the embedded Italian **train**
+# split its pseudo-labels have a WER of **0.706** (Whisper basic normaliser), and the paper's
+# filter at λ = 0.10 keeps **0 of 96** clips (λ = 0.2 keeps 4, λ = 0.3 keeps 18). Trained on
+# whisper-base's own labels, a student would see almost no data. So we label with the teacher
+# adapted to the domain in chapter 05 (stage 0: decoder LoRA, 40 CE steps on the same train
+# split); it is also the teacher of the thesis method's runs, so both recipes learn from one
+# teacher. `export_merged` folds its LoRA into plain weights and saves a Hugging Face folder that
+# any Whisper tool loads.
+
+# %%
+stage0 = runs / "05_stage1_kd" / "stage0"
+if not finished_run(stage0, preset):
+    print(f"{stage0} missing or from another preset: training stage 0 here")
+    stage0 = out / "stage0"
+    run_stage(make_config(preset, stage=0), stage0)
+teacher_dir = export_merged(stage0, out / "merged" / "teacher_adapted")
+print(f"adapted teacher: run {stage0} → merged folder {teacher_dir}")
+
+# %% [markdown]
+# The merged folder is the adapted teacher as one model: the pseudo-labeller and CTranslate2
+# read it like any Whisper checkpoint.
+#
+# ## Pseudo-labels for the train split
+#
+# Greedy decoding, batched, language and task tokens forced; one JSON line per clip with the
+# transcript, its WER against the human reference, the teacher's mean log-probability and
+# whether it finished before `max_new_tokens`. Rerunning the cell resumes where it stopped.
+
+# %%
+report = pseudo.pseudo_label(
+    str(teacher_dir), data_root, base.train_split, out / "pseudo", language=base.language,
+    max_new_tokens=label_max_new_tokens, limit=base.max_train_utterances, progress=not smoke)
+print(report.report())
+records = pseudo.read_pseudo_labels(out / "pseudo" / pseudo.JSONL_NAME)
+for r in records[:3]:
+    print(f"  {r['id']}: WER {r['wer'] if r['wer'] is None else round(r['wer'], 2)}\n"
+          f"    reference: {r['reference']}\n    teacher  : {r['text']}")
+
+# %% [markdown]
+# The report gives the corpus WER of the pseudo-labels against the references and the labelling
+# speed (RTF). On the demo the adapted teacher's pseudo-labels have a WER of only **2.5 %** on
+# this train split, against 0.44 on dev: stage 0 trained it on these very clips and their
+# references (40 steps, about three epochs), so it has largely memorised them, and its errors
+# are single misspelt words ("arrivà" for "arriverà"). This is a leak that distil-whisper does
+# not have (its teacher never saw the labelled audio): here the pseudo-labels are close to the
+# human transcripts, and "pseudo-labels against references" is not what this chapter can
+# measure. A clean setup adapts the teacher on one half of the train split and labels the other.
+#
+# ## How many clips does each λ keep?
+
+# %%
+thresholds = (0.1, 0.2, 0.3, 0.5, None)
+sweep = pseudo.wer_sweep(records, thresholds)
+print(f"{'λ':>6}{'kept':>7}{'dropped':>9}{'kept audio (min)':>18}")
+for row in sweep:
+    lam = "none" if row["max_wer"] is None else f"{row['max_wer']:g}"
+    print(f"{lam:>6}{row['kept']:>7}{row['dropped']:>9}{60 * row['kept_hours']:>18.1f}")
+
+wers = np.array([r["wer"] for r in records if r.get("wer") is not None])
+fig, ax = plt.subplots(figsize=(8, 3.6))
+ax.hist(np.clip(wers, 0, 1.5), bins=np.linspace(0, 1.5, 31), color="C0")
+for lam, color in ((0.1, "C3"), (0.2, "C1"), (0.3, "C2")):
+    ax.axvline(lam, color=color, linestyle="--", label=f"λ = {lam}")
+ax.set(title=f"Per-utterance WER of the adapted teacher's pseudo-labels ({len(wers)} train clips)",
+       xlabel="WER against the reference (basic normaliser; > 1.5 drawn at 1.5)",
+       ylabel="utterances")
+ax.legend()
+fig.tight_layout()
+fig.savefig(out / "pseudo_label_wer.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# Each λ keeps the clips left of its dashed line (strictly: WER < λ). The filter trades
+# quantity for quality: at λ = 0.1 only transcripts with fewer than one word wrong in ten
+# survive. On the demo that is 89 of 96 clips (λ = 0.2: 92, 0.3: 93, 0.5: 95): with the
+# memorising teacher above, the filter removes only 7 clips. "none" keeps every non-empty
+# pseudo-label, the errors included.
+#
+# ## Two training folders: filtered and unfiltered
+#
+# `training_folder` writes an MLS-shaped folder whose `train/` holds the kept pseudo-labels and
+# whose `dev/` links the original split, so dev WER is still measured against human
+# references.
+
+# %%
+MIN_CLIPS = 8  # fewer than this: one batch or two, a run that says little
+filtered = pseudo.training_folder(data_root, out / "pseudo", base.train_split, max_wer=max_wer,
+                                  out=out / "data_filtered")
+unfiltered = pseudo.training_folder(data_root, out / "pseudo", base.train_split, max_wer=None,
+                                    out=out / "data_all")
+print(filtered.report(), unfiltered.report(), sep="\n")
+if filtered.n_pseudo == 0:
+    print(f"\nλ = {max_wer} keeps no clip: the filtered run is skipped (raise max_wer).")
+elif filtered.n_pseudo < MIN_CLIPS:
+    print(f"\nλ = {max_wer} keeps only {filtered.n_pseudo} clips (< {MIN_CLIPS}): the filtered run "
+          "still trains, but on so little data that its row says more about overfitting than about "
+          "the filter.")
+
+# %% [markdown]
+# Both folders share the audio (symbolic links) and the dev split; they differ only in which
+# train clips are listed: on the demo, 89 against 96, the 7 dropped being the teacher's worst
+# transcripts.
+#
+# ## The distil recipe as a config
+#
+# For the demo the `distil` preset holds the recipe (`kdlib.config.PRESETS["distil"]`): the
+# student is whisper-base's encoder (frozen, and shared with the teacher: one encoder forward
+# per batch) plus decoder layers 0 and 5 of 6; loss 0.8·CE + 1.0·KL·T² at T = 2, no warm-up, no
+# projector. The one deviation from distil-whisper: it fine-tunes the whole decoder; here LoRA
+# (rank 32) trains on every linear layer of the decoder (`lora_preset = "decoder_all"`), as in
+# the rest of the book. The same fields are set on the smoke and thesis presets.
+
+# %%
+DISTIL_FIELDS = dict(student="from-teacher", lora_preset="decoder_all", train_encoder=False,
+                     projector=False, ce_weight=0.8, kl_weight=1.0, temperature=2.0, kl_warmup_steps=0)
+
+
+def distil_config(folder, **extra):
+    """distil-whisper's recipe on ``folder`` at this chapter's preset, taught by the adapted
+    teacher. thesis: large-v3's encoder (frozen, no frame downsampling) + 2 of its 32 decoder
+    layers, i.e. distil-large-v3's shape, with the thesis preset's data and schedule."""
+    fields = {"data_root": str(folder), "teacher_from": str(stage0), **steps, **extra}
+    if preset == "demo":
+        return make_config("distil", stage=1, overrides=fields)
+    size = {"smoke": dict(student_decoder_layers=1),
+            "thesis": dict(student_decoder_layers=2, student_frame_factor=1)}.get(preset, {})
+    return make_config(preset, stage=1, overrides={**DISTIL_FIELDS, **size, **fields})
+
+
+config_filtered = distil_config(out / "data_filtered")
+config_all = distil_config(out / "data_all")
+keys = ("preset", "teacher", "student", "student_decoder_layers", "lora_preset", "lora_r",
+        "train_encoder", "ce_weight", "kl_weight", "temperature", "max_steps", "batch_size", "lr", "seed")
+for key in keys:
+    print(f"  {key:<24}{str(getattr(config_all, key)):>22}")
+diff = {k for k, v in config_all.to_dict().items() if config_filtered.to_dict()[k] != v}
+print("the two runs differ only in:", sorted(diff))
+
+# %% [markdown]
+# The two configs differ in one field, `data_root`: same teacher, student, steps, schedule and
+# seed.
+#
+# ## Training both
+
+# %%
+distil_runs = {}
+if filtered.n_pseudo > 0:
+    summary_f = run_stage(config_filtered, out / "distil_filtered", progress=not smoke)
+    distil_runs["distil, filtered"] = out / "distil_filtered"
+    print("filtered  :", {k: summary_f.get(k) for k in ("final_ce", "final_kl", "dev_loss", "dev_wer")})
+summary_a = run_stage(config_all, out / "distil_all", progress=not smoke)
+distil_runs["distil, unfiltered"] = out / "distil_all"
+print("unfiltered:", {k: summary_a.get(k) for k in ("final_ce", "final_kl", "dev_loss", "dev_wer")})
+
+fig, ax = plt.subplots(figsize=(8, 3.4))
+for name, run in distil_runs.items():
+    hist = load_history(run)
+    ax.plot([h["step"] for h in hist], [h["total"] for h in hist], label=name)
+ax.set(title="distil recipe: training loss 0.8·CE + KL·T²", xlabel="step", ylabel="loss (nats/token)")
+ax.legend()
+fig.tight_layout()
+fig.savefig(out / "distil_curves.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# The training losses are not comparable across the two runs as a measure of quality: they are
+# computed on different targets (the filtered run lacks the 7 hardest clips). Whether either
+# transfers is what the dev table below says.
+#
+# ## The thesis method's run
+
+# %%
+thesis_run = runs / "07_stage3_decoder" / "stage3"
+thesis_name = "thesis method (stages I+II+III)"
+if not finished_run(thesis_run, preset):
+    print(f"{thesis_run} missing or from another preset (run chapter 07 at preset {preset!r}).")
+    thesis_run, thesis_name = runs / "05_stage1_kd" / "stage1", "thesis method, stage I only"
+    if not finished_run(thesis_run, preset):
+        print(f"{thesis_run} missing too: training stage I here, with the same adapted teacher.")
+        thesis_run = out / "stage1"
+        run_stage(make_config(preset, stage=1, overrides={"teacher_from": str(stage0), **steps}), thesis_run)
+    else:
+        print(f"Reporting chapter 05's stage-I KD run instead: {thesis_run}")
+print(f"{thesis_name}: {thesis_run}")
+
+# %% [markdown]
+# The row name says which run stands for the thesis method: all three stages when chapter 07
+# has run, only stage I otherwise.
+#
+# ## The comparison table
+#
+# Every model decodes the same dev clips, greedily, with the same token cap, and is scored
+# after Whisper's **basic** normaliser (the one for non-English text; chapter 08 shows why it
+# matters). One model is loaded at a time. The columns: WER and CER; insertions per reference
+# word and repeated 5-grams per 100 hypothesis words (two signs of hallucination: a looping
+# decoder inserts and repeats); real-time factor (decode seconds per audio second, same
+# threads for both engines) and parameters. With `ct2` on, the teacher and the two main students
+# are also converted to CTranslate2 and decoded at float32 and int8.
+
+# %%
+limit = eval_limit or base.max_dev_utterances
+
+
+def compare_one(name, model=None, **entry):
+    t0 = time.perf_counter()
+    row = evaluate.compare_models([dict(name=name, model=model, **entry)], data_root=data_root,
+                                  split=base.dev_split, limit=limit, language=base.language,
+                                  max_new_tokens=base.eval_max_new_tokens, progress=False)[0]
+    row["status"] = "measured"
+    print(f"{name:<40} WER {row['wer']:.3f}  CER {row['cer']:.3f}  RTF {row['rtf']:.3f}  "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return row
+
+
+if smoke:  # the tiny random teacher has no offline name: save it as a folder
+    teacher_src = out / "merged" / "teacher"
+    bundle = tiny_random_pair(seed=base.seed)[0]
+    for part in (bundle.model, bundle.tokenizer, bundle.feature_extractor):
+        part.save_pretrained(teacher_src)
+else:
+    teacher_src = base.teacher
+rows = [compare_one(f"teacher ({base.teacher})", str(teacher_src)),
+        compare_one("teacher, adapted (stage 0)", str(teacher_dir))]
+model, tok, fe = untrained_student(config_all)
+rows.append(compare_one("student, untrained", (model, fe, tok)))
+del model
+students = {**distil_runs, thesis_name: thesis_run}
+merged = {name: export_merged(run, out / "merged" / run.name) for name, run in students.items()}
+for name, folder in merged.items():
+    rows.append(compare_one(name, str(folder)))
+if "distil, filtered" not in distil_runs:
+    rows.insert(3, {"name": "distil, filtered", "status": f"not run: λ = {max_wer} kept no clip"})
+
+# %% [markdown]
+# Each line is one model on the same clips. The untrained student (decoder layers 0 and 5 of
+# the teacher, never trained together) is the floor both recipes start from.
+
+# %%
+if ct2:
+    n_params = {r["name"]: r.get("n_parameters") for r in rows}
+    main = [next(iter(distil_runs)), thesis_name]  # the filtered run when it exists
+    sources = {f"teacher ({base.teacher})": evaluate.offline_ct2_dir(base.teacher),
+               **{name: merged[name] for name in main}}
+    for name, src in sources.items():
+        for q in ("float32", "int8"):
+            folder = src if name.startswith("teacher") else evaluate.export_ct2(
+                src, out / "ct2" / f"{Path(src).name}-{q}", quantization=q)
+            rows.append(compare_one(f"{name}, ct2 {q}", ct2_dir=folder, compute_type=q,
+                                    n_parameters=n_params[name]))
+else:
+    print("ct2 = False: CTranslate2 rows skipped")
+
+# %% [markdown]
+# CTranslate2 is the engine faster-whisper runs on. The float32 rows should repeat the
+# transformers WER (same weights, same greedy search) at a lower RTF; int8 stores the weights
+# in 8 bits, faster on a CPU at a small cost in accuracy. The teacher's CTranslate2 folder is
+# the original whisper-base (as in chapter 08), the students' are their merged folders.
+
+# %%
+columns = ("name", "status", "engine", "compute_type", "wer", "cer", "insertion_rate",
+           "repeated_5grams_per_100_words", "rtf", "n_parameters", "n_utterances", "normalizer")
+paths = evaluate.write_comparison(rows, out, columns=columns)
+fig = evaluate.plot_comparison([r for r in rows if r["status"] == "measured"], out / "comparison.png",
+                               title=f"distil recipe vs thesis method, {data_root.name}/{base.dev_split}")
+plt.show()
+n_clips = next(r["n_utterances"] for r in rows if r.get("n_utterances"))
+print(f"{data_root.name}/{base.dev_split}, {n_clips} clips, greedy, normaliser {evaluate.NORMALIZER}\n")
+print(evaluate.markdown_table(rows, columns))
+print((out / "comparison_per_speaker.md").read_text() if "speakers_md" in paths else "no per-speaker table")
+
+# %% [markdown]
+# The first table is the chapter's result (also in `comparison.md` and `comparison.csv`); the
+# second is WER per speaker, one espeak-ng voice each: with 3–4 dev clips per voice, one word
+# moves a cell by 2–3 points, so read the pattern, not the decimals.
+#
+# ## What each recipe costs per step
+#
+# The trainer logs the wall seconds of every optimizer step (`training_history.json`). During
+# the first epoch the frozen encoder and the teacher's logits are computed and cached; after it
+# a step is only the student's decoder forward and backward. So we average the steps after the
+# first epoch, where the recipes differ in what they really compute.
+
+# %%
+def train_clips(run):
+    config = TrainConfig.from_json(run / "training_config.json")
+    root = Path(config.data_root) if config.data_root else embedded_corpus(config.language)
+    n = len(scan_mls(root, config.train_split, min_duration=config.min_duration,
+                     max_duration=config.max_duration, language=config.language).utterances)
+    return min(n, config.max_train_utterances or n), config
+
+
+def chain(run):
+    """A run and the earlier stages it was initialised from (init_from), first stage first."""
+    found = [run]
+    while (init := TrainConfig.from_json(found[0] / "training_config.json").init_from):
+        path = Path(init)
+        if not path.exists():  # a relative path written by another working folder
+            path = runs / path.parent.name / path.name
+        found.insert(0, path)
+    return found
+
+
+cost_runs = {name: [run] for name, run in distil_runs.items()}
+cost_runs[thesis_name] = chain(thesis_run)
+cost = []
+for name, run_list in cost_runs.items():
+    for run in run_list:
+        n_train, config = train_clips(run)
+        per_epoch = math.ceil(n_train / (config.batch_size * config.grad_accum))
+        seconds = [h["seconds"] for h in load_history(run)]
+        later = seconds[per_epoch:] or seconds
+        cost.append(dict(recipe=name, run=str(run), stage=config.stage, train_clips=n_train,
+                         steps=len(seconds), first_epoch_steps=per_epoch,
+                         s_per_step_after_epoch_1=float(np.mean(later)), total_s=float(np.sum(seconds))))
+print(f"{'recipe':<36}{'stage':>6}{'clips':>7}{'steps':>7}{'s/step after ep. 1':>20}{'total s':>9}")
+for c in cost:
+    print(f"{c['recipe']:<36}{c['stage']:>6}{c['train_clips']:>7}{c['steps']:>7}"
+          f"{c['s_per_step_after_epoch_1']:>20.2f}{c['total_s']:>9.0f}")
+(out / "step_cost.json").write_text(json.dumps(cost, indent=2))
+print(f"\nchapter wall time so far: {time.perf_counter() - chapter_start:.0f} s")
+
+# %% [markdown]
+# The distil recipe is one stage on a frozen, shared encoder: after the first epoch a step
+# touches only the two-layer decoder. The thesis method is three stages, and its stage II trains
+# the encoder (LoRA) with the alignment losses, the most expensive steps in the book; the
+# stage-0 teacher adaptation is shared by both recipes and left out. The seconds are wall time
+# on a CPU shared with other jobs: compare rows of one run, not across machines.
+#
+# ## What the comparison says
+#
+# On the demo, read the table with three questions, whatever the numbers turn out to be on your
+# machine:
+#
+# 1. **Does the filter help?** The filtered and unfiltered runs differ only in their training
+#    clips: on the demo 7 of 96, the teacher's worst transcripts. A difference that small in
+#    data gives a difference in dev WER that is hard to tell from seed noise; the filter matters
+#    when the teacher is weak (the raw whisper-base would leave 0 clips at λ = 0.1) and when
+#    data is plentiful, distil-whisper's regime of thousands of hours.
+# 2. **Pseudo-labels or human labels?** The thesis method trains on the human references; the
+#    distil runs on the teacher's transcripts. Here the two are nearly the same text (pseudo-label
+#    WER 2.5 %, because the adapted teacher memorised the train split), so the comparison is
+#    mostly between the *training recipes* (one stage on a shared frozen encoder against three
+#    stages with encoder alignment), not between label sources.
+# 3. **What does each cost?** The distil recipe is cheaper per step and has one stage to tune;
+#    the thesis method spends more steps (three stages) and an encoder-training stage.
+#
+# On 20 synthetic dev clips, differences of a few WER points are within what another seed
+# would change (chapter 09 runs seeds); a claim that one recipe wins needs several seeds and,
+# better, real speech. Also keep the one deviation in mind: distil-whisper fine-tunes every
+# decoder weight, while here LoRA adapters on the decoder's linear layers train, a smaller
+# search space that may favour neither recipe equally.
+#
+# ## Summary
+#
+# - distil-whisper's recipe: pseudo-label the training audio with the teacher, keep the labels
+#   whose WER is below λ, train one stage of 0.8·CE + KL·T² on a student that shares the
+#   teacher's frozen encoder and keeps maximally spaced decoder layers.
+# - A teacher weak in-domain makes the filter empty (whisper-base: 0 of 96 clips at λ = 0.1);
+#   adapt it first, and say which teacher wrote the labels. A teacher adapted on the clips it
+#   then labels has memorised them (pseudo-label WER 2.5 % on train, 0.44 on dev): adapt and
+#   label on disjoint clips when the label source is what you study.
+# - `pseudo_label` → `wer_sweep` → `training_folder` → `run_stage` is the whole pipeline; the
+#   filtered and unfiltered runs differ in one config field.
+# - The comparison puts both recipes and the teacher on the same clips, with one normaliser,
+#   two engines, hallucination indicators and the training cost per step.
+#
+# ## Exercises
+#
+# 1. Rerun with `max_wer = 0.3` (and 0.5): where does the filtered run's dev WER stop improving
+#    as λ grows? Plot dev WER against the number of kept clips.
+# 2. Build a third folder with `targets="both"` (pseudo-labels where they pass the filter,
+#    references elsewhere) and train the distil recipe on it: does repairing the rejected clips
+#    beat both runs of this chapter?
+# 3. Label with the raw whisper-base instead of the adapted teacher (`pseudo_label("whisper-base",
+#    ...)`) and train the unfiltered recipe: how much of the student's WER is the teacher's?
