@@ -588,6 +588,46 @@ class TrainingFolder:
                 f"  train on it with --set data_root={self.path} --set train_split={self.split}")
 
 
+def _link_other_splits(data_dir: Path, out: Path, split: str) -> None:
+    """Link every split folder of ``data_dir`` but ``split`` into ``out`` (dev and test stay the
+    originals, with their human references) and copy ``speakers.tsv``."""
+    for other in sorted(p for p in data_dir.iterdir() if p.is_dir() and p.name != split):
+        if not (other / "transcripts.txt").is_file():
+            continue
+        target = out / other.name
+        if target.is_symlink():
+            target.unlink()
+        if not target.exists():
+            target.symlink_to(other.absolute(), target_is_directory=True)
+    if (data_dir / "speakers.tsv").is_file():
+        shutil.copy2(data_dir / "speakers.tsv", out / "speakers.tsv")
+
+
+def subset_folder(data_dir: str | os.PathLike, split: str, ids: Iterable[str], out: str | os.PathLike, *,
+                  language: str | None = None, link: str = "symlink") -> int:
+    """An MLS-shaped folder whose ``<split>`` holds only the utterances ``ids`` of
+    ``<data_dir>/<split>``, with their references; the other splits are linked unchanged.
+    Returns how many utterances it lists. Use it to keep two uses of one split apart, e.g. adapt
+    a teacher on one half of the train split and pseudo-label the other half, so the labelling
+    teacher has never seen the clips it labels. An id that is not in the split is an error."""
+    from kdlib.data import scan_mls
+
+    data_dir, out = Path(data_dir), Path(out)
+    if out.resolve() == data_dir.resolve():
+        raise ValueError(f"{out}: the subset folder must not be the source data folder")
+    wanted = list(dict.fromkeys(ids))
+    scan = scan_mls(data_dir, split, min_duration=0.0, max_duration=float("inf"), language=language)
+    by_id = {u.id: u for u in scan.utterances}
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise ValueError(f"{data_dir}/{split}: no utterance {missing[:5]} ({len(missing)} missing)")
+    records = [{"id": i, "reference": by_id[i].text, "audio": str(by_id[i].audio)} for i in wanted]
+    out.mkdir(parents=True, exist_ok=True)
+    write_split(records, out, split, targets="references", link=link)
+    _link_other_splits(data_dir, out, split)
+    return len(records)
+
+
 def training_folder(data_dir: str | os.PathLike, pseudo_dir: str | os.PathLike, split: str = "train",
                     *, targets: str = "pseudo", max_wer: float | None = 0.10,
                     out: str | os.PathLike, keep_unscored: bool = True,
@@ -627,16 +667,7 @@ def training_folder(data_dir: str | os.PathLike, pseudo_dir: str | os.PathLike, 
                          "has nothing to train on")
     out.mkdir(parents=True, exist_ok=True)
     write_split(chosen, out, split, targets=targets, link=link)
-    for other in sorted(p for p in data_dir.iterdir() if p.is_dir() and p.name != split):
-        if not (other / "transcripts.txt").is_file():
-            continue
-        target = out / other.name
-        if target.is_symlink():
-            target.unlink()
-        if not target.exists():
-            target.symlink_to(other.absolute(), target_is_directory=True)
-    if (data_dir / "speakers.tsv").is_file():
-        shutil.copy2(data_dir / "speakers.tsv", out / "speakers.tsv")
+    _link_other_splits(data_dir, out, split)
     n_pseudo = sum(1 for r in chosen if r["target"] == "pseudo" and (r.get("text") or "").strip())
     n_refs = sum(1 for r in chosen if r["target"] == "references")
     summary = dict(data_dir=str(data_dir), pseudo_dir=str(pseudo_dir), split=split,

@@ -265,3 +265,18 @@ def test_cli_pseudo_filter_then_scan(labelled, tmp_path, capsys):
     texts = {u.id: u.text for u in data.scan_mls(out, "dev", language="it", min_duration=0).utterances}
     refs = {u.id: u.text for u in data.scan_mls(CORPUS, "dev", min_duration=0).utterances[:6]}
     assert texts == refs
+
+
+def test_subset_folder_keeps_only_the_chosen_clips_and_links_the_rest(tmp_path):
+    utts = data.scan_mls(CORPUS, "train", language="it").utterances
+    chosen = [u.id for u in utts[::2]]
+    n = pseudo.subset_folder(CORPUS, "train", chosen, tmp_path / "half", language="it")
+    assert n == len(chosen)
+    half = data.scan_mls(tmp_path / "half", "train", language="it").utterances
+    assert sorted(u.id for u in half) == sorted(chosen)
+    texts = {u.id: u.text for u in utts}
+    assert all(u.text == texts[u.id] for u in half)  # the human references
+    assert len(data.scan_mls(tmp_path / "half", "dev", language="it").utterances) == \
+        len(data.scan_mls(CORPUS, "dev", language="it").utterances)
+    with pytest.raises(ValueError, match="no utterance"):
+        pseudo.subset_folder(CORPUS, "train", ["9999_9_000000"], tmp_path / "bad", language="it")
