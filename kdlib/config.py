@@ -76,7 +76,10 @@ class TrainConfig:
     length_grouped: bool = True
     # "memory": frozen encoders (the teacher's always; the student's when it does not train) run
     # once per utterance and their outputs are kept in RAM (1500 x d_model floats per clip: fine
-    # for the embedded corpus, not for MLS at thesis scale). "off": recompute every step.
+    # for the embedded corpus, not for MLS at thesis scale). "disk": the same, and the outputs are
+    # also kept in ~/.cache/kdlib/encoder_states (or $KDLIB_CACHE), keyed by the encoder's exact
+    # weights, so every later run with the same frozen encoder (another stage, a control run,
+    # another chapter) reads them instead of running the encoder. "off": recompute every step.
     encoder_cache: str = "memory"
     # Offline KD: a folder written by `python -m kdlib cache-teacher` (kdlib.teacher_cache). The
     # teacher's encoder states and top-k logits are read from it instead of running the teacher;
@@ -175,7 +178,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Dev WER only at the end of a demo run (eval_every = max_steps): a greedy pass over the 20
     # dev clips costs about as much as 10 training steps on the 2-core CPU, and the chapters
     # report the final value from summary.json instead of decoding the same model again.
-    "demo": {"eval_max_new_tokens": 64, "eval_every": 60, "save_every": 10, "lr": 3e-3,
+    "demo": {"eval_max_new_tokens": 64, "eval_every": 60, "save_every": 10, "lr": 3e-3, "encoder_cache": "disk",
              "lora_r": 32, "lora_alpha": 64, "lora_preset": "qkvo_all"},
     # distil-whisper's recipe (arXiv 2311.00430, its training code) at demo size: the student
     # keeps the teacher's whole encoder, frozen and shared (the teacher's decoder reads the
@@ -183,7 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # layers (first and last kept); loss 0.8·CE + 1.0·KL·T² at T = 2 over real tokens, no
     # warm-up, no projector. One deviation: distil-whisper trains the whole decoder, here LoRA on
     # every decoder linear layer trains (``decoder_all``). Stage 1 only.
-    "distil": {"eval_max_new_tokens": 64, "eval_every": 60, "save_every": 10, "lr": 3e-3,
+    "distil": {"eval_max_new_tokens": 64, "eval_every": 60, "save_every": 10, "lr": 3e-3, "encoder_cache": "disk",
                "lora_r": 32, "lora_alpha": 64, "lora_preset": "decoder_all", "train_encoder": False,
                "ce_weight": 0.8, "kl_weight": 1.0, "temperature": 2.0, "kl_warmup_steps": 0,
                "projector": False},
@@ -288,7 +291,7 @@ def validate(config: TrainConfig) -> None:
         "amp_dtype": ("fp16", "bf16"),
         "kd_kind": ("kl", "taid"),
         "geo_kind": ("geodesic", "mse"),
-        "encoder_cache": ("memory", "off"),
+        "encoder_cache": ("memory", "disk", "off"),
         "alignment": ("point", "curve"),
     }
     for name, allowed in choices.items():

@@ -358,15 +358,20 @@ class EncoderCache:
     ``disk``: a verified `kdlib.teacher_cache.TeacherCache` of this (teacher) encoder; utterances
     it holds are read from it (offline KD), the others computed as above.
 
+    ``store``: a folder of encoder states that outlives the run (``encoder_cache="disk"``), see
+    `EncoderStore`: states it holds are read instead of computed, computed ones are added.
+
     With ``keep=False`` the last batch is still remembered: a student sharing this cache and the
     teacher ask for the same batch within one step, and the encoder should run once, not twice.
     """
 
-    def __init__(self, model: torch.nn.Module, keep: bool = True, disk=None):
+    def __init__(self, model: torch.nn.Module, keep: bool = True, disk=None,
+                 store: Optional["EncoderStore"] = None):
         self.model = model
         self.keep = keep
         self.store: dict[str, torch.Tensor] = {}
         self.disk = disk if disk is not None and disk.has_hidden else None
+        self.persistent = store
         self.last: Optional[tuple[list[str], torch.Tensor]] = None
 
     @torch.no_grad()
@@ -376,8 +381,10 @@ class EncoderCache:
             return self.disk.hidden(ids, device)
         if not self.keep and self.last is not None and self.last[0] == list(ids):
             return self.last[1].to(device)
-        missing = [i for i, key in enumerate(ids) if key not in self.store]
         fresh = {}
+        if self.persistent is not None:
+            fresh = self.persistent.load([key for key in ids if key not in self.store])
+        missing = [i for i, key in enumerate(ids) if key not in self.store and key not in fresh]
         if missing:
             encoder = self.model.get_encoder()
             was_training = encoder.training
@@ -385,14 +392,74 @@ class EncoderCache:
             param = next(encoder.parameters())
             out = encoder(features[missing].to(param.device, param.dtype)).last_hidden_state
             encoder.train(was_training)
-            fresh = {ids[i]: out[j].float().cpu() for j, i in enumerate(missing)}
-            if self.keep:
-                self.store.update(fresh)
+            computed = {ids[i]: out[j].float().cpu() for j, i in enumerate(missing)}
+            if self.persistent is not None:
+                self.persistent.save(computed)
+            fresh.update(computed)
+        if self.keep:
+            self.store.update(fresh)
         rows = [fresh[key] if key in fresh else self.store[key] for key in ids]
         states = torch.stack(rows)
         if not self.keep:
             self.last = (list(ids), states)
         return states.to(device)
+
+
+class EncoderStore:
+    """Frozen-encoder states on disk, shared by every run with the same encoder weights.
+
+    ``<cache>/encoder_states/<key>/<utterance id>-<audio size>-<audio mtime ns>.pt``: float32
+    ``(1500, d_model)``, exactly what the encoder returned. ``key`` hashes the encoder's
+    parameters (LoRA included) bit for bit and its dtype, so another encoder (a stage-II student,
+    another model) never reads these states; the audio file's size and modification time are in
+    the file name, so a changed clip is computed again. Written atomically (temporary file, then
+    rename), so a run killed mid-write leaves no half file. On the demo every run with whisper-base's
+    frozen encoder (teacher, adapted teacher, distil-base student) shares one folder: the encoder
+    runs once per clip for the whole book instead of once per run.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, audio: dict[str, Path], root: Optional[Path] = None):
+        from kdlib import cache_dir
+        from kdlib.distributed import tensor_digest
+
+        params = dict(encoder.named_parameters())
+        if all(not bool(p.detach().abs().sum() > 0) for n, p in params.items() if "lora_B" in n):
+            # LoRA with every B still zero is the identity: the encoder computes its base weights'
+            # function, so it shares the store of the same encoder without adapters.
+            params = {n.replace(".base_layer", ""): p for n, p in params.items() if "lora_" not in n}
+        digest = tensor_digest(params)
+        dtype = str(next(encoder.parameters()).dtype)
+        key = __import__("hashlib").sha256(f"{digest}:{dtype}".encode()).hexdigest()[:20]
+        self.folder = Path(root or cache_dir()) / "encoder_states" / key
+        self.audio = audio
+
+    def _path(self, utt_id: str) -> Optional[Path]:
+        audio = self.audio.get(utt_id)
+        if audio is None:
+            return None
+        try:
+            stat = os.stat(audio)
+        except OSError:
+            return None
+        return self.folder / f"{utt_id}-{stat.st_size}-{stat.st_mtime_ns}.pt"
+
+    def load(self, ids: list[str]) -> dict[str, torch.Tensor]:
+        found = {}
+        for utt_id in ids:
+            path = self._path(utt_id)
+            if path is not None and path.is_file():
+                try:
+                    found[utt_id] = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception as err:  # a damaged file is computed again, never fatal
+                    print(f"encoder store: ignoring {path} ({err})")
+        return found
+
+    def save(self, states: dict[str, torch.Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for utt_id, state in states.items():
+            path = self._path(utt_id)
+            if path is not None and not path.exists():
+                atomic_write_bytes(path, lambda h, s=state: torch.save(s.clone(), h))
 
 
 def same_encoder(student: torch.nn.Module, teacher: torch.nn.Module) -> bool:
@@ -417,11 +484,16 @@ class EncoderCaches:
     disk: Any = None  # kdlib.teacher_cache.TeacherCache: offline teacher (top-k logits, encoder states)
 
 
-def build_caches(models: RunModels, config: TrainConfig, train_set=None) -> EncoderCaches:
+def build_caches(models: RunModels, config: TrainConfig, train_set=None, dev_set=None) -> EncoderCaches:
     """Encoder/logit caches of a run. With ``config.teacher_cache`` the disk cache is opened and
     verified against this teacher, feature extractor and ``train_set`` (refused if stale); the
     teacher then runs only for utterances the cache does not hold (the dev set)."""
-    keep = config.encoder_cache == "memory"
+    keep = config.encoder_cache in ("memory", "disk")
+    audio = {u.id: Path(u.audio) for s in (train_set, dev_set) if s is not None for u in s.utterances}
+
+    def store(model):
+        return EncoderStore(model.get_encoder(), audio) if config.encoder_cache == "disk" else None
+
     disk = None
     if config.teacher_cache and models.teacher is not None:
         from kdlib.teacher_cache import TeacherCache
@@ -432,14 +504,15 @@ def build_caches(models: RunModels, config: TrainConfig, train_set=None) -> Enco
             dataset=train_set,
             temperature=config.temperature, need_hidden=need_hidden,
         )
-    teacher = EncoderCache(models.teacher, keep, disk) if models.teacher is not None else None
+    teacher = EncoderCache(models.teacher, keep, disk, store(models.teacher)) if models.teacher is not None else None
     logits = LogitCache() if keep and models.teacher is not None else None
     encoder_trains = any(p.requires_grad for n, p in models.student.named_parameters() if ".encoder." in n)
     if encoder_trains:
         return EncoderCaches(teacher=teacher, logits=logits, disk=disk)
     if teacher is not None and same_encoder(models.student, models.teacher):
         return EncoderCaches(teacher=teacher, student=teacher, shared=True, logits=logits, disk=disk)
-    return EncoderCaches(teacher=teacher, student=EncoderCache(models.student, keep), logits=logits, disk=disk)
+    return EncoderCaches(teacher=teacher, student=EncoderCache(models.student, keep, store=store(models.student)),
+                         logits=logits, disk=disk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -805,7 +878,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
                                lr=config.lr, min_lr=config.min_lr),
     )
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    caches = build_caches(models, config, train_set)
+    caches = build_caches(models, config, train_set, dev_set)
     log("encoder outputs: teacher " + ("from the disk cache " + config.teacher_cache if caches.disk
                                        else "cached" if caches.teacher and caches.teacher.keep else "live")
           + ", student " + ("trains (live)" if caches.student is None else

@@ -271,3 +271,39 @@ def test_run_stage_reuses_a_finished_run_and_refuses_another_config(tmp_path):
     assert T.run_stage(smoke(max_steps=3, init_from="elsewhere"), run, train_fn=fake_train,
                        ignore=("init_from",))["steps"] == 3
     assert len(calls) == 1
+
+
+def test_encoder_store_is_shared_by_identical_encoders_and_equals_live(tmp_path, monkeypatch):
+    """encoder_cache="disk": a second run with the same frozen encoder reads the states the first
+    one wrote (the encoder does not run), and they equal a live forward bit for bit."""
+    from kdlib import data
+
+    monkeypatch.setenv("KDLIB_CACHE", str(tmp_path / "cache"))
+    config = smoke(stage=1, student="from-teacher", student_decoder_layers=1, train_encoder=False,
+                   encoder_cache="disk", lora_dropout=0.0)
+    models = T.build_models(config, torch.device("cpu"))
+    train_set, dev_set, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+    batch = data.WhisperCollator()([train_set[i] for i in range(3)])
+    caches = T.build_caches(models, config, train_set, dev_set)
+    assert caches.shared and caches.teacher.persistent is not None
+    first = caches.teacher(batch["input_features"], batch["ids"], torch.device("cpu"))
+    files = list((tmp_path / "cache" / "encoder_states").rglob("*.pt"))
+    assert len(files) == 3
+
+    # A new run (stage 0 on the same teacher: its encoder carries zero-B LoRA) reuses the store.
+    models0 = T.build_models(smoke(stage=0, train_encoder=False, encoder_cache="disk"), torch.device("cpu"))
+    caches0 = T.build_caches(models0, config, train_set, dev_set)
+    calls = []
+    hook = models0.student.get_encoder().register_forward_hook(lambda *a: calls.append(1))
+    again = caches0.student(batch["input_features"], batch["ids"], torch.device("cpu"))
+    hook.remove()
+    assert calls == [] and torch.equal(again, first)
+    with torch.no_grad():
+        live = models.teacher.get_encoder()(batch["input_features"]).last_hidden_state
+    assert torch.equal(first, live)
+
+    # Another encoder (other weights) has its own folder: nothing is read across.
+    with torch.no_grad():
+        next(models0.student.get_encoder().parameters()).add_(1.0)
+    other = T.EncoderStore(models0.student.get_encoder(), {u.id: u.audio for u in train_set.utterances})
+    assert other.load(batch["ids"]) == {}
