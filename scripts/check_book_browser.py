@@ -285,6 +285,14 @@ def book_pages(html_dir: Path) -> list[str]:
     return pages
 
 
+# Sphinx "smartquotes" typesets the notebook's ' and " as curly quotes in the rendered <h1>.
+_CURLY = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def _plain_quotes(text: str) -> str:
+    return (text or "").translate(_CURLY)
+
+
 def chapter_title(html_dir: Path, page: str) -> str | None:
     """The ``# `` title of the notebook a chapter page was rendered from, if it can be found."""
     source = html_dir.parent.parent / Path(page).with_suffix(".ipynb")
@@ -352,7 +360,7 @@ def check_page(browser: Chromium, html_dir: Path, page: str) -> tuple[PageResult
         result.problems.append("empty <title>")
     if not result.h1:
         result.problems.append("no <h1> heading")
-    if expected and result.h1 != expected:
+    if expected and _plain_quotes(result.h1) != _plain_quotes(expected):
         result.problems.append(f"<h1> is {result.h1!r}, the chapter's title is {expected!r}")
     for image in result.images:
         shown = image["src"] if len(image["src"]) < 80 else image["src"][:60] + "…"
