@@ -70,7 +70,7 @@ import matplotlib.pyplot as plt
 
 from kdlib import evaluate
 from kdlib.config import make_config
-from kdlib.train import load_history, run_stage, teacher_model, untrained_student
+from kdlib.train import load_history, load_trained, run_stage, teacher_model, untrained_student
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -117,11 +117,21 @@ def _corpus(config):
     return embedded_corpus(config.language)
 
 
+def run_scores(run, config, name):
+    """A trained run's dev scores: the final evaluation its trainer already ran (summary.json),
+    the same greedy decoding and normaliser; decoded again only for another `eval_limit`."""
+    done = json.loads((out / run / "summary.json").read_text())
+    if eval_limit is None and done.get("dev_wer") is not None:
+        return {"model": name, "wer": done["dev_wer"], "cer": done["dev_cer"], "n": done.get("dev_utterances")}
+    model, tok, fe, _ = load_trained(out / run)
+    return dev_scores(model, tok, fe, config, name)
+
+
 rows = [dev_scores(*teacher_model(config0), config0, "teacher (whisper-base)")]
 if adapt_teacher:
     run_stage(config0, out / "stage0")
     config1 = make_config(preset, stage=1, overrides={**overrides, "teacher_from": str(out / "stage0")})
-    rows.append(dev_scores(*teacher_model(config1), config1, "teacher adapted (stage 0)"))
+    rows.append(run_scores("stage0", config0, "teacher adapted (stage 0)"))
 for row in rows:
     print(f"{row['model']:<28} dev WER {row['wer']:.3f}  CER {row['cer']:.3f}  ({row['n']} clips)")
 
@@ -166,18 +176,6 @@ plt.show()
 # ## Before and after, on the dev split
 
 # %%
-from kdlib.train import load_trained
-
-def run_scores(run, config, name):
-    """A trained run's dev scores: the final evaluation its trainer already ran (summary.json),
-    the same greedy decoding and normaliser; decoded again only for another `eval_limit`."""
-    done = json.loads((out / run / "summary.json").read_text())
-    if eval_limit is None and done.get("dev_wer") is not None:
-        return {"model": name, "wer": done["dev_wer"], "cer": done["dev_cer"], "n": done.get("dev_utterances")}
-    model, tok, fe, _ = load_trained(out / run)
-    return dev_scores(model, tok, fe, config, name)
-
-
 student_rows = [dev_scores(*untrained_student(config1), config1, "student, untrained")]
 for name, run in (("student, CE only", "ce_only"), ("student, KD (stage I)", "stage1")):
     student_rows.append(run_scores(run, config1, name))
