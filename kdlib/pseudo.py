@@ -610,17 +610,18 @@ def subset_folder(data_dir: str | os.PathLike, split: str, ids: Iterable[str], o
     Returns how many utterances it lists. Use it to keep two uses of one split apart, e.g. adapt
     a teacher on one half of the train split and pseudo-label the other half, so the labelling
     teacher has never seen the clips it labels. An id that is not in the split is an error."""
-    from kdlib.data import scan_mls
+    from kdlib.data import MAX_SECONDS, scan_mls
 
     data_dir, out = Path(data_dir), Path(out)
     if out.resolve() == data_dir.resolve():
         raise ValueError(f"{out}: the subset folder must not be the source data folder")
     wanted = list(dict.fromkeys(ids))
-    scan = scan_mls(data_dir, split, min_duration=0.0, max_duration=float("inf"), language=language)
+    scan = scan_mls(data_dir, split, min_duration=0.0, max_duration=MAX_SECONDS, language=language)
     by_id = {u.id: u for u in scan.utterances}
     missing = [i for i in wanted if i not in by_id]
     if missing:
-        raise ValueError(f"{data_dir}/{split}: no utterance {missing[:5]} ({len(missing)} missing)")
+        raise ValueError(f"{data_dir}/{split}: no utterance {missing[:5]} ({len(missing)} missing; "
+                         f"scan: {scan.report()})")
     records = [{"id": i, "reference": by_id[i].text, "audio": str(by_id[i].audio)} for i in wanted]
     out.mkdir(parents=True, exist_ok=True)
     write_split(records, out, split, targets="references", link=link)
