@@ -87,18 +87,18 @@ def shard(batch: list[int], ctx: Dist) -> list[int]:
     return batch[ctx.rank :: ctx.world] if ctx.enabled else batch
 
 
-def _flag_device(params: list[torch.Tensor]) -> torch.device:
-    # NCCL only reduces CUDA tensors; gloo reduces CPU ones.
+def _reduce_device() -> torch.device:
+    """Where collectives run: NCCL reduces CUDA tensors only, gloo CPU ones."""
     if dist.get_backend() == "nccl":
-        return params[0].device if params else torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def all_true(flag: bool, ctx: Dist, params: list[torch.Tensor] | None = None) -> bool:
+def all_true(flag: bool, ctx: Dist) -> bool:
     """True on every rank only when ``flag`` is true on every rank (e.g. "my loss is finite")."""
     if not ctx.enabled:
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=_flag_device(params or []))
+    value = torch.tensor([1.0 if flag else 0.0], device=_reduce_device())
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() > 0)
 
@@ -109,9 +109,7 @@ def average_gradients(params: list[torch.Tensor], ctx: Dist) -> None:
     if not ctx.enabled or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    if dist.get_backend() != "nccl":
-        flat = flat.cpu()
+    flat = torch.cat([g.reshape(-1).float() for g in grads]).to(_reduce_device())
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= ctx.world
     offset = 0
@@ -126,8 +124,7 @@ def sum_over_ranks(values: Iterable[float], ctx: Dist) -> list[float]:
     values = list(values)
     if not ctx.enabled:
         return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.cpu().tolist()
 
@@ -139,16 +136,3 @@ def gather_objects(obj: Any, ctx: Dist) -> list[Any]:
     out: list[Any] = [None] * ctx.world
     dist.all_gather_object(out, obj)
     return out
-
-
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of named tensors' exact bytes (name order): equal digests ⇔ bitwise-equal weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

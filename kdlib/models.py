@@ -422,6 +422,32 @@ def vocab_index(student_tokenizer, teacher_tokenizer, student_vocab_size: int) -
 # The frozen teacher
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over named tensors, in name order: each name, dtype, shape and exact bytes.
+    Equal digests mean bitwise-equal weights (about 1 s per GB). Used to fingerprint a teacher
+    (`kdlib.teacher_cache`), key frozen-encoder stores, and compare ranks of a distributed run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def function_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that decide what a (possibly LoRA-wrapped) module computes. While every
+    LoRA B matrix is zero the adapters add nothing, so these are the base weights under their
+    plain names (``.base_layer`` dropped, ``lora_`` left out): a freshly wrapped copy of a model
+    then has the same function weights as the model itself. Otherwise every parameter."""
+    params = dict(module.named_parameters())
+    if any(bool(p.detach().abs().sum() > 0) for n, p in params.items() if "lora_B" in n):
+        return params
+    return {n.replace(".base_layer", ""): p for n, p in params.items() if "lora_" not in n}
+
+
 def freeze_teacher(model: nn.Module) -> nn.Module:
     """Eval mode and ``requires_grad=False`` on every parameter; returns the same model."""
     model.eval()

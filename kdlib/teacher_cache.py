@@ -79,14 +79,10 @@ class StaleCacheError(ValueError):
 
 
 def teacher_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over the state dict: every name, dtype, shape and byte (about 1 s per GB)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    """SHA-256 over the state dict (`kdlib.models.tensor_digest`)."""
+    from kdlib.models import tensor_digest
+
+    return tensor_digest(model.state_dict())
 
 
 def feature_settings(feature_extractor) -> dict[str, Any]:

@@ -360,9 +360,6 @@ class EncoderCache:
 
     ``store``: a folder of encoder states that outlives the run (``encoder_cache="disk"``), see
     `EncoderStore`: states it holds are read instead of computed, computed ones are added.
-
-    With ``keep=False`` the last batch is still remembered: a student sharing this cache and the
-    teacher ask for the same batch within one step, and the encoder should run once, not twice.
     """
 
     def __init__(self, model: torch.nn.Module, keep: bool = True, disk=None,
@@ -372,15 +369,12 @@ class EncoderCache:
         self.store: dict[str, torch.Tensor] = {}
         self.disk = disk if disk is not None and disk.has_hidden else None
         self.persistent = store
-        self.last: Optional[tuple[list[str], torch.Tensor]] = None
 
     @torch.no_grad()
     def __call__(self, features: torch.Tensor, ids: list[str], device: torch.device) -> torch.Tensor:
         """``features`` (batch, n_mels, 3000) → encoder states (batch, 1500, d_model) on ``device``."""
         if self.disk is not None and self.disk.has_all(ids):
             return self.disk.hidden(ids, device)
-        if not self.keep and self.last is not None and self.last[0] == list(ids):
-            return self.last[1].to(device)
         fresh = {}
         if self.persistent is not None:
             fresh = self.persistent.load([key for key in ids if key not in self.store])
@@ -399,10 +393,7 @@ class EncoderCache:
         if self.keep:
             self.store.update(fresh)
         rows = [fresh[key] if key in fresh else self.store[key] for key in ids]
-        states = torch.stack(rows)
-        if not self.keep:
-            self.last = (list(ids), states)
-        return states.to(device)
+        return torch.stack(rows).to(device)
 
 
 class EncoderStore:
@@ -419,17 +410,15 @@ class EncoderStore:
     """
 
     def __init__(self, encoder: torch.nn.Module, audio: dict[str, Path], root: Optional[Path] = None):
-        from kdlib import cache_dir
-        from kdlib.distributed import tensor_digest
+        import hashlib
 
-        params = dict(encoder.named_parameters())
-        if all(not bool(p.detach().abs().sum() > 0) for n, p in params.items() if "lora_B" in n):
-            # LoRA with every B still zero is the identity: the encoder computes its base weights'
-            # function, so it shares the store of the same encoder without adapters.
-            params = {n.replace(".base_layer", ""): p for n, p in params.items() if "lora_" not in n}
-        digest = tensor_digest(params)
+        from kdlib import cache_dir
+        from kdlib.models import function_weights, tensor_digest
+
+        # A zero-B LoRA wrapper has its base encoder's function weights, hence its folder.
+        digest = tensor_digest(function_weights(encoder))
         dtype = str(next(encoder.parameters()).dtype)
-        key = __import__("hashlib").sha256(f"{digest}:{dtype}".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{digest}:{dtype}".encode()).hexdigest()[:20]
         self.folder = Path(root or cache_dir()) / "encoder_states" / key
         self.audio = audio
 
@@ -465,14 +454,11 @@ class EncoderStore:
 def same_encoder(student: torch.nn.Module, teacher: torch.nn.Module) -> bool:
     """True when the student's encoder computes exactly the teacher's function: same base
     weights and every LoRA B matrix still zero (distil-whisper's shared frozen encoder)."""
-    s_enc, t_enc = student.get_encoder(), teacher.get_encoder()
-    base = {n.replace(".base_layer", ""): p for n, p in s_enc.named_parameters() if "lora_" not in n}
-    ref = dict(t_enc.named_parameters())
-    if base.keys() != ref.keys():
-        return False
-    if any(bool(p.detach().abs().sum() > 0) for n, p in s_enc.named_parameters() if "lora_B" in n):
-        return False
-    return all(torch.equal(base[n].detach().cpu(), ref[n].detach().cpu()) for n in ref)
+    from kdlib.models import function_weights
+
+    s_w, t_w = function_weights(student.get_encoder()), function_weights(teacher.get_encoder())
+    return s_w.keys() == t_w.keys() and all(
+        torch.equal(s_w[n].detach().cpu(), t_w[n].detach().cpu()) for n in t_w)
 
 
 @dataclass
@@ -843,7 +829,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
 
     from kdlib import data, distributed
     from kdlib.losses import DistillationLoss, TAIDSchedule
-    from kdlib.models import build_optimizer, trainable_report
+    from kdlib.models import build_optimizer, tensor_digest, trainable_report
 
     main = ctx.is_main  # only rank 0 writes the run folder and prints
     log = print if main else (lambda *a, **k: None)
@@ -946,7 +932,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
                 if value is not None:
                     parts_sum[key] = parts_sum.get(key, 0.0) + float(value.detach()) / config.grad_accum
         # all-reduce (distributed: average the trainable gradients; skip together or not at all)
-        finite = distributed.all_true(finite, ctx, params)
+        finite = distributed.all_true(finite, ctx)
         if finite:
             distributed.average_gradients(params, ctx)
         # clip
@@ -1055,7 +1041,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
         "training_data": _training_folder_info(config),
         "world_size": ctx.world,
         # Exact fingerprint of the trained weights: equal on every rank of a distributed run.
-        "trainable_digest": distributed.tensor_digest(trainable_state(models)),
+        "trainable_digest": tensor_digest(trainable_state(models)),
     }
     if main:
         atomic_write_json(run_dir / "summary.json", summary)
@@ -1136,7 +1122,8 @@ def export_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
 
 
 # Fields that do not change what a run learns: a finished run with other values is the same run.
-CADENCE_FIELDS = ("run_dir", "eval_every", "save_every", "log_every")
+# (encoder_cache only decides where frozen-encoder states are kept; they are the same values.)
+CADENCE_FIELDS = ("run_dir", "eval_every", "save_every", "log_every", "encoder_cache")
 
 
 class RunFolderConflict(FileExistsError, ValueError):
@@ -1196,6 +1183,16 @@ def finished_run(run_dir: str | Path, preset: Optional[str] = None) -> bool:
     if not ((run_dir / ADAPTER_DIR).exists() and config_file.exists()):
         return False
     return preset is None or TrainConfig.from_json(config_file).preset == preset
+
+
+def final_dev_scores(run_dir: str | Path) -> Optional[dict]:
+    """A finished run's last dev evaluation, ``{"wer", "cer", "n"}`` (greedy, Whisper basic
+    normaliser, ``n`` clips), from ``summary.json``; ``None`` when the run scored no dev WER.
+    Chapters report it instead of decoding the same model again."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    if summary.get("dev_wer") is None or not summary.get("dev_utterances"):
+        return None
+    return {"wer": summary["dev_wer"], "cer": summary["dev_cer"], "n": summary["dev_utterances"]}
 
 
 def load_history(run_dir: str | Path) -> list[dict]:

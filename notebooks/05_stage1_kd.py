@@ -70,7 +70,7 @@ import matplotlib.pyplot as plt
 
 from kdlib import evaluate
 from kdlib.config import make_config
-from kdlib.train import load_history, load_trained, run_stage, teacher_model, untrained_student
+from kdlib.train import final_dev_scores, load_history, load_trained, run_stage, teacher_model, untrained_student
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -120,9 +120,9 @@ def _corpus(config):
 def run_scores(run, config, name):
     """A trained run's dev scores: the final evaluation its trainer already ran (summary.json),
     the same greedy decoding and normaliser; decoded again only for another `eval_limit`."""
-    done = json.loads((out / run / "summary.json").read_text())
-    if eval_limit is None and done.get("dev_wer") is not None:
-        return {"model": name, "wer": done["dev_wer"], "cer": done["dev_cer"], "n": done.get("dev_utterances")}
+    done = final_dev_scores(out / run) if eval_limit is None else None
+    if done is not None:
+        return {"model": name, **done}
     model, tok, fe, _ = load_trained(out / run)
     return dev_scores(model, tok, fe, config, name)
 

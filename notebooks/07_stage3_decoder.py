@@ -60,7 +60,8 @@ import matplotlib.pyplot as plt
 from kdlib import evaluate
 from kdlib.config import TrainConfig, make_config
 from kdlib.data import embedded_corpus
-from kdlib.train import finished_run, load_history, load_trained, run_stage, teacher_model, untrained_student
+from kdlib.train import (final_dev_scores, finished_run, load_history, load_trained, run_stage, teacher_model,
+                         untrained_student)
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -158,20 +159,20 @@ def reuse_or_score(name, earlier_name, load):
     row = earlier_rows.get(earlier_name)
     if row is not None and row.get("n") == limit_or_all:
         return {"model": name, "wer": row["wer"], "cer": row["cer"], "n_utterances": row["n"],
-                "normalizer": "whisper-basic"}
+                "normalizer": evaluate.NORMALIZER}
     return score(*load(), name)
 
 
 def run_row(name, key):
-    done = json.loads((runs[key] / "summary.json").read_text())
-    if eval_limit is None and done.get("dev_wer") is not None and done.get("dev_utterances"):
-        return {"model": name, "wer": done["dev_wer"], "cer": done["dev_cer"],
-                "n_utterances": done["dev_utterances"], "normalizer": "whisper-basic"}
+    done = final_dev_scores(runs[key]) if eval_limit is None else None
+    if done is not None:
+        return {"model": name, "wer": done["wer"], "cer": done["cer"], "n_utterances": done["n"],
+                "normalizer": evaluate.NORMALIZER}
     model, tok, fe, _ = load_trained(runs[key])
     return score(model, tok, fe, name)
 
 
-limit_or_all = json.loads((runs["stage3"] / "summary.json").read_text()).get("dev_utterances")
+limit_or_all = (final_dev_scores(runs["stage3"]) or {}).get("n")
 rows = [reuse_or_score("teacher", "teacher (whisper-base)", lambda: teacher_model(make_config(preset, stage=1)))]
 if config3.teacher_from:
     rows.append(reuse_or_score("teacher, adapted (stage 0)", "teacher adapted (stage 0)",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlib import distributed
+from kdlib import distributed, models
 from kdlib.train import CHECKPOINT, trainable_state
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -49,9 +49,9 @@ def test_shard_splits_a_global_batch_without_overlap():
 def test_digest_changes_with_one_bit():
     a = {"w": torch.ones(3)}
     b = {"w": torch.ones(3)}
-    assert distributed.tensor_digest(a) == distributed.tensor_digest(b)
+    assert models.tensor_digest(a) == models.tensor_digest(b)
     b["w"][1] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
-    assert distributed.tensor_digest(a) != distributed.tensor_digest(b)
+    assert models.tensor_digest(a) != models.tensor_digest(b)
 
 
 def test_two_gloo_workers_stay_identical_and_only_rank0_writes(tmp_path):
@@ -64,7 +64,7 @@ def test_two_gloo_workers_stay_identical_and_only_rank0_writes(tmp_path):
     assert s0["world_size"] == s1["world_size"] == 2
     assert s0["trainable_digest"] == s1["trainable_digest"]
     saved = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    assert distributed.tensor_digest(saved["trainable"]) == s0["trainable_digest"]
+    assert models.tensor_digest(saved["trainable"]) == s0["trainable_digest"]
     assert len(saved["rng_per_rank"]) == 2
     # both ranks saw the same (combined) dev metrics, so early stopping is one decision
     assert s0["dev_loss"] == s1["dev_loss"] and s0["dev_wer"] == s1["dev_wer"]

@@ -282,21 +282,30 @@ def test_training_from_a_full_vocab_cache_gives_the_live_losses(tmp_path):
 
 
 def test_uncached_encoder_runs_once_per_batch_for_student_and_teacher():
-    """encoder_cache="off": a student sharing the teacher's frozen encoder and the teacher ask for
-    the same batch in one step; the encoder must run once, and again for the next batch."""
-    from kdlib import models
-    from kdlib.train import EncoderCache
+    """encoder_cache="off": a student sharing the teacher's frozen encoder hands its encoder
+    states to the teacher's decoder; the encoder must run once per step, and again for the next
+    batch (nothing is kept)."""
+    from kdlib import data
+    from kdlib import train as T
+    from kdlib.config import make_config
 
-    teacher, _ = models.tiny_random_pair()
+    config = make_config("smoke", stage=1, overrides=dict(
+        student="from-teacher", student_decoder_layers=1, train_encoder=False, projector=False,
+        encoder_cache="off", lora_dropout=0.0))
+    run = T.build_models(config, torch.device("cpu"))
+    caches = T.build_caches(run, config)
+    assert caches.shared
+    train_set, _, _ = T.build_data(config, run.feature_extractor, run.tokenizer)
+    loss_fn = DistillationLoss()
+    loss_fn.weights = T.stage_weights(config, 0)
     calls = []
-    teacher.model.get_encoder().register_forward_hook(lambda *a: calls.append(1))
-    cache = EncoderCache(teacher.model, keep=False)
-    features = torch.randn(2, 80, 3000)
-    first = cache(features, ["a", "b"], torch.device("cpu"))
-    again = cache(features, ["a", "b"], torch.device("cpu"))
-    assert len(calls) == 1 and torch.equal(first, again)
-    cache(features, ["c", "d"], torch.device("cpu"))
-    assert len(calls) == 2 and cache.store == {}
+    run.teacher.get_encoder().register_forward_hook(lambda *a: calls.append(1))
+    first = data.WhisperCollator()([train_set[i] for i in range(2)])
+    second = data.WhisperCollator()([train_set[i] for i in range(2, 4)])
+    T.forward_losses(run, loss_fn, first, torch.device("cpu"), (False, None), caches=caches)
+    assert len(calls) == 1
+    T.forward_losses(run, loss_fn, second, torch.device("cpu"), (False, None), caches=caches)
+    assert len(calls) == 2 and caches.teacher.store == {}
 
 
 def test_stage3_reads_teacher_encoder_states_from_the_cache(smoke, built):

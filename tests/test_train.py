@@ -261,7 +261,8 @@ def test_run_stage_reuses_a_finished_run_and_refuses_another_config(tmp_path):
     run = tmp_path / "r"
     assert T.run_stage(smoke(max_steps=3), run, train_fn=fake_train)["steps"] == 3
     # cadence fields do not make another run; a finished run is not trained twice
-    assert T.run_stage(smoke(max_steps=3, eval_every=7, save_every=5), run, train_fn=fake_train)["steps"] == 3
+    assert T.run_stage(smoke(max_steps=3, eval_every=7, save_every=5, encoder_cache="disk"), run,
+                       train_fn=fake_train)["steps"] == 3
     assert len(calls) == 1
     with pytest.raises(T.RunFolderConflict, match=r"max_steps: 3 there, 4 now") as err:
         T.run_stage(smoke(max_steps=4), run, train_fn=fake_train)
@@ -307,3 +308,10 @@ def test_encoder_store_is_shared_by_identical_encoders_and_equals_live(tmp_path,
         next(models0.student.get_encoder().parameters()).add_(1.0)
     other = T.EncoderStore(models0.student.get_encoder(), {u.id: u.audio for u in train_set.utterances})
     assert other.load(batch["ids"]) == {}
+
+
+def test_final_dev_scores_read_the_summary(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"dev_wer": 0.5, "dev_cer": 0.2, "dev_utterances": 20}))
+    assert T.final_dev_scores(tmp_path) == {"wer": 0.5, "cer": 0.2, "n": 20}
+    (tmp_path / "summary.json").write_text(json.dumps({"dev_wer": None, "dev_cer": None}))
+    assert T.final_dev_scores(tmp_path) is None
