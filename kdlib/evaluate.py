@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -355,7 +356,8 @@ def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *
                        language: str | None = "it", task: str = "transcribe", num_beams: int = 1,
                        batch_size: int = 8, device=None,
                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                       progress: bool = False) -> list[list[int]]:
+                       progress: bool = False,
+                       encode: Callable[[Any, list[int]], Any] | None = None) -> list[list[int]]:
     """Token ids (prompt and end-of-text removed) for each clip, in input order.
 
     ``audios``: 1-D float waveforms at 16 kHz (numpy or torch). Each clip becomes its own
@@ -365,8 +367,15 @@ def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *
     ``<|language|><|task|><|notimestamps|>`` (English-only models get no language token),
     greedy when ``num_beams == 1``, otherwise beam search. ``max_new_tokens`` is capped so the
     prompt plus output fits the decoder's positions (448 for Whisper).
+
+    ``encode(features, indices)``: encoder states ``(batch, frames, d_model)`` for a batch's
+    log-mels and the clips' positions in ``audios``; ``generate`` then starts from them instead
+    of running the model's encoder. Use it only for an encoder whose states are already known
+    (a frozen encoder, `kdlib.train.EncoderCache`): the encoder is about 3/4 of a whisper-base
+    transcription on a CPU.
     """
     import torch
+    from transformers.modeling_outputs import BaseModelOutput
 
     audios = _check_audios(audios)
     if not audios:
@@ -385,9 +394,14 @@ def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *
             feats = feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
                                       return_tensors="pt").input_features
             feats = feats.to(device=device, dtype=dtype)  # (batch, n_mels, 3000)
+            if encode is None:
+                source = dict(input_features=feats)
+            else:
+                states = encode(feats, batch).to(device=device, dtype=dtype)
+                source = dict(encoder_outputs=BaseModelOutput(last_hidden_state=states))
             with _quiet_transformers():
                 out = model.generate(
-                    input_features=feats, num_beams=num_beams, do_sample=False,
+                    **source, num_beams=num_beams, do_sample=False,
                     max_new_tokens=max_new, return_timestamps=False, use_cache=True, **kwargs,
                 )
             sequences = out if isinstance(out, torch.Tensor) else out["sequences"]
@@ -399,15 +413,16 @@ def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *
 def transcribe(model, feature_extractor, tokenizer, audios: Sequence[np.ndarray], *,
                language: str | None = "it", task: str = "transcribe", num_beams: int = 1,
                batch_size: int = 8, device=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-               progress: bool = False) -> list[str]:
-    """Transcripts of 16 kHz waveforms, in input order (see `generate_token_ids` for decoding).
+               progress: bool = False, encode: Callable[[Any, list[int]], Any] | None = None) -> list[str]:
+    """Transcripts of 16 kHz waveforms, in input order (see `generate_token_ids` for decoding
+    and ``encode``).
 
     Special tokens are dropped and surrounding spaces stripped; the text is *not* normalised
     (scoring does that).
     """
     ids = generate_token_ids(model, feature_extractor, audios, language=language, task=task,
                              num_beams=num_beams, batch_size=batch_size, device=device,
-                             max_new_tokens=max_new_tokens, progress=progress)
+                             max_new_tokens=max_new_tokens, progress=progress, encode=encode)
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -736,10 +751,11 @@ def count_parameters(model) -> int:
     return int(sum(seen.values()))
 
 
-def _run_evaluation(decode: Callable[[list[np.ndarray]], list[str]],
+def _run_evaluation(decode: Callable[[list[np.ndarray], list[str]], list[str]],
                     utterances: Iterable[Any], *, pre_skipped: dict[str, list[str]] | None = None,
                     device=None, progress: bool = True) -> dict[str, Any]:
-    """Load audio (bad clips skipped and counted), decode under `measure`, score."""
+    """Load audio (bad clips skipped and counted), decode under `measure`, score.
+    ``decode(audios, ids)``: transcripts of the kept clips, whose utterance ids it also gets."""
     utts = [_as_eval_utterance(u, i) for i, u in enumerate(utterances)]
     skipped: list[dict[str, Any]] = []
     for reason, messages in (pre_skipped or {}).items():
@@ -772,7 +788,7 @@ def _run_evaluation(decode: Callable[[list[np.ndarray]], list[str]],
         audios.append(wave)
     audio_seconds = sum(len(a) for a in audios) / SAMPLE_RATE
     with measure(audio_seconds=audio_seconds, device=device) as m:
-        hyps = decode(audios) if audios else []
+        hyps = decode(audios, [u.id for u in kept]) if audios else []
     scores = wer_cer([u.text for u in kept], hyps, ids=[u.id for u in kept],
                      speakers=[u.speaker or _speaker_of(u.id) for u in kept])
     skipped += scores.pop("skipped")
@@ -833,7 +849,7 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
                    task: str = "transcribe", num_beams: int = 1, batch_size: int = 8,
                    device=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                    limit: int | None = None, name: str | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, reuse_encoder_states: bool = False) -> dict[str, Any]:
     """Decode a split (or a list of utterances) with a transformers Whisper and score it.
 
     ``model``: a `kdlib.models.WhisperBundle`, a ``(model, feature_extractor, tokenizer)`` tuple,
@@ -847,6 +863,13 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
     calls them), references empty after normalisation. The time measured for ``rtf`` is
     decoding only (feature extraction + ``generate`` + detokenisation), not audio file reading.
 
+    ``reuse_encoder_states=True`` (for WER/CER of a model whose encoder is whisper-base's or
+    another already seen one): encoder states come from the on-disk store of
+    `kdlib.train.EncoderStore` (keyed by the encoder's exact weights and the audio file), are
+    computed and added when missing, and ``generate`` runs the decoder only. Scores are those of
+    a live decode; ``rtf``, ``decode_seconds`` and peak memory are then None, because the
+    encoder's time is not in them. ``encoder_states`` in the result says which way it ran.
+
     Returns the `wer_cer` dict plus ``rtf``, ``decode_seconds``, ``audio_seconds``,
     ``peak_memory_mb`` and ``peak_memory_delta_mb`` (see `Measurement`), ``memory_kind``,
     ``memory`` (all memory fields), ``n_parameters``,
@@ -859,13 +882,29 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
     utterances, pre_skipped = _utterances_for("evaluate_model", utterances, data_root, split, limit)
     device = torch.device(device) if device is not None else _model_device(model)
 
-    def decode(audios):
+    utterances = list(utterances)
+    encoder_cache = None
+    if reuse_encoder_states:
+        from kdlib.train import EncoderCache, EncoderStore
+
+        paths = {u.id: Path(u.path) for u in map(_as_eval_utterance, utterances, itertools.count())
+                 if u.path}
+        encoder_cache = EncoderCache(model, keep=False, store=EncoderStore(model.get_encoder(), paths))
+
+    def decode(audios, ids):
+        encode = None
+        if encoder_cache is not None:
+            def encode(features, positions):
+                return encoder_cache(features, [ids[i] for i in positions], device)
         return transcribe(model, fe, tok, audios, language=language, task=task,
                           num_beams=num_beams, batch_size=batch_size, device=device,
-                          max_new_tokens=max_new_tokens, progress=progress)
+                          max_new_tokens=max_new_tokens, progress=progress, encode=encode)
 
     metrics = _run_evaluation(decode, utterances, pre_skipped=pre_skipped, device=device,
                               progress=progress)
+    if reuse_encoder_states:  # the encoder was (mostly) not run: no speed or memory figures
+        metrics.update(rtf=None, decode_seconds=None, peak_memory_mb=None, peak_memory_delta_mb=None)
+    metrics["encoder_states"] = "stored" if reuse_encoder_states else "computed"
     _add_voices(metrics, data_root)
     metrics.update(
         name=name or bundle_name or getattr(model.config, "_name_or_path", "") or "model",
@@ -1185,7 +1224,7 @@ def evaluate_ct2(model_dir: str | os.PathLike, utterances: Iterable[Any] | None 
     utterances, pre_skipped = _utterances_for("evaluate_ct2", utterances, data_root, split, limit)
     engine = CT2Whisper(model_dir, compute_type=compute_type, threads=threads)
 
-    def decode(audios):
+    def decode(audios, ids):
         return engine.transcribe(audios, language=language, task=task, beam_size=beam_size,
                                  batch_size=batch_size, max_new_tokens=max_new_tokens)
 

@@ -711,8 +711,10 @@ def dev_loss(models: RunModels, dataset, collate, config: TrainConfig, device: t
 
 @torch.no_grad()
 def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.device,
-            ctx: Optional["Dist"] = None) -> dict:
+            ctx: Optional["Dist"] = None, caches: Optional[EncoderCaches] = None) -> dict:
     """Greedy dev WER and CER (Whisper basic normaliser) of the student as it is now.
+    A frozen student encoder's states come from ``caches`` (``dev_loss`` has just computed
+    them), so decoding runs the decoder only; a training encoder runs live.
     Distributed: each rank transcribes every ``world``-th clip; all ranks score all of them."""
     from kdlib import evaluate
     from kdlib.data import AudioError, load_audio
@@ -720,17 +722,22 @@ def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.devic
 
     ctx = ctx or Dist()
     models.student.eval()
-    audios, refs = [], []
+    audios, refs, ids = [], [], []
     for u in dataset.utterances[ctx.rank :: ctx.world]:
         try:
             audios.append(load_audio(u.audio).numpy())
             refs.append(u.text)
+            ids.append(u.id)
         except AudioError as err:  # broke after the scan: skipped, not a crash mid-run
             print(f"dev WER: skipping {err}")
+    encode = None
+    if caches is not None and caches.student is not None:
+        def encode(features, positions):
+            return caches.student(features, [ids[i] for i in positions], device)
     hyps = evaluate.transcribe(
         models.student, models.feature_extractor, models.tokenizer, audios,
         language=config.language, task=config.task, batch_size=config.batch_size, device=device,
-        max_new_tokens=config.eval_max_new_tokens,
+        max_new_tokens=config.eval_max_new_tokens, encode=encode,
     )
     models.student.train()
     if ctx.enabled:
@@ -983,7 +990,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
         if (step + 1) % config.eval_every == 0 or step + 1 == config.max_steps:
             last_eval = {"step": step + 1, "dev_loss": dev_loss(models, dev_set, collate, config, device, caches, ctx)}
             if config.eval_wer:
-                last_eval.update(dev_wer(models, dev_set, config, device, ctx))
+                last_eval.update(dev_wer(models, dev_set, config, device, ctx, caches))
             history[-1].update({k: v for k, v in last_eval.items() if k != "step"})
             for key, value in last_eval.items():
                 if main and key != "step" and value is not None:

@@ -251,6 +251,31 @@ def test_evaluate_model_on_embedded_corpus_and_write_metrics(tiny, tmp_path):
     assert REQUIRED_KEYS <= set(saved) and saved["wer"] == pytest.approx(metrics["wer"])
 
 
+def test_reused_encoder_states_give_the_live_transcripts(tiny, tmp_path, monkeypatch):
+    """reuse_encoder_states: the first evaluation stores the encoder's states, the second reads
+    them (the encoder does not run), and both transcribe exactly as a live decode; the speed
+    figures, which would leave the encoder out, are None."""
+    from kdlib import data
+
+    monkeypatch.setenv("KDLIB_CACHE", str(tmp_path))
+    kw = dict(data_root=data.embedded_corpus("it"), split="dev", limit=3, max_new_tokens=8,
+              batch_size=2, progress=False)
+    live = ev.evaluate_model(tiny, **kw)
+    first = ev.evaluate_model(tiny, reuse_encoder_states=True, **kw)
+    assert len(list((tmp_path / "encoder_states").rglob("*.pt"))) == 3
+    calls = []
+    hook = tiny.model.get_encoder().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        second = ev.evaluate_model(tiny, reuse_encoder_states=True, **kw)
+    finally:
+        hook.remove()
+    assert calls == []
+    hyps = [u["hyp"] for u in live["per_utterance"]]
+    assert [u["hyp"] for u in first["per_utterance"]] == hyps == [u["hyp"] for u in second["per_utterance"]]
+    assert live["encoder_states"] == "computed" and second["encoder_states"] == "stored"
+    assert second["rtf"] is None and live["rtf"] > 0
+
+
 def test_bad_input_skipped_and_counted(tiny, tmp_path):
     from kdlib import data
 

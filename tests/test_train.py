@@ -315,3 +315,24 @@ def test_final_dev_scores_read_the_summary(tmp_path):
     assert T.final_dev_scores(tmp_path) == {"wer": 0.5, "cer": 0.2, "n": 20}
     (tmp_path / "summary.json").write_text(json.dumps({"dev_wer": None, "dev_cer": None}))
     assert T.final_dev_scores(tmp_path) is None
+
+
+def test_dev_wer_decodes_from_the_frozen_encoders_cached_states():
+    """A frozen student encoder's dev states, computed once by dev_loss, feed generate: the
+    encoder does not run again, and the transcripts (hence WER/CER) equal a live decode."""
+    from kdlib import data
+
+    config = smoke(stage=1, train_encoder=False, lora_dropout=0.0, eval_max_new_tokens=8)
+    cpu = torch.device("cpu")
+    models = T.build_models(config, cpu)
+    train_set, dev_set, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+    caches = T.build_caches(models, config, train_set, dev_set)
+    assert caches.student is not None
+    T.dev_loss(models, dev_set, data.WhisperCollator(), config, cpu, caches)
+    calls = []
+    hook = models.student.get_encoder().register_forward_hook(lambda *a: calls.append(1))
+    cached = T.dev_wer(models, dev_set, config, cpu, caches=caches)
+    assert calls == []
+    live = T.dev_wer(models, dev_set, config, cpu)
+    hook.remove()
+    assert calls and cached == live and cached["dev_utterances"] == len(dev_set)
