@@ -134,7 +134,8 @@ def _cmd_pseudo_label(args: argparse.Namespace) -> int:
     report = pseudo.pseudo_label(
         args.model, args.data, args.split, args.out, language=args.language,
         num_beams=args.beam, batch_size=args.batch_size, limit=args.limit,
-        max_new_tokens=args.max_new_tokens, link=args.link, progress=not args.no_progress)
+        max_new_tokens=args.max_new_tokens, link=args.link, progress=not args.no_progress,
+        reuse_encoder_states=args.reuse_encoder_states)
     print(report.report())
     if report.n_scored:
         for row in pseudo.wer_sweep(Path(args.out)):
@@ -283,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=224)
     p.add_argument("--link", default="symlink", choices=["symlink", "hardlink", "copy"],
                    help="how OUT/SPLIT/audio refers to the source audio")
+    p.add_argument("--reuse-encoder-states", action="store_true",
+                   help="read/write the teacher's encoder states in the disk store "
+                   "($KDLIB_CACHE/encoder_states), as training does: a stage-0 teacher whose "
+                   "training saw these clips then runs its decoder only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pseudo_label)
 

@@ -6,8 +6,8 @@ run folder, so any result can be traced back to the exact settings that produced
 - ``smoke``: the tiny random teacher/student pair (real tokenizer), a few steps, seconds; tests.
 - ``demo``: real whisper-base teacher (offline weights) → ``distil-base`` student built from it,
   LoRA + projector, the embedded Italian corpus, CPU, minutes. Every chapter's default.
-- ``distil``: distil-whisper's recipe on the demo pair (frozen shared encoder, 2 decoder layers,
-  0.8·CE + KL·T² at T = 2); stage 1 only.
+- ``distil``: distil-whisper's recipe on the demo pair (frozen shared encoder, 4 of the 6 decoder
+  layers, 0.8·CE + KL·T² at T = 2); stage 1 only.
 - ``thesis``: whisper-large-v3 → whisper-small on MLS Italian, batch 64, 8,000 steps, the pilot's
   loss weights; runs unchanged on a CUDA machine with a Hugging Face hub.
 
@@ -186,10 +186,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # layers (first and last kept); loss 0.8·CE + 1.0·KL·T² at T = 2 over real tokens, no
     # warm-up, no projector. One deviation: distil-whisper trains the whole decoder, here LoRA on
     # every decoder linear layer trains (``decoder_all``). Stage 1 only.
+    # N = 4 of whisper-base's 6 (layers 0, 1, 3, 5), as distil-small.en keeps 4 of whisper-small's
+    # 12. Measured on 48 pseudo-labelled demo clips: 2 layers (distil-large's N) still loop after
+    # 120 steps (dev WER 1.03, CER 0.68); 4 layers reach WER 0.68, CER 0.33 in 40 steps.
     "distil": {"eval_max_new_tokens": 64, "eval_every": 60, "save_every": 10, "lr": 3e-3, "encoder_cache": "disk",
                "lora_r": 32, "lora_alpha": 64, "lora_preset": "decoder_all", "train_encoder": False,
                "ce_weight": 0.8, "kl_weight": 1.0, "temperature": 2.0, "kl_warmup_steps": 0,
-               "projector": False},
+               "projector": False, "student_decoder_layers": 4},
     "thesis": {
         "teacher": "openai/whisper-large-v3",
         "student": "openai/whisper-small",

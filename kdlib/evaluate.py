@@ -457,6 +457,7 @@ def generate_with_logprobs(model, feature_extractor, audios: Sequence[np.ndarray
                            num_beams: int = 1, batch_size: int = 8, device=None,
                            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                            on_batch: Callable[[list[int], list[Hypothesis]], None] | None = None,
+                           encode: Callable[[Any, list[int]], Any] | None = None,
                            ) -> list[Hypothesis]:
     """`generate_token_ids` plus a confidence per clip (`Hypothesis`), for pseudo-labelling.
 
@@ -466,9 +467,11 @@ def generate_with_logprobs(model, feature_extractor, audios: Sequence[np.ndarray
     logits, so they do not depend on greedy vs beam search bookkeeping; Whisper's token
     suppression is not applied (a suppressed token is never generated, so this changes the
     normalisation by a negligible amount). ``on_batch(indices, hypotheses)`` is called after each
-    batch (indices into ``audios``): the hook for writing results as they come.
+    batch (indices into ``audios``): the hook for writing results as they come. ``encode``: as in
+    `generate_token_ids` (stored states of a frozen encoder instead of running it).
     """
     import torch
+    from transformers.modeling_outputs import BaseModelOutput
 
     audios = _check_audios(audios)
     if not audios:
@@ -485,7 +488,11 @@ def generate_with_logprobs(model, feature_extractor, audios: Sequence[np.ndarray
             feats = feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
                                       return_tensors="pt").input_features
             feats = feats.to(device=device, dtype=dtype)  # (batch, n_mels, 3000)
-            encoder_outputs = model.get_encoder()(feats)
+            if encode is None:
+                encoder_outputs = model.get_encoder()(feats)
+            else:
+                states = encode(feats, batch).to(device=device, dtype=dtype)
+                encoder_outputs = BaseModelOutput(last_hidden_state=states)
             with _quiet_transformers():
                 out = model.generate(
                     encoder_outputs=encoder_outputs, num_beams=num_beams, do_sample=False,
@@ -1411,7 +1418,9 @@ def compare_models(entries: Sequence[dict[str, Any]], *, data_root: str | os.Pat
     * ``ct2_dir``: a CTranslate2 folder, with ``compute_type`` (``"int8"``, ``"float32"``...)
       and optionally ``n_parameters`` (engine CTranslate2);
 
-    plus optional ``num_beams`` (default 1). The split is scanned and its audio decoded once;
+    plus optional ``num_beams`` (default 1) and, for transformers, ``reuse_encoder_states``
+    (see `evaluate_model`: WER/CER from stored encoder states, no RTF). The split is scanned
+    and its audio decoded once;
     every model sees the same clips. ``threads`` sets both ``torch.set_num_threads`` and
     CTranslate2's intra-op threads, so the engines' RTFs are comparable (default: torch's
     current setting). Memory is measured in this one process: models loaded earlier stay in
@@ -1455,7 +1464,8 @@ def compare_models(entries: Sequence[dict[str, Any]], *, data_root: str | os.Pat
                 model = models.load_whisper(model)
             metrics = evaluate_model(model, waves, language=language, num_beams=beams,
                                      batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                     name=name, progress=progress)
+                                     name=name, progress=progress,
+                                     reuse_encoder_states=bool(entry.get("reuse_encoder_states")))
         # the scan's skips (missing/corrupt files) belong to every row
         for reason, messages in pre_skipped.items():
             metrics["skipped"] = [dict(id=None, reason=reason, detail=m) for m in messages] + \

@@ -424,13 +424,18 @@ def vocab_index(student_tokenizer, teacher_tokenizer, student_vocab_size: int) -
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over named tensors, in name order: each name, dtype, shape and exact bytes.
-    Equal digests mean bitwise-equal weights (about 1 s per GB). Used to fingerprint a teacher
-    (`kdlib.teacher_cache`), key frozen-encoder stores, and compare ranks of a distributed run."""
+    Equal digests mean bitwise-equal weights (about 1 s per GB), with one exception: -0.0 and
+    +0.0 count as equal. They compute the same, and merging a LoRA whose B is zero (a stage-0
+    teacher's untouched encoder) turns whisper-base's few -0.0 weights into +0.0, which must not
+    make it "another encoder". Used to fingerprint a teacher (`kdlib.teacher_cache`), key
+    frozen-encoder stores, and compare ranks of a distributed run."""
     import hashlib
 
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
+        if t.is_floating_point():
+            t = t + 0.0  # -0.0 + 0.0 == +0.0; every other value is unchanged
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())

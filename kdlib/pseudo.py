@@ -288,7 +288,7 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
                  batch_size: int = 8, limit: int | None = None,
                  max_new_tokens: int = evaluate.DEFAULT_MAX_NEW_TOKENS, device=None,
                  link: str = "symlink", chunk_batches: int = 16,
-                 progress: bool = True) -> PseudoLabelReport:
+                 progress: bool = True, reuse_encoder_states: bool = False) -> PseudoLabelReport:
     """Transcribe ``<data_dir>/<split>`` with a teacher and write the pseudo-label folder.
 
     Args:
@@ -304,6 +304,10 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
             `kdlib.data.scan_mls` follows them), ``"hardlink"`` or ``"copy"``.
         chunk_batches: audio is decoded this many batches at a time, so memory stays flat on
             a large split.
+        reuse_encoder_states: read the teacher's encoder states from the disk store of
+            `kdlib.train.EncoderStore` (and add missing ones) instead of running the encoder.
+            Right when the teacher's encoder is one that training already ran over these clips
+            (a stage-0 teacher adapts its decoder only); the labels are those of a live decode.
 
     Returns a `PseudoLabelReport` (also the content of the printed summary).
     """
@@ -332,6 +336,12 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
 
             model = models.load_whisper(model, device=device)
         hf_model, fe, tok, _ = evaluate._unpack_model(model)
+        encoder_cache = None
+        if reuse_encoder_states:
+            from kdlib.train import EncoderCache, EncoderStore
+
+            store = EncoderStore(hf_model.get_encoder(), {c.id: Path(c.audio) for c in pending})
+            encoder_cache = EncoderCache(hf_model, keep=False, store=store)
         bar = tqdm(total=len(pending), desc=f"pseudo-label {split}", unit="clip",
                    disable=not progress)
         chunk = max(1, batch_size * chunk_batches)
@@ -362,10 +372,14 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
                     report.n_labelled += len(records)
                     bar.update(len(records))
 
+                encode = None
+                if encoder_cache is not None:
+                    def encode(features, positions, kept=kept):
+                        return encoder_cache(features, [kept[i].id for i in positions], features.device)
                 evaluate.generate_with_logprobs(
                     hf_model, fe, waves, language=language, task=task, num_beams=num_beams,
                     batch_size=batch_size, device=device, max_new_tokens=max_new_tokens,
-                    on_batch=write_batch)
+                    on_batch=write_batch, encode=encode)
         finally:
             bar.close()
 

@@ -142,7 +142,7 @@ def score(model, tokenizer, feature_extractor, name):
     metrics = evaluate.evaluate_model(
         (model, feature_extractor, tokenizer), data_root=root, split=config3.dev_split,
         language=config3.language, limit=limit, name=name, progress=False,
-        max_new_tokens=config3.eval_max_new_tokens,
+        max_new_tokens=config3.eval_max_new_tokens, reuse_encoder_states=True,
     )
     return {"model": name, "wer": metrics["wer"], "cer": metrics["cer"], "n_utterances": metrics["n_utterances"],
             "normalizer": metrics["normalizer"]}

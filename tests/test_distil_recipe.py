@@ -20,7 +20,8 @@ def distil_smoke(**overrides):
 def test_distil_preset_is_the_papers_recipe():
     c = make_config("distil")
     assert (c.ce_weight, c.kl_weight, c.temperature, c.kl_warmup_steps) == (0.8, 1.0, 2.0, 0)
-    assert c.student == "distil-base" and c.student_decoder_layers == 2 and c.student_encoder_layers is None
+    # 4 maximally spaced decoder layers of 6 (distil-small.en keeps 4 of 12); the whole encoder
+    assert c.student == "distil-base" and c.student_decoder_layers == 4 and c.student_encoder_layers is None
     assert c.train_encoder is False and c.projector is False and c.lora_preset == "decoder_all"
     assert c.geo_weight == 0 and c.contrastive_weight == 0
     with pytest.raises(ConfigError, match="stage must be 1"):

@@ -71,6 +71,27 @@ def test_labels_match_plain_decoding(teacher, labelled):
     assert [records[u.id]["text"] for u in utts] == texts
 
 
+def test_labels_from_stored_encoder_states_equal_live_ones(teacher, labelled, tmp_path, monkeypatch):
+    """reuse_encoder_states: the first run stores the teacher's encoder states, a second run
+    reads them without running the encoder; texts and log-probabilities equal a live run's."""
+    monkeypatch.setenv("KDLIB_CACHE", str(tmp_path / "cache"))
+    live = {r["id"]: r for r in pseudo.read_pseudo_labels(labelled[0] / pseudo.JSONL_NAME)}
+    pseudo.pseudo_label(teacher, CORPUS, "dev", tmp_path / "a", reuse_encoder_states=True, **FAST)
+    calls = []
+    hook = teacher.model.get_encoder().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pseudo.pseudo_label(teacher, CORPUS, "dev", tmp_path / "b", reuse_encoder_states=True, **FAST)
+    finally:
+        hook.remove()
+    assert calls == []
+    for run in ("a", "b"):
+        records = pseudo.read_pseudo_labels(tmp_path / run / pseudo.JSONL_NAME)
+        assert len(records) == len(live) == 6
+        for r in records:
+            assert r["text"] == live[r["id"]]["text"]
+            assert r["avg_logprob"] == pytest.approx(live[r["id"]]["avg_logprob"], abs=1e-5)
+
+
 def test_resume_after_a_kill_mid_write(teacher, labelled, tmp_path):
     done, _ = labelled
     full = (done / pseudo.JSONL_NAME).read_text(encoding="utf-8").splitlines(keepends=True)

@@ -336,3 +336,21 @@ def test_dev_wer_decodes_from_the_frozen_encoders_cached_states():
     live = T.dev_wer(models, dev_set, config, cpu)
     hook.remove()
     assert calls and cached == live and cached["dev_utterances"] == len(dev_set)
+
+
+def test_a_zero_lora_merged_into_the_teacher_keeps_its_encoder_store():
+    """Merging a LoRA whose B is zero (stage 0 leaves the encoder's adapters untouched) turns
+    -0.0 weights into +0.0: the same function, so the same store key and digest."""
+    from kdlib import models
+
+    assert models.tensor_digest({"w": torch.tensor([-0.0, 1.0])}) == models.tensor_digest({"w": torch.tensor([0.0, 1.0])})
+    assert models.tensor_digest({"w": torch.tensor([0.0, 1.0])}) != models.tensor_digest({"w": torch.tensor([0.0, 2.0])})
+    teacher, _ = models.tiny_random_pair(seed=0)
+    encoder = teacher.model.get_encoder()
+    with torch.no_grad():
+        encoder.layers[0].self_attn.k_proj.weight[0, :3] = -0.0
+    before = T.EncoderStore(encoder, {}).folder
+    merged = models.apply_lora(teacher.model, "qkvo_all", r=4, alpha=8).merge_and_unload()
+    weight = merged.get_encoder().layers[0].self_attn.k_proj.weight
+    assert not torch.signbit(weight[0, :3]).any()  # the merge wrote +0.0 where -0.0 was
+    assert T.EncoderStore(merged.get_encoder(), {}).folder == before
