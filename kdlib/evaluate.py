@@ -352,6 +352,25 @@ def _decode_setup(model, device, language: str | None, task: str, max_new_tokens
     return device, dtype, kwargs, max_new
 
 
+def _generate(model, feats, states, **kwargs):
+    """``model.generate`` from encoder ``states`` when given, else from the log-mels ``feats``.
+
+    transformers' Whisper ``generate`` moves a window forward by the timestamp tokens it sees,
+    even in no-timestamp mode: a model that emits two in a row (an untrained student does) gets
+    the rest of its 30 s window decoded again from the log-mels. Given encoder states instead,
+    it has no log-mels to cut and fails (``TypeError``/``AttributeError`` inside transformers).
+    That batch is then decoded from the log-mels, so the result is always the live decode's.
+    """
+    if states is not None:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        try:
+            return model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **kwargs)
+        except (TypeError, AttributeError):
+            pass
+    return model.generate(input_features=feats, **kwargs)
+
+
 def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *,
                        language: str | None = "it", task: str = "transcribe", num_beams: int = 1,
                        batch_size: int = 8, device=None,
@@ -375,7 +394,6 @@ def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *
     transcription on a CPU.
     """
     import torch
-    from transformers.modeling_outputs import BaseModelOutput
 
     audios = _check_audios(audios)
     if not audios:
@@ -394,14 +412,10 @@ def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *
             feats = feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
                                       return_tensors="pt").input_features
             feats = feats.to(device=device, dtype=dtype)  # (batch, n_mels, 3000)
-            if encode is None:
-                source = dict(input_features=feats)
-            else:
-                states = encode(feats, batch).to(device=device, dtype=dtype)
-                source = dict(encoder_outputs=BaseModelOutput(last_hidden_state=states))
+            states = None if encode is None else encode(feats, batch).to(device=device, dtype=dtype)
             with _quiet_transformers():
-                out = model.generate(
-                    **source, num_beams=num_beams, do_sample=False,
+                out = _generate(
+                    model, feats, states, num_beams=num_beams, do_sample=False,
                     max_new_tokens=max_new, return_timestamps=False, use_cache=True, **kwargs,
                 )
             sequences = out if isinstance(out, torch.Tensor) else out["sequences"]
@@ -494,9 +508,10 @@ def generate_with_logprobs(model, feature_extractor, audios: Sequence[np.ndarray
                 states = encode(feats, batch).to(device=device, dtype=dtype)
                 encoder_outputs = BaseModelOutput(last_hidden_state=states)
             with _quiet_transformers():
-                out = model.generate(
-                    encoder_outputs=encoder_outputs, num_beams=num_beams, do_sample=False,
-                    max_new_tokens=max_new, return_timestamps=False, use_cache=True, **kwargs,
+                out = _generate(
+                    model, feats, encoder_outputs.last_hidden_state, num_beams=num_beams,
+                    do_sample=False, max_new_tokens=max_new, return_timestamps=False,
+                    use_cache=True, **kwargs,
                 )
             sequences = out if isinstance(out, torch.Tensor) else out["sequences"]
             # (generated ids, stopped by itself). Whisper's generate trims the end-of-text of the

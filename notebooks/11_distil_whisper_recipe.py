@@ -523,3 +523,6 @@ print(f"\nchapter wall time so far: {time.perf_counter() - chapter_start:.0f} s"
 #    (pseudo-labels where they pass the filter, references elsewhere).
 # 3. Label with the raw whisper-base instead of the adapted teacher (`pseudo_label("whisper-base",
 #    ...)`) and train the unfiltered recipe: how much of the student's WER is the teacher's?
+# 4. Label the whole train split without a leak (cross-fitting): adapt a second teacher on half
+#    B, let it label half A, and train the students on all 96 pseudo-labelled clips. (Which
+#    teacher should give the KL term on half A, and what does the first teacher know about it?)

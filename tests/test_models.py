@@ -664,3 +664,25 @@ def test_half_written_cache_is_rebuilt_and_complete_cache_reused(monkeypatch, tm
     assert (folder / ct2.COMPLETE_MARKER).stat().st_mtime_ns == stamp
     bundle = models.load_whisper("whisper-base")
     assert bundle.path == folder
+
+
+@pytest.mark.models
+def test_decoding_from_encoder_states_equals_live_even_when_the_model_emits_timestamps():
+    """The untrained demo student (distil-base with zero LoRA, as chapter 05 scores it) emits
+    pairs of timestamp tokens in no-timestamp mode on a dev clip; transformers then decodes the
+    rest of that window again from the log-mels, which it lacks when given encoder states (it
+    crashed in chapter 05). Decoding from encoder states must give the live transcripts."""
+    from kdlib import evaluate
+    from kdlib.config import make_config
+    from kdlib.train import untrained_student
+
+    model, _, fe = untrained_student(make_config("demo", stage=1))
+    waves = [a for a, _ in _dev_clips()]
+    live = evaluate.generate_token_ids(model, fe, waves, max_new_tokens=64)
+    timestamp_begin = model.generation_config.no_timestamps_token_id + 1
+    assert any(t >= timestamp_begin for row in live for t in row)  # the case this test is about
+
+    def encode(features, positions):
+        return model.get_encoder()(features).last_hidden_state
+
+    assert evaluate.generate_token_ids(model, fe, waves, max_new_tokens=64, encode=encode) == live
