@@ -474,7 +474,7 @@ print(f"\nchapter wall time so far: {time.perf_counter() - chapter_start:.0f} s"
 # touches only the four-layer decoder. The thesis method is three stages, and its stage II trains
 # the encoder (LoRA) with the alignment losses, the most expensive steps in the book; the
 # stage-0 teacher adaptation is shared by both recipes and left out. The seconds are wall time
-# on a CPU shared with other jobs: compare rows of one run, not across machines.
+# on whatever else the machine was doing: compare rows of one run, not across machines.
 #
 # ## What the comparison says
 #
@@ -494,6 +494,18 @@ print(f"\nchapter wall time so far: {time.perf_counter() - chapter_start:.0f} s"
 #    either recipe with the other's targets separates the two (exercise 2).
 # 3. **What does each cost?** The distil recipe is one stage on a frozen, shared encoder; the
 #    full thesis method spends three stages, one of them training the encoder.
+#
+# Measured on the demo (`make book`, 2-core CPU; 20 dev clips, greedy, basic normaliser):
+# the untrained student writes nothing (WER 1.00); the distil recipe lowers it to **0.76**
+# unfiltered (48 pseudo-labels) and **0.85** filtered (λ = 0.75, 38 kept); the thesis method's
+# stage I on the human references of the same clips reaches **0.63** (CER 0.29), closest to the
+# adapted teacher (0.49). So both recipes learn; the distil runs trail the thesis run by 0.13
+# WER or more, the price of the teacher's label errors (the pseudo-labels' own WER is 0.51)
+# plus the recipes' other differences (question 2); and the filter, by removing ten clips,
+# costs more than the noise it removes (the filtered run loops more: insertions 24 % against
+# 16 %). CTranslate2 float32 repeats every transformers WER exactly; int8 costs 1-6 WER points
+# at a 24-27 % lower RTF. Per step after the first epoch, the three runs cost the
+# same (1.3-1.6 s: a four-layer decoder behind a cached encoder either way).
 #
 # On 20 synthetic dev clips, differences of a few WER points are within what another seed
 # would change (chapter 09 runs seeds); a claim that one recipe wins needs several seeds and,
