@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import itertools
 import json
 import math
 import os
@@ -502,14 +501,12 @@ def generate_with_logprobs(model, feature_extractor, audios: Sequence[np.ndarray
             feats = feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
                                       return_tensors="pt").input_features
             feats = feats.to(device=device, dtype=dtype)  # (batch, n_mels, 3000)
-            if encode is None:
-                encoder_outputs = model.get_encoder()(feats)
-            else:
-                states = encode(feats, batch).to(device=device, dtype=dtype)
-                encoder_outputs = BaseModelOutput(last_hidden_state=states)
+            states = (model.get_encoder()(feats).last_hidden_state if encode is None
+                      else encode(feats, batch).to(device=device, dtype=dtype))
+            encoder_outputs = BaseModelOutput(last_hidden_state=states)
             with _quiet_transformers():
                 out = _generate(
-                    model, feats, encoder_outputs.last_hidden_state, num_beams=num_beams,
+                    model, feats, states, num_beams=num_beams,
                     do_sample=False, max_new_tokens=max_new, return_timestamps=False,
                     use_cache=True, **kwargs,
                 )
@@ -773,11 +770,11 @@ def count_parameters(model) -> int:
     return int(sum(seen.values()))
 
 
-def _run_evaluation(decode: Callable[[list[np.ndarray], list[str]], list[str]],
+def _run_evaluation(decode: Callable[[list[np.ndarray], list["EvalUtterance"]], list[str]],
                     utterances: Iterable[Any], *, pre_skipped: dict[str, list[str]] | None = None,
                     device=None, progress: bool = True) -> dict[str, Any]:
     """Load audio (bad clips skipped and counted), decode under `measure`, score.
-    ``decode(audios, ids)``: transcripts of the kept clips, whose utterance ids it also gets."""
+    ``decode(audios, utterances)``: transcripts of the kept clips, given with their utterances."""
     utts = [_as_eval_utterance(u, i) for i, u in enumerate(utterances)]
     skipped: list[dict[str, Any]] = []
     for reason, messages in (pre_skipped or {}).items():
@@ -810,7 +807,7 @@ def _run_evaluation(decode: Callable[[list[np.ndarray], list[str]], list[str]],
         audios.append(wave)
     audio_seconds = sum(len(a) for a in audios) / SAMPLE_RATE
     with measure(audio_seconds=audio_seconds, device=device) as m:
-        hyps = decode(audios, [u.id for u in kept]) if audios else []
+        hyps = decode(audios, kept) if audios else []
     scores = wer_cer([u.text for u in kept], hyps, ids=[u.id for u in kept],
                      speakers=[u.speaker or _speaker_of(u.id) for u in kept])
     skipped += scores.pop("skipped")
@@ -904,20 +901,13 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
     utterances, pre_skipped = _utterances_for("evaluate_model", utterances, data_root, split, limit)
     device = torch.device(device) if device is not None else _model_device(model)
 
-    utterances = list(utterances)
-    encoder_cache = None
-    if reuse_encoder_states:
-        from kdlib.train import EncoderCache, EncoderStore
-
-        paths = {u.id: Path(u.path) for u in map(_as_eval_utterance, utterances, itertools.count())
-                 if u.path}
-        encoder_cache = EncoderCache(model, keep=False, store=EncoderStore(model.get_encoder(), paths))
-
-    def decode(audios, ids):
+    def decode(audios, utts):
         encode = None
-        if encoder_cache is not None:
-            def encode(features, positions):
-                return encoder_cache(features, [ids[i] for i in positions], device)
+        if reuse_encoder_states:
+            from kdlib.train import EncoderCache
+
+            stored = EncoderCache.stored(model, {u.id: Path(u.path) for u in utts if u.path})
+            encode = stored.encode_hook([u.id for u in utts], device)
         return transcribe(model, fe, tok, audios, language=language, task=task,
                           num_beams=num_beams, batch_size=batch_size, device=device,
                           max_new_tokens=max_new_tokens, progress=progress, encode=encode)
@@ -1246,7 +1236,7 @@ def evaluate_ct2(model_dir: str | os.PathLike, utterances: Iterable[Any] | None 
     utterances, pre_skipped = _utterances_for("evaluate_ct2", utterances, data_root, split, limit)
     engine = CT2Whisper(model_dir, compute_type=compute_type, threads=threads)
 
-    def decode(audios, ids):
+    def decode(audios, utts):
         return engine.transcribe(audios, language=language, task=task, beam_size=beam_size,
                                  batch_size=batch_size, max_new_tokens=max_new_tokens)
 

@@ -336,12 +336,11 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
 
             model = models.load_whisper(model, device=device)
         hf_model, fe, tok, _ = evaluate._unpack_model(model)
-        encoder_cache = None
+        stored = None
         if reuse_encoder_states:
-            from kdlib.train import EncoderCache, EncoderStore
+            from kdlib.train import EncoderCache
 
-            store = EncoderStore(hf_model.get_encoder(), {c.id: Path(c.audio) for c in pending})
-            encoder_cache = EncoderCache(hf_model, keep=False, store=store)
+            stored = EncoderCache.stored(hf_model, {c.id: Path(c.audio) for c in pending})
         bar = tqdm(total=len(pending), desc=f"pseudo-label {split}", unit="clip",
                    disable=not progress)
         chunk = max(1, batch_size * chunk_batches)
@@ -372,10 +371,7 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
                     report.n_labelled += len(records)
                     bar.update(len(records))
 
-                encode = None
-                if encoder_cache is not None:
-                    def encode(features, positions, kept=kept):
-                        return encoder_cache(features, [kept[i].id for i in positions], features.device)
+                encode = stored.encode_hook([c.id for c in kept]) if stored is not None else None
                 evaluate.generate_with_logprobs(
                     hf_model, fe, waves, language=language, task=task, num_beams=num_beams,
                     batch_size=batch_size, device=device, max_new_tokens=max_new_tokens,

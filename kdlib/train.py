@@ -358,17 +358,30 @@ class EncoderCache:
     ``disk``: a verified `kdlib.teacher_cache.TeacherCache` of this (teacher) encoder; utterances
     it holds are read from it (offline KD), the others computed as above.
 
-    ``store``: a folder of encoder states that outlives the run (``encoder_cache="disk"``), see
-    `EncoderStore`: states it holds are read instead of computed, computed ones are added.
+    ``persistent``: a folder of encoder states that outlives the run (``encoder_cache="disk"``),
+    see `EncoderStore`: states it holds are read instead of computed, computed ones are added.
     """
 
     def __init__(self, model: torch.nn.Module, keep: bool = True, disk=None,
-                 store: Optional["EncoderStore"] = None):
+                 persistent: Optional["EncoderStore"] = None):
         self.model = model
         self.keep = keep
         self.store: dict[str, torch.Tensor] = {}
         self.disk = disk if disk is not None and disk.has_hidden else None
-        self.persistent = store
+        self.persistent = persistent
+
+    @classmethod
+    def stored(cls, model: torch.nn.Module, audio: dict[str, Path]) -> "EncoderCache":
+        """``model``'s encoder states for the clips in ``audio`` (id → file), read from and added
+        to the disk `EncoderStore`, nothing kept in RAM: for decoding without the encoder."""
+        return cls(model, keep=False, persistent=EncoderStore(model.get_encoder(), audio))
+
+    def encode_hook(self, ids: list[str], device: Optional[torch.device] = None):
+        """The ``encode(features, positions)`` hook of `kdlib.evaluate.generate_token_ids` for
+        clips whose utterance ids are ``ids`` (in the order of the decoded audio)."""
+        def encode(features: torch.Tensor, positions: list[int]) -> torch.Tensor:
+            return self(features, [ids[i] for i in positions], device or features.device)
+        return encode
 
     @torch.no_grad()
     def __call__(self, features: torch.Tensor, ids: list[str], device: torch.device) -> torch.Tensor:
@@ -490,14 +503,14 @@ def build_caches(models: RunModels, config: TrainConfig, train_set=None, dev_set
             dataset=train_set,
             temperature=config.temperature, need_hidden=need_hidden,
         )
-    teacher = EncoderCache(models.teacher, keep, disk, store(models.teacher)) if models.teacher is not None else None
+    teacher = EncoderCache(models.teacher, keep, disk, persistent=store(models.teacher)) if models.teacher is not None else None
     logits = LogitCache() if keep and models.teacher is not None else None
     encoder_trains = any(p.requires_grad for n, p in models.student.named_parameters() if ".encoder." in n)
     if encoder_trains:
         return EncoderCaches(teacher=teacher, logits=logits, disk=disk)
     if teacher is not None and same_encoder(models.student, models.teacher):
         return EncoderCaches(teacher=teacher, student=teacher, shared=True, logits=logits, disk=disk)
-    return EncoderCaches(teacher=teacher, student=EncoderCache(models.student, keep, store=store(models.student)),
+    return EncoderCaches(teacher=teacher, student=EncoderCache(models.student, keep, persistent=store(models.student)),
                          logits=logits, disk=disk)
 
 
@@ -730,10 +743,7 @@ def dev_wer(models: RunModels, dataset, config: TrainConfig, device: torch.devic
             ids.append(u.id)
         except AudioError as err:  # broke after the scan: skipped, not a crash mid-run
             print(f"dev WER: skipping {err}")
-    encode = None
-    if caches is not None and caches.student is not None:
-        def encode(features, positions):
-            return caches.student(features, [ids[i] for i in positions], device)
+    encode = caches.student.encode_hook(ids, device) if caches is not None and caches.student is not None else None
     hyps = evaluate.transcribe(
         models.student, models.feature_extractor, models.tokenizer, audios,
         language=config.language, task=config.task, batch_size=config.batch_size, device=device,
