@@ -48,7 +48,14 @@ class TrainConfig:
     student: str = "distil-base"  # "distil-base": built from the teacher; or an HF id / folder
     student_encoder_layers: Optional[int] = None  # None: keep all teacher encoder layers
     student_decoder_layers: int = 2  # maximally spaced teacher decoder layers (first, last)
-    student_frame_factor: int = 1  # extra downsampling of student encoder frames (thesis: 3)
+    # Student shape (kdlib.models: set_encoder_window, merge_encoder_frames). Whisper's encoder
+    # always sees 30 s (1500 frames). A window of W s gives 50·W frames and stays a standard
+    # Whisper (transformers, pipeline, CTranslate2); clips longer than W are skipped at scan time
+    # and counted. Merging k frames after encoder layer j (the thesis notes' 3:1) shortens what
+    # later layers and the decoder read; CTranslate2 cannot convert it (transformers only).
+    student_window_seconds: Optional[int] = None  # None: 30 s; demo: 10 (500 frames, T ~ 499)
+    student_frame_factor: int = 1  # k: merge k encoder frames into one inside the encoder
+    student_merge_layer: Optional[int] = None  # j: merge after this encoder layer (None: middle)
     language: str = "it"
     task: str = "transcribe"
 
@@ -311,6 +318,10 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{name}: must be at least 1, got {getattr(config, name)}")
     if config.temperature <= 0:
         raise ConfigError(f"temperature: must be positive, got {config.temperature}")
+    if config.student_window_seconds is not None and not 1 <= config.student_window_seconds <= 30:
+        raise ConfigError(f"student_window_seconds: must be 1..30, got {config.student_window_seconds}")
+    if config.student_frame_factor < 1:
+        raise ConfigError(f"student_frame_factor: must be at least 1, got {config.student_frame_factor}")
     if config.min_duration >= config.max_duration:
         raise ConfigError("min_duration must be below max_duration")
     if config.teacher_cache and config.kd_kind == "taid":

@@ -134,7 +134,7 @@ class Utterance:
 #: Skip reasons, in the order the report lists them.
 SKIP_REASONS = (
     "malformed line", "empty text", "duplicate id", "missing audio", "audio without transcript",
-    "corrupt audio", "too short", "too long",
+    "corrupt audio", "too short", "too long", "longer than window",
 )
 
 
@@ -214,7 +214,7 @@ def _index_audio(audio_dir: Path) -> dict[str, Path]:
 
 def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
              max_duration: float = MAX_SECONDS, language: str | None = None,
-             progress: bool | None = None) -> ScanResult:
+             progress: bool | None = None, window_seconds: float | None = None) -> ScanResult:
     """Scan one split of an MLS language folder into `Utterance` records.
 
     Args:
@@ -225,6 +225,9 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
         language: Whisper code or MLS name; ``None`` guesses it from the folder name.
         progress: show a tqdm bar while reading audio headers; ``None``: only for more than
             2,000 files (a real MLS split), so small scans stay quiet.
+        window_seconds: the encoder window of the model that will read the clips (a student
+            with a shorter window, `kdlib.models.set_encoder_window`); a longer clip is skipped
+            as "longer than window" and counted, because its features would be cut.
 
     Returns a `ScanResult`. Every problem with one utterance is a counted skip with a message
     that names the file and the problem; only a missing split folder or ``transcripts.txt``
@@ -309,6 +312,10 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
             continue
         if seconds > max_duration:
             skip("too long", path, f"{where}: {seconds:.2f} s > max_duration {max_duration} s")
+            continue
+        if window_seconds is not None and seconds > window_seconds:
+            skip("longer than window", path, f"{where}: {seconds:.2f} s > the student's encoder window of "
+                 f"{window_seconds:g} s (a longer window, or merging frames, keeps it)")
             continue
         utterances.append(Utterance(uid, speaker, book, path, text, seconds, code))
 

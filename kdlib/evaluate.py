@@ -269,7 +269,9 @@ def _model_device(model):
         return torch.device("cpu")
 
 
-def _check_audios(audios: Sequence[np.ndarray]) -> list[np.ndarray]:
+def _check_audios(audios: Sequence[np.ndarray], window_samples: int | None = None) -> list[np.ndarray]:
+    """1-D float32 waveforms; ``window_samples``: a model with an encoder window shorter than 30 s
+    (`kdlib.models.set_encoder_window`) refuses a longer clip instead of cutting it silently."""
     out = []
     for i, a in enumerate(audios):
         a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
@@ -277,6 +279,10 @@ def _check_audios(audios: Sequence[np.ndarray]) -> list[np.ndarray]:
             raise ValueError(f"audio {i}: expected a 1-D waveform at 16 kHz, got shape {a.shape}")
         if a.size == 0:
             raise ValueError(f"audio {i}: no samples")
+        if window_samples is not None and window_samples < 30 * SAMPLE_RATE and a.size > window_samples:
+            raise ValueError(f"audio {i}: {a.size / SAMPLE_RATE:.2f} s is longer than the model's "
+                             f"{window_samples / SAMPLE_RATE:g} s encoder window (it would be cut); "
+                             "scan with window_seconds to skip such clips, or use a longer window")
         out.append(a.astype(np.float32, copy=False))
     return out
 
@@ -394,7 +400,7 @@ def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *
     """
     import torch
 
-    audios = _check_audios(audios)
+    audios = _check_audios(audios, getattr(feature_extractor, "n_samples", None))
     if not audios:
         return []
     device, dtype, kwargs, max_new = _decode_setup(model, device, language, task, max_new_tokens)
@@ -486,7 +492,7 @@ def generate_with_logprobs(model, feature_extractor, audios: Sequence[np.ndarray
     import torch
     from transformers.modeling_outputs import BaseModelOutput
 
-    audios = _check_audios(audios)
+    audios = _check_audios(audios, getattr(feature_extractor, "n_samples", None))
     if not audios:
         return []
     device, dtype, kwargs, max_new = _decode_setup(model, device, language, task, max_new_tokens)
@@ -1109,6 +1115,11 @@ def export_ct2(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if not (hf_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{hf_dir / 'tokenizer.json'}: missing; CTranslate2 needs the "
                                 "fast tokenizer's file next to the model (tokenizer.save_pretrained)")
+    if json.loads((hf_dir / "config.json").read_text()).get("kdlib_merge"):
+        raise ValueError(f"{hf_dir}: this student merges encoder frames inside its encoder "
+                         "(student_frame_factor > 1), which is not a standard Whisper shape; CTranslate2 "
+                         "cannot run it. Use transformers (kdlib.models.load_whisper), or a student with "
+                         "a shorter encoder window instead (student_window_seconds), which converts.")
     copy = [f for f in CT2_COPY_FILES if (hf_dir / f).is_file()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -1187,7 +1198,7 @@ class CT2Whisper:
         """Generated ids per clip, input order; same batching as `generate_token_ids`."""
         import ctranslate2
 
-        audios = _check_audios(audios)
+        audios = _check_audios(audios, getattr(self.feature_extractor, "n_samples", None))
         prompt = self.prompt(language, task)
         eos = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         # Measured (ctranslate2 4.8): a Whisper generates at most max_length // 2 tokens after

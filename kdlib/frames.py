@@ -224,6 +224,32 @@ def align(teacher: torch.Tensor, target_frames: int, teacher_mask: torch.Tensor 
     raise ValueError(f"method must be 'pool' or 'interp', got {method!r}")
 
 
+def teacher_on_student_frames(teacher: torch.Tensor, mel_frames: torch.Tensor, *, window_frames: int,
+                              factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's encoder states on the student's frame grid, and the mask of real frames.
+
+    ``teacher``: ``(batch, T, dim)`` states of a 30 s teacher (T = 1500, 20 ms each);
+    ``mel_frames``: ``(batch,)`` log-mel frames holding audio. The student's encoder sees a window
+    of ``window_frames`` encoder frames (50 per second: 500 for 10 s) and may merge ``factor``
+    frames into one. Both encoders start at the clip's first sample and advance 20 ms per frame,
+    so inside the window student frame ``i`` *is* teacher frame ``i`` (no resampling), and with
+    merging student frame ``i`` covers teacher frames ``k i .. k i + k - 1`` (masked average, the
+    same `downsample` the student's merge applies). Teacher frames past the window are not used:
+    the student never sees that audio (clips longer than the window are refused at scan time).
+
+    Returns ``((batch, ceil(window_frames / factor), dim), (batch, ceil(window_frames / factor)) bool)``;
+    the mask marks frames that hold audio, for the student and the aligned teacher alike.
+    """
+    if window_frames > teacher.shape[1]:
+        raise ValueError(f"student window of {window_frames} frames is longer than the teacher's {teacher.shape[1]}")
+    aligned = teacher[:, :window_frames]
+    valid = torch.div(mel_frames.to(teacher.device) + 1, ENCODER_STRIDE, rounding_mode="floor")  # ceil(mel / 2)
+    mask = torch.arange(window_frames, device=teacher.device)[None, :] < valid.clamp(min=1)[:, None]
+    if factor > 1:
+        aligned, mask = downsample(aligned, factor, mask)
+    return aligned, mask
+
+
 def frame_times(frames: int, seconds: float = CHUNK_SECONDS) -> torch.Tensor:
     """Centre time in seconds of each of ``frames`` equal frames spanning ``seconds``."""
     step = seconds / frames

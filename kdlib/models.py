@@ -108,6 +108,7 @@ def _load_folder(path: Path | str, *, dtype=None, device=None, name: str = "") -
     model = WhisperForConditionalGeneration.from_pretrained(path, **kw)
     tokenizer = WhisperTokenizerFast.from_pretrained(path)
     feature_extractor = WhisperFeatureExtractor.from_pretrained(path)
+    apply_frame_merge(model)
     if device is not None:
         model.to(device)
     model.eval()
@@ -269,6 +270,135 @@ def student_from_teacher(teacher, encoder_layers=None, decoder_layers=2):
         return WhisperBundle(student, bundle.tokenizer, bundle.feature_extractor, None,
                              f"student of {bundle.name}")
     return student
+
+
+# --------------------------------------------------------------------------------------------
+# Student shape: a shorter encoder window and frame merging inside the encoder
+#
+# Whisper's encoder sees 30 s: 3000 log-mel frames -> 1500 encoder frames, whatever the clip's
+# length, so a 4 s clip costs as much as a 30 s one. Two ways to give the student fewer frames:
+#
+# * a window of W seconds (`set_encoder_window`): 100 W log-mel frames -> 50 W encoder frames
+#   (10 s -> 500, the thesis notes' T ~ 499). The model stays a standard Whisper (only
+#   ``max_source_positions`` and the position rows change), so transformers, its pipeline and
+#   CTranslate2 all run it; clips longer than the window are refused, never cut.
+# * merging k frames into one after encoder layer j (`merge_encoder_frames`, the notes' 3:1):
+#   later layers and the decoder's cross-attention see 1500 / k frames. Not a standard Whisper
+#   shape: CTranslate2 cannot convert it, so it stays a transformers model. The merge is a
+#   parameter-free forward hook recorded in the config (``kdlib_merge``), so the weights and
+#   their names are Whisper's and `load_whisper` puts the hook back on load.
+# --------------------------------------------------------------------------------------------
+
+
+def set_encoder_window(model: nn.Module, seconds: int) -> nn.Module:
+    """Cut a Whisper encoder's window to ``seconds`` (in place; returns the model).
+
+    Keeps the first ``50 * seconds`` rows of ``encoder.embed_positions`` and sets
+    ``config.max_source_positions`` to that; the model then expects log-mels of
+    ``100 * seconds`` frames (`window_feature_extractor`). ``seconds`` in 1..30."""
+    whisper = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder = whisper.get_encoder()
+    full = encoder.embed_positions.weight.shape[0]
+    frames = 50 * int(seconds)
+    if not 1 <= int(seconds) <= 30 or frames > full:
+        raise ValueError(f"encoder window {seconds} s: must be 1..30 s and at most the model's "
+                         f"{full // 50} s ({full} positions)")
+    if frames == full:
+        return model
+    rows = encoder.embed_positions.weight.detach()[:frames].clone()
+    encoder.embed_positions = nn.Embedding(frames, rows.shape[1], device=rows.device, dtype=rows.dtype)
+    encoder.embed_positions.weight.data.copy_(rows)
+    encoder.embed_positions.requires_grad_(False)
+    encoder.max_source_positions = frames
+    whisper.config.max_source_positions = frames
+    return model
+
+
+def window_seconds(config) -> float:
+    """Seconds of audio a Whisper encoder sees: ``max_source_positions / 50`` (30 for Whisper)."""
+    return config.max_source_positions / 50
+
+
+def window_feature_extractor(feature_extractor, seconds: float):
+    """A copy of ``feature_extractor`` that pads and cuts to ``seconds`` instead of 30 s."""
+    from transformers import WhisperFeatureExtractor
+
+    if int(getattr(feature_extractor, "chunk_length", 30)) == int(seconds):
+        return feature_extractor
+    fe = feature_extractor
+    return WhisperFeatureExtractor(feature_size=fe.feature_size, sampling_rate=fe.sampling_rate,
+                                   hop_length=fe.hop_length, chunk_length=int(seconds), n_fft=fe.n_fft,
+                                   padding_value=fe.padding_value)
+
+
+class _MergeFrames:
+    """Forward hook of an encoder layer: average every ``factor`` consecutive frames."""
+
+    def __init__(self, factor: int):
+        self.factor = int(factor)
+
+    def __call__(self, module, args, output):
+        from kdlib.frames import downsample
+
+        hidden = output[0] if isinstance(output, tuple) else output
+        merged, _ = downsample(hidden, self.factor)  # (batch, ceil(frames / k), d_model)
+        return (merged, *output[1:]) if isinstance(output, tuple) else merged
+
+
+def merge_encoder_frames(model: nn.Module, factor: int, after_layer: int | None = None) -> nn.Module:
+    """Average every ``factor`` encoder frames after encoder layer ``after_layer`` (in place).
+
+    ``after_layer`` None: after the middle layer (``layers // 2 - 1``). Later encoder layers and
+    the decoder's cross-attention then see ``ceil(frames / factor)`` frames. Recorded in
+    ``config.kdlib_merge`` so `apply_frame_merge` (called by `load_whisper`) restores it."""
+    whisper = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = whisper.get_encoder().layers
+    if factor <= 1:
+        return model
+    j = len(layers) // 2 - 1 if after_layer is None else int(after_layer)
+    if not 0 <= j < len(layers):
+        raise ValueError(f"merge after encoder layer {j}: the encoder has layers 0..{len(layers) - 1}")
+    whisper.config.kdlib_merge = {"factor": int(factor), "after_layer": j}
+    apply_frame_merge(whisper)
+    return model
+
+
+def apply_frame_merge(model: nn.Module) -> nn.Module:
+    """(Re)install the frame-merge hook that ``config.kdlib_merge`` records; idempotent."""
+    whisper = model.get_base_model() if hasattr(model, "get_base_model") else model
+    spec = getattr(whisper.config, "kdlib_merge", None)
+    if not spec:
+        return model
+    for layer in whisper.get_encoder().layers:
+        for key, hook in list(layer._forward_hooks.items()):
+            if isinstance(hook, _MergeFrames):
+                del layer._forward_hooks[key]
+    whisper.get_encoder().layers[spec["after_layer"]].register_forward_hook(_MergeFrames(spec["factor"]))
+    return model
+
+
+def merge_factor(config) -> int:
+    """Frames merged into one inside the encoder (1: none)."""
+    spec = getattr(config, "kdlib_merge", None)
+    return int(spec["factor"]) if spec else 1
+
+
+def encoder_output_frames(config) -> int:
+    """Encoder frames the decoder reads: ``ceil(max_source_positions / merge factor)``."""
+    return -(-config.max_source_positions // merge_factor(config))
+
+
+def shape_student(bundle: WhisperBundle, *, window_seconds: int | None = None, frame_factor: int = 1,
+                  merge_layer: int | None = None) -> WhisperBundle:
+    """The student's encoder shape, in place: a window of ``window_seconds`` (its feature
+    extractor then pads to that length) and/or ``frame_factor``:1 merging after encoder layer
+    ``merge_layer``. Returns the bundle."""
+    if window_seconds is not None:
+        set_encoder_window(bundle.model, window_seconds)
+        bundle.feature_extractor = window_feature_extractor(bundle.feature_extractor, window_seconds)
+    if frame_factor > 1:
+        merge_encoder_frames(bundle.model, frame_factor, merge_layer)
+    return bundle
 
 
 def _save_bundle_atomically(bundle: WhisperBundle, target: Path, note: str) -> Path:

@@ -162,7 +162,7 @@ def _load_pair(config: TrainConfig):
     if config.teacher in ("tiny-random", "tiny-random-v3"):
         teacher, student = models.tiny_random_pair(seed=config.seed, teacher_like_v3=config.teacher == "tiny-random-v3")
         if config.student != "from-teacher":
-            return _adapted_teacher(teacher, config), student
+            return _adapted_teacher(teacher, config), _shaped(student, config)
     else:
         teacher = models.load_whisper(config.teacher)
     # The student is built from the *pretrained* teacher (before any stage-0 adaptation), so
@@ -178,7 +178,14 @@ def _load_pair(config: TrainConfig):
         )
     else:
         student = models.load_whisper(config.student)
-    return _adapted_teacher(teacher, config), student
+    return _adapted_teacher(teacher, config), _shaped(student, config)
+
+
+def _shaped(student, config: TrainConfig):
+    from kdlib import models
+
+    return models.shape_student(student, window_seconds=config.student_window_seconds,
+                                frame_factor=config.student_frame_factor, merge_layer=config.student_merge_layer)
 
 
 def _adapted_teacher(teacher, config: TrainConfig):
@@ -236,7 +243,10 @@ def build_models(config: TrainConfig, device: torch.device) -> RunModels:
     trainable = set_trainable(student, projector, config)
     teacher_fe = vocab = None
     if teacher_model is not None:
-        if teacher_model.config.num_mel_bins != base_student.config.num_mel_bins:
+        # The teacher reads its own log-mels when the pair disagrees on mel bins (large-v3: 128)
+        # or on the window (a student with a shorter encoder window reads fewer frames).
+        if (teacher_model.config.num_mel_bins != base_student.config.num_mel_bins
+                or teacher_bundle.feature_extractor.n_samples != student_bundle.feature_extractor.n_samples):
             teacher_fe = teacher_bundle.feature_extractor
         vocab = models.vocab_index(student_bundle.tokenizer, teacher_bundle.tokenizer, base_student.config.vocab_size)
         if vocab is not None:
@@ -285,7 +295,7 @@ def build_data(config: TrainConfig, feature_extractor, tokenizer, teacher_featur
     for split, limit in ((config.train_split, config.max_train_utterances), (config.dev_split, config.max_dev_utterances)):
         result = data.scan_mls(
             root, split, min_duration=config.min_duration, max_duration=config.max_duration,
-            language=config.language,
+            language=config.language, window_seconds=config.student_window_seconds,
         )
         utterances = result.utterances[:limit] if limit else result.utterances
         scans[split] = (utterances, result)
@@ -528,7 +538,7 @@ def decoder_inputs(labels: torch.Tensor, config_model) -> torch.Tensor:
 
 def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device,
                    autocast: tuple[bool, Optional[torch.dtype]], taid_t: Optional[float] = None,
-                   frame_factor: int = 1, caches: Optional[EncoderCaches] = None) -> dict:
+                   caches: Optional[EncoderCaches] = None) -> dict:
     """One forward of student (and frozen teacher) and the combined loss dict (``total`` has grad)."""
     enabled, dtype = autocast
     features = batch["input_features"].to(device, non_blocking=True)
@@ -557,16 +567,18 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
                 encoded=encoded if caches.shared else None, vocab_index=models.vocab_index,
                 need_hidden=need_hidden,
             )
-        student_hidden = student_mask = teacher_mask = None
+        student_hidden = student_mask = None
         if need_hidden:
-            student_hidden = student_out.encoder_last_hidden_state  # (batch, 1500, d_student)
-            feature_mask = batch["feature_mask"].to(device)
-            teacher_mask = encoder_mask(feature_mask, teacher_hidden.shape[1])
-            if frame_factor > 1:  # the thesis student: ~3:1 fewer frames (1500 → 500)
-                student_hidden = torch.nn.functional.avg_pool1d(
-                    student_hidden.transpose(1, 2), frame_factor, frame_factor, ceil_mode=True
-                ).transpose(1, 2)
-            student_mask = encoder_mask(feature_mask, student_hidden.shape[1])
+            from kdlib.frames import teacher_on_student_frames
+            from kdlib.models import merge_factor
+
+            # (batch, frames_s, d_student): what the student's decoder reads (window, merged)
+            student_hidden = student_out.encoder_last_hidden_state
+            # The teacher's states on the student's frame grid: student frame i is teacher frame
+            # i inside the window, or teacher frames k·i .. k·i+k-1 when k frames are merged.
+            teacher_hidden, student_mask = teacher_on_student_frames(
+                teacher_hidden, batch["num_frames"].to(device),
+                window_frames=base_config.max_source_positions, factor=merge_factor(base_config))
         return loss_fn(
             student_logits=student_out.logits,
             labels=labels,
@@ -576,7 +588,7 @@ def forward_losses(models: RunModels, loss_fn, batch: dict, device: torch.device
             hidden_mask=student_mask,
             projector=models.projector,
             taid_t=taid_t,
-            teacher_hidden_mask=teacher_mask,
+            teacher_hidden_mask=student_mask,
         )
 
 
@@ -939,7 +951,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
                 continue
             # forward + loss
             parts = forward_losses(models, loss_fn, batch, device, (autocast_on, autocast_dtype),
-                                   taid_t=taid_t, frame_factor=config.student_frame_factor, caches=caches)
+                                   taid_t=taid_t, caches=caches)
             if not torch.isfinite(parts["total"]):
                 finite = False  # the rest of this step's micro-batches are drawn and left unused
                 continue
