@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 BOOK = ROOT / "book"
 EXECUTED = BOOK / "chapters"
+# Set for the chapter kernels: an executed notebook keeps every redraw of a text progress bar as
+# a line of output, so kdlib's bars (kdlib.progress) and Hugging Face's are off in papermill runs.
+KERNEL_ENV = {"KDLIB_PROGRESS": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def chapters(only: list[str] | None = None) -> list[Path]:
@@ -63,6 +66,8 @@ def execute(notebook: Path, parameters: dict, out_dir: Path = EXECUTED) -> Path:
     # tests for headless scripts) would make plt.show() draw nothing in the kernel, and the
     # book would have no figures: let the kernel use its inline backend instead.
     saved_backend = os.environ.pop("MPLBACKEND", None)
+    saved_env = {name: os.environ.get(name) for name in KERNEL_ENV}
+    os.environ.update(KERNEL_ENV)
     try:
         pm.execute_notebook(
             str(notebook),
@@ -81,6 +86,11 @@ def execute(notebook: Path, parameters: dict, out_dir: Path = EXECUTED) -> Path:
     finally:
         if saved_backend is not None:
             os.environ["MPLBACKEND"] = saved_backend
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     print(f"== {notebook.stem}: done in {time.perf_counter() - start:.0f} s", flush=True)
     return target
 

@@ -1,0 +1,79 @@
+"""What an executed chapter prints: kdlib's progress bars (`kdlib.progress`) are silent in
+papermill runs and never a stream of redraws, and building a LoRA model prints no third-party
+deprecation warning. The book-level check (no warning or progress box on a built page) is in
+tests/test_book_browser.py."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+from kdlib import progress
+
+
+def test_bar_is_silent_when_kdlib_progress_is_off(monkeypatch):
+    monkeypatch.setenv(progress.ENV, "0")
+    out = io.StringIO()
+    bar = progress.progress_bar(range(50), desc="stage 1", file=out)
+    assert bar.disable
+    assert list(bar) == list(range(50))
+    assert out.getvalue() == ""
+
+
+def test_bar_draws_when_enabled_and_redraws_rarely(monkeypatch):
+    """A loop of 2,000 quick steps redraws a handful of times (mininterval 0.5 s), not per step."""
+    monkeypatch.delenv(progress.ENV, raising=False)
+    out = io.StringIO()
+    bar = progress.progress_bar(range(2000), desc="stage 1", file=out)
+    assert not bar.disable and bar.mininterval == 0.5
+    for _ in bar:
+        pass
+    frames = out.getvalue().split("\r")
+    assert "stage 1: 100%" in frames[-1]
+    assert len(frames) < 20, f"{len(frames)} redraws"
+
+
+def test_disable_argument_is_kept(monkeypatch):
+    monkeypatch.delenv(progress.ENV, raising=False)
+    assert progress.progress_bar(range(3), disable=True).disable
+
+
+def test_build_book_turns_bars_off_for_the_chapter_kernels():
+    sys.path.insert(0, str(__import__("conftest").ROOT / "scripts"))
+    import build_book
+
+    assert build_book.KERNEL_ENV[progress.ENV] in progress.OFF
+    assert build_book.KERNEL_ENV["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+
+
+def test_kdlib_loops_use_the_helper_not_tqdm_directly():
+    from conftest import ROOT
+
+    offenders = [f"{p.name}:{n}" for p in sorted((ROOT / "kdlib").glob("*.py")) if p.name != "progress.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if "import tqdm" in line or "from tqdm" in line]
+    assert not offenders, offenders
+
+
+LORA_SCRIPT = """
+import torch
+from transformers import WhisperForConditionalGeneration
+from kdlib import models
+torch.manual_seed(0)
+model = WhisperForConditionalGeneration(models.tiny_config(d_model=32, layers=(1, 1), heads=2, ffn=48))
+models.apply_lora(model, "qkv_all", r=2)
+print("built")
+"""
+
+
+def test_lora_model_builds_without_a_future_warning():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` in every PeftModel; kdlib
+    filters exactly that message. In a fresh interpreter (pytest resets filters per test, a
+    notebook kernel does not), with Python's default filters, which show FutureWarning."""
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", LORA_SCRIPT], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "built" in done.stdout, done.stderr[-2000:]
+    assert "Warning" not in done.stderr, done.stderr[-2000:]
