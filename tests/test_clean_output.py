@@ -77,3 +77,23 @@ def test_lora_model_builds_without_a_future_warning():
                           text=True, timeout=300)
     assert done.returncode == 0 and "built" in done.stdout, done.stderr[-2000:]
     assert "Warning" not in done.stderr, done.stderr[-2000:]
+
+
+TRANSCRIBE_SCRIPT = """
+import numpy as np
+from kdlib import models
+teacher, _ = models.tiny_random_pair()
+print("greedy:", teacher.transcribe(np.zeros(16000, np.float32), max_new_tokens=3))
+"""
+
+
+def test_bundle_transcribe_logs_no_generate_advice():
+    """Chapter 03's `WhisperBundle.transcribe(..., max_new_tokens=3)` printed transformers'
+    "Both `max_new_tokens` and `max_length`" and "Passing `generation_config` together with"
+    advice on stderr, which the book showed as warning boxes."""
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", TRANSCRIBE_SCRIPT], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "greedy:" in done.stdout, done.stderr[-2000:]
+    assert "[transformers]" not in done.stderr and "max_new_tokens" not in done.stderr, done.stderr[-2000:]
