@@ -15,7 +15,8 @@ For the landing page and every page of the table of contents (``_toc.yml`` next 
 - math is typeset offline: every formula (Sphinx's ``.math`` elements) holds MathJax's output
   (``mjx-container``), no MathJax error, no MathJax font that failed to load, and no raw TeX
   (``\\[``, ``$$``, ``\\mathcal``...) in the page's text outside code; the browser runs without
-  network (every host name resolves to nothing), as for a reader offline;
+  network (every host name resolves to nothing), as for a reader offline, and a page that
+  loads a script or style sheet from the network (a CDN MathJax, Jupyter widgets) fails;
 - executed output is for reading: no output box holds a warning (a stderr stream, or text like
   ``FutureWarning``), at most `MAX_PROGRESS_OUTPUTS` boxes per page hold a progress bar and at
   most `MAX_PROGRESS_LINES` lines of one, and no output box is empty.
@@ -104,11 +105,19 @@ CONTENT_REPORT_JS = r"""
   const outputs = [];
   document.querySelectorAll('.cell_output').forEach(box => {
     Array.from(box.children).forEach(el => {
-      outputs.push({cls: el.className || el.tagName.toLowerCase(), text: el.textContent || '',
+      if (el.matches('script, style') && !/widget-view/.test(el.type || '')) return;
+      // a Jupyter widget (a tqdm.auto bar run in a kernel with ipywidgets) is only a script
+      // here: a box with nothing to read offline
+      if (el.matches('script')) { outputs.push({cls: 'widget', text: '', media: 0}); return; }
+      const shown = el.cloneNode(true);  // the text a reader sees: not a widget's JSON script
+      shown.querySelectorAll('script, style').forEach(e => e.remove());
+      outputs.push({cls: el.className || el.tagName.toLowerCase(), text: shown.textContent || '',
                     media: el.querySelectorAll(media).length + (el.matches(media) ? 1 : 0)});
     });
   });
-  return {formulas: formulas.length,
+  const remote = Array.from(document.querySelectorAll('script[src], link[rel=stylesheet][href]'))
+    .map(e => e.getAttribute('src') || e.getAttribute('href')).filter(u => /^(https?:)?\/\//.test(u));
+  return {remote: remote, formulas: formulas.length,
           typeset: formulas.filter(f => f.querySelector('mjx-container')).length,
           mathjax: !!(window.MathJax && MathJax.startup),
           errors: Array.from(document.querySelectorAll('mjx-merror')).map(e => e.textContent.slice(0, 80)),
@@ -480,6 +489,8 @@ def check_page(browser: Chromium, html_dir: Path, page: str) -> tuple[PageResult
     content = browser.evaluate(session, CONTENT_REPORT_JS)
     result.formulas, result.typeset, result.outputs = content["formulas"], content["typeset"], content["outputs"]
     result.problems += math_problems(content) + output_problems(content["outputs"])
+    if content["remote"]:
+        result.problems.append("needs the network (blank offline): " + ", ".join(content["remote"][:3]))
     return result, session
 
 

@@ -97,3 +97,48 @@ def test_bundle_transcribe_logs_no_generate_advice():
                           text=True, timeout=300)
     assert done.returncode == 0 and "greedy:" in done.stdout, done.stderr[-2000:]
     assert "[transformers]" not in done.stderr and "max_new_tokens" not in done.stderr, done.stderr[-2000:]
+
+
+# --- the browser check's verdicts on output boxes and math (pure functions; no browser needed)
+
+def _checker():
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import check_book_browser
+
+    return check_book_browser
+
+
+def test_checker_counts_warning_and_progress_boxes():
+    cbb = _checker()
+    clean = [{"cls": "output stream", "text": "step 8: dev_loss 10.8489\n", "media": 0},
+             {"cls": "output text_html", "text": "", "media": 1}]
+    assert cbb.output_problems(clean) == []
+    warning = {"cls": "output stderr", "text": "/x/.venv/lib/python3.11/site-packages/t.py:1: "
+                                               "FutureWarning: old\n  warnings.warn(\n", "media": 0}
+    assert any("warning" in p for p in cbb.output_problems(clean + [warning]))
+    printed = {"cls": "output stream", "text": "TqdmWarning: IProgress not found\n", "media": 0}
+    assert any("warning" in p for p in cbb.output_problems([printed]))
+    stream = "".join(f"stage 1: {i:3d}%|{'#' * (i // 10):10s}| {i}/100 [00:0{i % 10}<00:10, 9.1it/s]\n"
+                     for i in range(0, 100, 3))
+    problems = cbb.output_problems([{"cls": "output stream", "text": stream, "media": 0}])
+    assert any("lines of progress bars" in p for p in problems), problems
+    bars = [{"cls": "output text_plain", "text": f"decode: 100%|##########| 3/3 [00:01<00:00, 2.1it/s]",
+             "media": 0}] * (cbb.MAX_PROGRESS_OUTPUTS + 1)
+    assert any("progress bar" in p for p in cbb.output_problems(bars))
+    assert cbb.output_problems(bars[:cbb.MAX_PROGRESS_OUTPUTS]) == []
+    assert any("empty output box" in p for p in cbb.output_problems([{"cls": "output stream", "text": "\n ", "media": 0}]))
+
+
+def test_checker_math_verdicts():
+    cbb = _checker()
+    good = {"formulas": 2, "typeset": 2, "mathjax": True, "errors": [], "fonts": [
+        {"family": "MJXZERO", "status": "loaded"}], "raw_tex": []}
+    assert cbb.math_problems(good) == []
+    offline = dict(good, typeset=0, mathjax=False, raw_tex=["ive $$\\mathcal{L}_I = w_{CE}"])
+    problems = cbb.math_problems(offline)
+    assert any("2 of 2 formulas not typeset (MathJax did not load)" in p for p in problems), problems
+    assert any("raw TeX" in p for p in problems), problems
+    assert any("fonts failed" in p for p in cbb.math_problems(dict(good, fonts=[{"family": "MJXTEX", "status": "error"}])))
+    assert any("MathJax errors" in p for p in cbb.math_problems(dict(good, errors=["Undefined control sequence \\foo"])))
