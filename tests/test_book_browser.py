@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,35 @@ def test_checker_reports_broken_images_and_headings(small_book, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "broken image" in done.stdout
+
+
+def _latex_of(book, builder: str):
+    """Build ``book`` (already executed) with ``builder`` (latex or pdflatex); the .tex or .pdf."""
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(book), "--builder", builder]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{builder} build failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    suffix = "pdf" if builder == "pdflatex" else "tex"
+    found = sorted((book / "_build" / "latex").glob(f"*.{suffix}"))
+    assert found, f"no .{suffix} in {book / '_build' / 'latex'}"
+    return found[0]
+
+
+def _check_text(document):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "check_book_pdf.py"), str(document)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_latex_of_the_small_book_has_no_progress_warning_or_machine_path(small_book):
+    """The PDF appendix's text, checked on its LaTeX source (no TeX needed): the same executed
+    chapters as the HTML above."""
+    book, _ = small_book
+    done = _check_text(_latex_of(book, "latex"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("latexmk") is None or shutil.which("pdftotext") is None,
+                    reason="needs the TeX packages and poppler-utils of README's PDF section")
+def test_pdf_of_the_small_book_reads_cleanly(small_book):
+    book, _ = small_book
+    done = _check_text(_latex_of(book, "pdflatex"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

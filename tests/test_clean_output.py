@@ -142,3 +142,40 @@ def test_checker_math_verdicts():
     assert any("raw TeX" in p for p in problems), problems
     assert any("fonts failed" in p for p in cbb.math_problems(dict(good, fonts=[{"family": "MJXTEX", "status": "error"}])))
     assert any("MathJax errors" in p for p in cbb.math_problems(dict(good, errors=["Undefined control sequence \\foo"])))
+
+
+# --- the PDF text check (scripts/check_book_pdf.py): pure functions, and the LaTeX of a book
+
+def _pdf_checker():
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import check_book_pdf
+
+    return check_book_pdf
+
+
+def test_pdf_text_check_finds_progress_warnings_and_machine_paths():
+    cpc = _pdf_checker()
+    clean = ["01 · Data\nstep 8: dev_loss 10.8489\nWarning: nothing on this page ran at thesis scale\n"
+             "source .venv/bin/activate\n"]
+    assert cpc.text_problems(clean) == []
+    dirty = ["stage 1:  37%|███▋      | 111/300 [00:12<00:20,  9.1it/s]\n",
+             "/home/u/kdlib/.venv/lib/python3.11/site-packages/transformers/modeling_utils.py:3312: "
+             "FutureWarning: `is_gradient_checkpointing` is deprecated\n  warnings.warn(\n"]
+    problems = cpc.text_problems(dirty)
+    assert any(p.startswith("page 1: progress line") for p in problems), problems
+    assert any(p.startswith("page 2: warning") and "FutureWarning" in p for p in problems), problems
+    assert any(p.startswith("page 2: build machine path") for p in problems), problems
+    assert any("warnings.warn(" in p for p in problems), problems
+
+
+def test_pdf_text_check_reads_latex_escapes():
+    """In the LaTeX source an output line is Pygments-escaped; the check reads it as printed."""
+    cpc = _pdf_checker()
+    tex = (r"/x/.venv/lib/python3.11/site\PYGZhy{}packages/transformers/modeling\PYGZus{}utils.py:1: "
+           r"FutureWarning: old" "\n" r"decode: 100\PYGZpc{}|\PYGZsh{}\PYGZsh{}| 3/3 [00:01\PYGZlt{}00:00, 2.1it/s]")
+    text = cpc.tex_to_text(tex)
+    assert "site-packages/transformers/modeling_utils.py" in text and "100%|##| 3/3 [00:01<00:00" in text
+    problems = cpc.text_problems(text.splitlines())
+    assert [p.split(":")[1].strip().split(" ")[0] for p in problems] == ["warning", "build", "progress"], problems
