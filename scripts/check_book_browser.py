@@ -100,6 +100,7 @@ CONTENT_REPORT_JS = r"""
   let m;
   while ((m = tex.exec(text)) !== null && raw.length < 5) {
     raw.push(text.slice(Math.max(0, m.index - 20), m.index + 40).replace(/\s+/g, ' '));
+    tex.lastIndex = m.index + 40;  // one snippet per formula, not one per command
   }
   const media = 'img, svg, audio, video, iframe, canvas, table';
   const outputs = [];

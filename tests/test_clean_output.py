@@ -9,6 +9,8 @@ import io
 import subprocess
 import sys
 
+import pytest
+
 from kdlib import progress
 
 
@@ -37,6 +39,34 @@ def test_bar_draws_when_enabled_and_redraws_rarely(monkeypatch):
 def test_disable_argument_is_kept(monkeypatch):
     monkeypatch.delenv(progress.ENV, raising=False)
     assert progress.progress_bar(range(3), disable=True).disable
+
+
+def test_notebook_kernel_without_ipywidgets_gets_a_text_bar_and_no_warning(monkeypatch):
+    """tqdm.auto would warn "IProgress not found" here; the helper quietly uses the text bar."""
+    import warnings
+
+    from tqdm.std import tqdm as text_bar
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    monkeypatch.setattr(progress, "_in_notebook_kernel", lambda: True)
+    real_find_spec = progress.importlib.util.find_spec
+    monkeypatch.setattr(progress.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ipywidgets" else real_find_spec(name, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bar = progress.progress_bar(range(3), file=io.StringIO())
+    assert type(bar) is text_bar
+
+
+def test_notebook_kernel_with_ipywidgets_gets_a_widget_bar(monkeypatch):
+    pytest.importorskip("ipywidgets")
+    from tqdm.notebook import tqdm as widget_bar
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    monkeypatch.setattr(progress, "_in_notebook_kernel", lambda: True)
+    bar = progress.progress_bar(range(3))
+    assert isinstance(bar, widget_bar)
+    bar.close()
 
 
 def test_build_book_turns_bars_off_for_the_chapter_kernels():
