@@ -33,6 +33,7 @@ html: install
 
 pdf: install
 	$(PY) scripts/build_book.py --html-only --builder pdflatex
+	$(PY) scripts/check_book_pdf.py book/_build/latex/kdlib-book.pdf
 
 test: install
 	$(PY) -m pytest

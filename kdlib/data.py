@@ -293,8 +293,8 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
     utterances: list[Utterance] = []
     iterator: Iterable = pairs
     if progress or (progress is None and len(pairs) > 2_000):
-        from tqdm.auto import tqdm
-        iterator = tqdm(pairs, desc=f"scan {root.name}/{split}", unit="file")
+        from kdlib.progress import progress_bar
+        iterator = progress_bar(pairs, desc=f"scan {root.name}/{split}", unit="file")
     for uid, speaker, book, path, text in iterator:
         where = path.relative_to(root)
         try:
@@ -780,8 +780,8 @@ def extract_mls_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, 
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(desc=f"extract {archive.name}", unit="file")
+        from kdlib.progress import progress_bar
+        bar = progress_bar(desc=f"extract {archive.name}", unit="file")
     try:
         with tarfile.open(archive, mode="r|gz") as tar:
             for member in tar:

@@ -407,9 +407,9 @@ def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *
     prompt, eos = _prompt_ids(model.generation_config), _eos_ids(model.generation_config)
     batches = _length_sorted_batches([len(a) for a in audios], batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from kdlib.progress import progress_bar
 
-        batches = tqdm(batches, desc="decode", unit="batch")
+        batches = progress_bar(batches, desc="decode", unit="batch")
     results: list[list[int] | None] = [None] * len(audios)
     model.eval()
     with torch.inference_mode():
@@ -789,9 +789,9 @@ def _run_evaluation(decode: Callable[[list[np.ndarray], list["EvalUtterance"]], 
     audios: list[np.ndarray] = []
     iterator: Iterable = utts
     if progress and any(u.audio is None for u in utts):
-        from tqdm.auto import tqdm
+        from kdlib.progress import progress_bar
 
-        iterator = tqdm(utts, desc="load audio", unit="clip")
+        iterator = progress_bar(utts, desc="load audio", unit="clip")
     for u in iterator:
         try:
             wave = _load_waveform(u.path) if u.audio is None else np.asarray(u.audio, np.float32)

@@ -84,7 +84,17 @@ class WhisperBundle:
         self.model.eval()
         if max_new_tokens is not None:
             kw["max_new_tokens"] = max_new_tokens
-        out = self.model.generate(feats, num_beams=num_beams, **kw)
+        from transformers.utils import logging as hf_logging
+
+        # generate() logs advice that does not apply here (max_new_tokens beside the config's
+        # max_length of 448; Whisper's own suppress_tokens beside the generation config), as in
+        # kdlib.evaluate._quiet_transformers; a notebook page would show it as a warning box.
+        before = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            out = self.model.generate(feats, num_beams=num_beams, **kw)
+        finally:
+            hf_logging.set_verbosity(before)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 

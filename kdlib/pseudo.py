@@ -311,7 +311,7 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
 
     Returns a `PseudoLabelReport` (also the content of the printed summary).
     """
-    from tqdm.auto import tqdm
+    from kdlib.progress import progress_bar
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -341,7 +341,7 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
             from kdlib.train import EncoderCache
 
             stored = EncoderCache.stored(hf_model, {c.id: Path(c.audio) for c in pending})
-        bar = tqdm(total=len(pending), desc=f"pseudo-label {split}", unit="clip",
+        bar = progress_bar(total=len(pending), desc=f"pseudo-label {split}", unit="clip",
                    disable=not progress)
         chunk = max(1, batch_size * chunk_batches)
         try:

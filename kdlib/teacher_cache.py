@@ -151,7 +151,7 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
     position and temperature for the unbiased KL (0: the lumped tail only; none when k = vocab);
     the draw is seeded, so a rebuild gives the same cache."""
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    from kdlib.progress import progress_bar
 
     from kdlib import data
 
@@ -195,7 +195,7 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=data.WhisperCollator(), num_workers=num_workers)
     entries: dict[str, dict] = {}
     digest = hashlib.sha256()
-    for batch in tqdm(loader, total=len(batches), desc="teacher cache", disable=not progress):
+    for batch in progress_bar(loader, total=len(batches), desc="teacher cache", disable=not progress):
         if batch is None:
             continue
         encoded, logits = teacher_outputs(teacher, batch["input_features"], batch["labels"], autocast_dtype)
@@ -430,7 +430,7 @@ def measure_topk_error(teacher: torch.nn.Module, students: dict[str, Any], datas
     `kl_divergence_topk`); ``sampled_*`` for the tail sampled with ``tail_samples`` tokens (signed:
     unbiased, so its error is sampling noise)."""
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    from kdlib.progress import progress_bar
 
     from kdlib import data
 
@@ -440,7 +440,7 @@ def measure_topk_error(teacher: torch.nn.Module, students: dict[str, Any], datas
                         "p_tail": dict.fromkeys(ks, 0.0)}
             for name in students for t in temperatures}
     tokens = 0
-    for batch in tqdm(loader, desc="top-k KL", disable=not progress):
+    for batch in progress_bar(loader, desc="top-k KL", disable=not progress):
         if batch is None:
             continue
         labels = batch["labels"]

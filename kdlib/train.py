@@ -854,7 +854,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
 
 def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, progress: bool, on_eval) -> dict:
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
+    from kdlib.progress import progress_bar
 
     from kdlib import data, distributed
     from kdlib.losses import DistillationLoss, TAIDSchedule
@@ -933,7 +933,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
     models.student.train()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     nonfinite_in_row = 0
-    bar = tqdm(total=config.max_steps, initial=state["step"], desc=f"stage {config.stage}", disable=not (progress and main))
+    bar = progress_bar(total=config.max_steps, initial=state["step"], desc=f"stage {config.stage}", disable=not (progress and main))
     last_eval: dict = {}
     stopped_early = False
 
@@ -1018,7 +1018,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
                 if main and key != "step" and value is not None:
                     writer.add_scalar(f"dev/{key}", value, step + 1)
             if main:
-                tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k not in ("step", "dev_utterances") and v is not None))
+                bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k not in ("step", "dev_utterances") and v is not None))
             metric = last_eval.get("dev_wer") if last_eval.get("dev_wer") is not None else last_eval["dev_loss"]
             if state["best_wer"] is None or metric < state["best_wer"]:
                 state["best_wer"], state["bad_evals"] = metric, 0

@@ -708,7 +708,7 @@ def run_ablations(main: Sequence[TrainConfig], out_dir: str | Path, *,
     ``train_fn``/``evaluate_fn`` replace `kdlib.train.train`/`evaluate_run_dir` (same
     signatures), e.g. to submit jobs elsewhere.
     """
-    from tqdm.auto import tqdm
+    from kdlib.progress import progress_bar
 
     main = [replace(c, run_dir=None, init_from=None) for c in main]
     out_dir = Path(out_dir)
@@ -734,7 +734,7 @@ def run_ablations(main: Sequence[TrainConfig], out_dir: str | Path, *,
 
     runs: list[dict[str, Any]] = []
     jobs = [(name, seed) for name in plans for seed in seeds]
-    for name, seed in tqdm(jobs, desc="ablations", disable=not progress):
+    for name, seed in progress_bar(jobs, desc="ablations", disable=not progress):
         configs, change = plans[name]
         configs = [replace(c, seed=seed) for c in configs]
         results = run_pipeline(configs, out_dir / "runs", train_fn=train_fn, quiet=quiet)

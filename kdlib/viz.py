@@ -127,7 +127,7 @@ def extract_states(model, feature_extractor, waves: Sequence[np.ndarray | torch.
     window of that many frames (`kdlib.frames.downsample`, the thesis student's 3:1), as the
     trainer does before comparing student and teacher.
     """
-    from tqdm.auto import tqdm
+    from kdlib.progress import progress_bar
 
     encoder = _encoder(model)
     encoder.eval()
@@ -136,7 +136,7 @@ def extract_states(model, feature_extractor, waves: Sequence[np.ndarray | torch.
     speakers = list(speakers) if speakers is not None else ["unknown"] * len(waves)
     hidden_parts, mask_parts = [], []
     starts = range(0, len(waves), batch_size)
-    for start in tqdm(starts, desc=f"encoder states: {name}", disable=not progress, leave=False):
+    for start in progress_bar(starts, desc=f"encoder states: {name}", disable=not progress, leave=False):
         batch = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves[start:start + batch_size]]
         with torch.autocast("cpu", enabled=False):  # the extractor's STFT must stay float32
             feats = feature_extractor(batch, sampling_rate=F.SAMPLE_RATE, return_tensors="pt").input_features

@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 BOOK = ROOT / "book"
 EXECUTED = BOOK / "chapters"
+# Set for the chapter kernels: an executed notebook keeps every redraw of a text progress bar as
+# a line of output, so kdlib's bars (kdlib.progress) and Hugging Face's are off in papermill runs.
+KERNEL_ENV = {"KDLIB_PROGRESS": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def chapters(only: list[str] | None = None) -> list[Path]:
@@ -63,6 +66,8 @@ def execute(notebook: Path, parameters: dict, out_dir: Path = EXECUTED) -> Path:
     # tests for headless scripts) would make plt.show() draw nothing in the kernel, and the
     # book would have no figures: let the kernel use its inline backend instead.
     saved_backend = os.environ.pop("MPLBACKEND", None)
+    saved_env = {name: os.environ.get(name) for name in KERNEL_ENV}
+    os.environ.update(KERNEL_ENV)
     try:
         pm.execute_notebook(
             str(notebook),
@@ -81,6 +86,11 @@ def execute(notebook: Path, parameters: dict, out_dir: Path = EXECUTED) -> Path:
     finally:
         if saved_backend is not None:
             os.environ["MPLBACKEND"] = saved_backend
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     print(f"== {notebook.stem}: done in {time.perf_counter() - start:.0f} s", flush=True)
     return target
 
@@ -110,7 +120,8 @@ def prepare_book(out: Path, selected: list[Path]) -> Path:
 
 def build(book: Path = BOOK, builder: str = "html") -> Path:
     """Render ``book`` with Jupyter Book 1.x (execution off): HTML into ``book/_build/html``, or
-    a PDF with ``builder="pdflatex"`` into ``book/_build/latex``."""
+    a PDF with ``builder="pdflatex"`` (its LaTeX source only with ``"latex"``) into
+    ``book/_build/latex``."""
     cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(book), "--keep-going"]
     if builder != "html":
         cmd += ["--builder", builder]
@@ -119,8 +130,9 @@ def build(book: Path = BOOK, builder: str = "html") -> Path:
     if builder == "html":
         result = book / "_build" / "html" / "index.html"
     else:
-        found = sorted((book / "_build" / "latex").glob("*.pdf"))
-        result = found[0] if found else book / "_build" / "latex" / "(no pdf)"
+        suffix = "pdf" if builder == "pdflatex" else "tex"
+        found = sorted((book / "_build" / "latex").glob(f"*.{suffix}"))
+        result = found[0] if found else book / "_build" / "latex" / f"(no {suffix})"
     if not result.exists():
         raise SystemExit(f"jupyter-book finished but {result} is missing")
     print(f"== book: {result}")
@@ -141,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="render already executed chapters (from book/chapters), execute nothing")
     parser.add_argument("--preset", help="shorthand for -p preset NAME (smoke, demo, thesis)")
     parser.add_argument("--out", type=Path, help="build the book in this folder instead of book/")
-    parser.add_argument("--builder", default="html", choices=["html", "pdflatex"],
-                        help="html (default) or pdflatex (needs the TeX packages, see README)")
+    parser.add_argument("--builder", default="html", choices=["html", "pdflatex", "latex"],
+                        help="html (default), pdflatex (needs the TeX packages, see README) or latex "
+                             "(the .tex only, no TeX needed; scripts/check_book_pdf.py checks its text)")
     args = parser.parse_args(argv)
     params = {name: _parse_value(value) for name, value in args.parameter}
     if args.preset:

@@ -11,7 +11,15 @@ For the landing page and every page of the table of contents (``_toc.yml`` next 
 - every ``<img>`` is loaded and decoded **by the browser** (``complete`` and ``naturalWidth > 0``
   after ``img.decode()``, lazy images forced to load), and a local ``src`` is a file inside the
   build that Pillow can decode;
-- the landing page's screenshot is a PNG that is not blank (more than one colour).
+- the landing page's screenshot is a PNG that is not blank (more than one colour);
+- math is typeset offline: every formula (Sphinx's ``.math`` elements) holds MathJax's output
+  (``mjx-container``), no MathJax error, no MathJax font that failed to load, and no raw TeX
+  (``\\[``, ``$$``, ``\\mathcal``...) in the page's text outside code; the browser runs without
+  network (every host name resolves to nothing), as for a reader offline, and a page that
+  loads a script or style sheet from the network (a CDN MathJax, Jupyter widgets) fails;
+- executed output is for reading: no output box holds a warning (a stderr stream, or text like
+  ``FutureWarning``), at most `MAX_PROGRESS_OUTPUTS` boxes per page hold a progress bar and at
+  most `MAX_PROGRESS_LINES` lines of one, and no output box is empty.
 
 Chromium is driven through the DevTools protocol over a pipe (``--remote-debugging-pipe``: JSON
 messages on file descriptors 3 and 4), so nothing listens on a port and no Python package beyond
@@ -27,6 +35,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +48,12 @@ from urllib.parse import unquote, urlparse
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HTML = ROOT / "book" / "_build" / "html"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+# Per page. A book page shows no warning (stderr output or "...Warning" text); a progress bar
+# is at most a final line in a couple of boxes, never a stream of redraws (issue 17: chapter 05
+# had hundreds of "stage 1: 37%" lines).
+MAX_WARNING_OUTPUTS = 0
+MAX_PROGRESS_OUTPUTS = 2
+MAX_PROGRESS_LINES = 20
 
 # Runs in the page: force lazy images to load, wait until each one is decoded (or has failed),
 # and report the title, the first h1 without its permalink sign, and every image.
@@ -63,6 +78,101 @@ PAGE_REPORT_JS = """
           url: location.href, ready: document.readyState};
 })()
 """
+
+
+# Runs in the page after PAGE_REPORT_JS: waits for MathJax (if the page loads it) to finish
+# typesetting and for the fonts, then reports the formulas, the TeX left in the text outside
+# code, and every output box of the executed cells (its classes, text and media elements).
+CONTENT_REPORT_JS = r"""
+(async () => {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    try { await MathJax.startup.promise; } catch (err) {}
+  }
+  try { await document.fonts.ready; } catch (err) {}
+  const formulas = Array.from(document.querySelectorAll('.math'));
+  const fonts = Array.from(document.fonts || []).filter(f => /^MJX/.test(f.family))
+    .map(f => ({family: f.family, status: f.status}));
+  const root = (document.querySelector('main') || document.body).cloneNode(true);
+  root.querySelectorAll('pre, code, script, style, mjx-container, .cell_output').forEach(e => e.remove());
+  const text = root.textContent;
+  const raw = [];
+  const tex = /\$\$|\\[\[\]()]|\\(mathcal|mathrm|mathbf|frac|sum|text|big|hat|bar|langle|rangle|cdot|alpha|beta)\b/g;
+  let m;
+  while ((m = tex.exec(text)) !== null && raw.length < 5) {
+    raw.push(text.slice(Math.max(0, m.index - 20), m.index + 40).replace(/\s+/g, ' '));
+    tex.lastIndex = m.index + 40;  // one snippet per formula, not one per command
+  }
+  const media = 'img, svg, audio, video, iframe, canvas, table';
+  const outputs = [];
+  document.querySelectorAll('.cell_output').forEach(box => {
+    Array.from(box.children).forEach(el => {
+      if (el.matches('script, style') && !/widget-view/.test(el.type || '')) return;
+      // a Jupyter widget (a tqdm.auto bar run in a kernel with ipywidgets) is only a script
+      // here: a box with nothing to read offline
+      if (el.matches('script')) { outputs.push({cls: 'widget', text: '', media: 0}); return; }
+      const shown = el.cloneNode(true);  // the text a reader sees: not a widget's JSON script
+      shown.querySelectorAll('script, style').forEach(e => e.remove());
+      outputs.push({cls: el.className || el.tagName.toLowerCase(), text: shown.textContent || '',
+                    media: el.querySelectorAll(media).length + (el.matches(media) ? 1 : 0)});
+    });
+  });
+  const remote = Array.from(document.querySelectorAll('script[src], link[rel=stylesheet][href]'))
+    .map(e => e.getAttribute('src') || e.getAttribute('href')).filter(u => /^(https?:)?\/\//.test(u));
+  return {remote: remote, formulas: formulas.length,
+          typeset: formulas.filter(f => f.querySelector('mjx-container')).length,
+          mathjax: !!(window.MathJax && MathJax.startup),
+          errors: Array.from(document.querySelectorAll('mjx-merror')).map(e => e.textContent.slice(0, 80)),
+          fonts: fonts, raw_tex: raw, outputs: outputs};
+})()
+"""
+
+# A tqdm line: " 37%|███▋  | 111/300 [00:12<00:20,  9.1it/s]" (or its notebook text form).
+PROGRESS_LINE = re.compile(r"\d+%\|.*\||\|\s*\d+/\d+\s*\[|\d+(\.\d+)?\s*(it|s)/(s|it)\]")
+WARNING_TEXT = re.compile(r"\w*Warning\b|^WARNING\b", re.M)
+
+
+def output_problems(outputs: list[dict]) -> list[str]:
+    """What is wrong with a page's output boxes (``CONTENT_REPORT_JS``'s ``outputs``): a box with
+    a warning, too many boxes with a progress bar or too many progress lines, empty boxes."""
+    warnings, progress, progress_lines, empty = [], [], 0, 0
+    for box in outputs:
+        text = box.get("text", "")
+        lines = [line for line in re.split(r"[\r\n]+", text) if PROGRESS_LINE.search(line)]
+        progress_lines += len(lines)
+        if "stderr" in box.get("cls", "") or WARNING_TEXT.search(text):
+            warnings.append(repr(text.strip().splitlines()[0][:100]) if text.strip() else "(stderr)")
+        elif lines:
+            progress.append(repr(lines[0].strip()[:100]))
+        if not text.strip() and not box.get("media"):
+            empty += 1
+    problems = []
+    if len(warnings) > MAX_WARNING_OUTPUTS:
+        problems.append(f"{len(warnings)} output boxes hold a warning or stderr: " + "; ".join(warnings[:3]))
+    if len(progress) > MAX_PROGRESS_OUTPUTS:
+        problems.append(f"{len(progress)} output boxes hold a progress bar (at most "
+                        f"{MAX_PROGRESS_OUTPUTS}): " + "; ".join(progress[:3]))
+    if progress_lines > MAX_PROGRESS_LINES:
+        problems.append(f"{progress_lines} lines of progress bars in the outputs (at most {MAX_PROGRESS_LINES})")
+    if empty:
+        problems.append(f"{empty} empty output box(es)")
+    return problems
+
+
+def math_problems(report: dict) -> list[str]:
+    """What is wrong with a page's math (``CONTENT_REPORT_JS``'s report)."""
+    problems = []
+    if report["formulas"] and report["typeset"] < report["formulas"]:
+        how = "MathJax ran" if report["mathjax"] else "MathJax did not load"
+        problems.append(f"{report['formulas'] - report['typeset']} of {report['formulas']} formulas "
+                        f"not typeset ({how})")
+    if report["raw_tex"]:
+        problems.append("raw TeX in the text: " + "; ".join(repr(s) for s in report["raw_tex"]))
+    if report["errors"]:
+        problems.append("MathJax errors: " + "; ".join(report["errors"][:3]))
+    failed = sorted({f["family"] for f in report["fonts"] if f["status"] == "error"})
+    if failed:
+        problems.append("MathJax fonts failed to load: " + ", ".join(failed))
+    return problems
 
 
 class BrowserError(RuntimeError):
@@ -104,6 +214,8 @@ class Chromium:
         args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--no-first-run", "--no-default-browser-check", "--disable-extensions",
                 "--allow-file-access-from-files", "--hide-scrollbars", "--mute-audio",
+                # offline, as a reader without network: a page that needs a CDN fails the check
+                "--host-resolver-rules=MAP * ~NOTFOUND",
                 f"--window-size={width},{height}", f"--user-data-dir={self._profile}",
                 "--remote-debugging-pipe", "about:blank"]
         self._stderr = tempfile.TemporaryFile()
@@ -246,6 +358,9 @@ class PageResult:
     title: str = ""
     h1: str = ""
     images: list[dict] = field(default_factory=list)
+    formulas: int = 0  # Sphinx math elements on the page
+    typeset: int = 0  # of those, how many hold MathJax's output
+    outputs: list[dict] = field(default_factory=list)  # output boxes of executed cells
     problems: list[str] = field(default_factory=list)
 
 
@@ -372,6 +487,11 @@ def check_page(browser: Chromium, html_dir: Path, page: str) -> tuple[PageResult
             problem = check_image_file(local)
             if problem:
                 result.problems.append(f"image {shown!r}: {problem}")
+    content = browser.evaluate(session, CONTENT_REPORT_JS)
+    result.formulas, result.typeset, result.outputs = content["formulas"], content["typeset"], content["outputs"]
+    result.problems += math_problems(content) + output_problems(content["outputs"])
+    if content["remote"]:
+        result.problems.append("needs the network (blank offline): " + ", ".join(content["remote"][:3]))
     return result, session
 
 
@@ -430,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         status = "ok  " if not result.problems else "FAIL"
         shown = f" (→ {result.page_shown})" if result.page_shown and result.page_shown != result.page else ""
-        print(f"{status} {result.page}{shown}: {result.h1!r}, {len(result.images)} images")
+        print(f"{status} {result.page}{shown}: {result.h1!r}, {len(result.images)} images, "
+              f"{result.typeset}/{result.formulas} formulas typeset, {len(result.outputs)} output boxes")
         for problem in result.problems:
             print(f"     {result.page}: {problem}")
         failed += bool(result.problems)
