@@ -1268,7 +1268,7 @@ def evaluate_ct2(model_dir: str | os.PathLike, utterances: Iterable[Any] | None 
 
 COMPARISON_COLUMNS = (
     "name", "engine", "compute_type", "num_beams", "threads", "wer", "cer", "insertion_rate",
-    "repeated_5grams_per_100_words", "rtf", "n_parameters", "peak_memory_mb",
+    "repeated_5grams_per_100_words", "rtf", "speedup", "n_parameters", "peak_memory_mb",
     "peak_memory_delta_mb", "memory_kind", "n_utterances",
     "n_skipped", "normalizer",
 )
@@ -1293,6 +1293,8 @@ def _fmt(column: str, value: Any) -> str:
         return f"{value / 1e6:.1f}"
     if column == "rtf":
         return f"{value:.3f}"
+    if column == "speedup":
+        return f"{value:.2f}×"
     if isinstance(value, float):
         return f"{value:.1f}"
     return str(value)
@@ -1300,6 +1302,7 @@ def _fmt(column: str, value: Any) -> str:
 
 _MD_HEADERS = {
     "wer": "WER (%)", "cer": "CER (%)", "insertion_rate": "insertions (% of ref words)",
+    "speedup": "speed-up over the first row",
     "repeated_5grams_per_100_words": "repeated 5-grams /100 words", "rtf": "RTF",
     "n_parameters": "parameters (M)", "peak_memory_mb": "peak memory (MiB)",
     "peak_memory_delta_mb": "memory added by decoding (MiB)",
@@ -1341,6 +1344,20 @@ def write_csv(path: Path, table: list[dict[str, Any]], columns: Sequence[str]) -
     for row in table:
         writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
     write_text_atomic(path, buf.getvalue())
+
+
+def add_speedups(rows: Sequence[dict[str, Any]], reference: str | None = None) -> None:
+    """Set ``speedup`` = reference RTF / row RTF on every timed row (in place).
+
+    The reference is the row named ``reference``, else the first timed row (by convention the
+    teacher, as `compare_models` is called). Rows decoded from stored encoder states have no RTF,
+    so no speed-up. Both RTFs come from the same process and thread count, so their ratio is the
+    speed-up a user sees on this machine."""
+    timed = [r for r in rows if r.get("rtf")]
+    ref = next((r for r in timed if r.get("name") == reference), timed[0] if timed else None)
+    for row in rows:
+        row["speedup"] = ref["rtf"] / row["rtf"] if ref is not None and row.get("rtf") else None
+        row["speedup_over"] = ref.get("name") if ref is not None and row.get("rtf") else None
 
 
 def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, *,
@@ -1491,10 +1508,12 @@ def compare_models(entries: Sequence[dict[str, Any]], *, data_root: str | os.Pat
         metrics.update(split=split, data_root=str(data_root))
         _add_voices(metrics, data_root)
         rows.append(metrics)
-        if out_dir is not None:
-            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
-            write_metrics(out_dir, f"{split}_{safe}", metrics)
+        if out_dir is not None:  # written as soon as known: a later model's crash keeps this one
+            write_metrics(out_dir, f"{split}_{_safe_name(name)}", metrics)
+    add_speedups(rows)
     if out_dir is not None:
+        for metrics in rows:  # again, with the speed-up over the first row
+            write_metrics(out_dir, f"{split}_{_safe_name(metrics['name'])}", metrics)
         write_comparison(rows, out_dir)
         import matplotlib.pyplot as plt
 

@@ -295,7 +295,9 @@ def build_data(config: TrainConfig, feature_extractor, tokenizer, teacher_featur
     for split, limit in ((config.train_split, config.max_train_utterances), (config.dev_split, config.max_dev_utterances)):
         result = data.scan_mls(
             root, split, min_duration=config.min_duration, max_duration=config.max_duration,
-            language=config.language, window_seconds=config.student_window_seconds,
+            language=config.language,
+            # stage 0 trains the teacher itself, which keeps Whisper's 30 s window
+            window_seconds=config.student_window_seconds if config.stage != 0 else None,
         )
         utterances = result.utterances[:limit] if limit else result.utterances
         scans[split] = (utterances, result)

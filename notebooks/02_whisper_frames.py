@@ -275,6 +275,72 @@ plt.show()
 # window centre (sharper, but it ignores two thirds of the teacher frames). Where the teacher
 # changes slowly the two agree closely (cosine near 1); at fast transitions they differ.
 #
+# ## The students the trainer builds: a 10 s window, or merging inside the encoder
+#
+# Pooling the student's states *for the loss* changes nothing about its speed: its encoder still
+# runs over 30 s and its decoder still reads 1500 frames. `kdlib` builds the short student in
+# two real ways (`TrainConfig.student_window_seconds`, `student_frame_factor`):
+#
+# * **a window** of W seconds (`models.set_encoder_window`): the encoder keeps its first 50·W
+#   position rows and reads 100·W log-mel frames, so it gives 50·W frames (10 s → 500, the
+#   thesis notes' T ≈ 499). It is still a standard Whisper, so transformers' pipeline and
+#   CTranslate2 run it. A clip longer than the window is refused (skipped and counted at scan
+#   time), never cut.
+# * **merging** k frames into one after encoder layer j (`models.merge_encoder_frames`): the
+#   later layers and the decoder's cross-attention read 1500 / k frames. Not a standard Whisper
+#   shape: CTranslate2 cannot convert it.
+#
+# Both encoders start at the clip's first sample and advance 20 ms per frame, so the mapping
+# from student to teacher frames is exact (`frames.teacher_on_student_frames`): with a window,
+# student frame i **is** teacher frame i; merged by k, student frame i covers teacher frames
+# k·i … k·i+k−1. The next cell builds both students from the teacher and draws which teacher
+# frames each of the first student frames reads.
+
+# %%
+window_seconds = 10
+win_bundle = models.shape_student(
+    models.WhisperBundle(models.student_from_teacher(model, decoder_layers=cfg.decoder_layers),
+                        teacher_bundle.tokenizer, teacher_bundle.feature_extractor),
+    window_seconds=window_seconds)
+win_feats = win_bundle.features(wave).float()  # (1, n_mels, 1000): 10 s of log-mels
+with torch.no_grad():
+    win_hidden = win_bundle.model.model.encoder(win_feats).last_hidden_state.float()  # (1, 500, d)
+mel_valid_t = torch.tensor([mel_valid])
+on_window, window_mask = frames.teacher_on_student_frames(hidden, mel_valid_t, window_frames=win_hidden.shape[1])
+on_merged, merged_mask = frames.teacher_on_student_frames(hidden, mel_valid_t, window_frames=hidden.shape[1],
+                                                          factor=downsample_factor)
+print(f"window student: log-mels {tuple(win_feats.shape)} -> encoder {tuple(win_hidden.shape)}, "
+      f"{int(window_mask.sum())} frames hold audio")
+print(f"merged {downsample_factor}:1 student: {on_merged.shape[1]} frames, {int(merged_mask.sum())} hold audio")
+same = torch.nn.functional.cosine_similarity(win_hidden[0, window_mask[0]], on_window[0, window_mask[0]], dim=-1)
+print(f"window encoder vs the 30 s teacher on the same frames, before any training: cosine mean "
+      f"{same.mean():.3f}, min {same.min():.3f}")
+
+n_show = 12
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+for ax, (title, k) in zip(axes, ((f"window ({window_seconds} s): student i = teacher i", 1),
+                                 (f"merged {downsample_factor}:1: student i = teacher {downsample_factor}i…"
+                                  f"{downsample_factor}i+{downsample_factor - 1}", downsample_factor))):
+    grid = np.zeros((n_show, n_show * downsample_factor))
+    for i in range(n_show):
+        grid[i, k * i: k * i + k] = 1.0 / k
+    ax.imshow(grid, origin="lower", aspect="auto", cmap="Blues",
+              extent=(-0.5, grid.shape[1] - 0.5, -0.5, n_show - 0.5))
+    ax.set(title=title, xlabel="teacher frame (20 ms each)")
+axes[0].set_ylabel("student frame")
+fig.suptitle("Which teacher frames each student frame is compared with (weights of the average)")
+fig.tight_layout()
+fig.savefig(out / "student_frames.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# Inside its window the cut student starts as the teacher: its encoder is the teacher's, and
+# the cosine between its states and the 30 s teacher's states on the same frames is printed
+# above (below 1 only because the teacher's attention also sees 20 s of padding the window
+# student never computes). A merged student, by contrast, starts far from its teacher after the
+# merge layer, which is what stage II (representation alignment) is for. Chapter 07 measures
+# what each shape costs and gains.
+#
 # ## Leakage: where does a short event go under 3:1 compression?
 #
 # Put a 5 ms click into the audio and ask which frames change. Whisper's convolutions already

@@ -201,6 +201,90 @@ plt.show()
 # synthetic dev clips are a small sample: differences of a few points are within what another
 # seed would change (chapter 09 runs seeds).
 #
+#
+# ## What the student costs: the speed/accuracy frontier
+#
+# Distillation pays off when the student is much cheaper than its teacher and nearly as good.
+# The student's shape is set in its config (chapter 02): `student_window_seconds` cuts the
+# encoder's window (the demo's 10 s: 500 encoder frames instead of 1500, a standard Whisper),
+# `student_decoder_layers` keeps maximally spaced decoder layers. One point per step from the
+# teacher to the deployed student, each decoded on the same dev clips in this one process with
+# the same threads (greedy, Whisper's basic normaliser); the speed-up is over the teacher in
+# transformers. CTranslate2 points are the engine a user deploys (int8 for the student).
+
+# %%
+import copy
+import tempfile
+
+from kdlib import models
+
+t_model, t_tok, t_fe = teacher_model(make_config(preset, stage=1))
+window_cut = models.shape_student(models.WhisperBundle(copy.deepcopy(t_model), t_tok, t_fe),
+                                  window_seconds=config3.student_window_seconds) \
+    if config3.student_window_seconds else None
+s_model, s_tok, s_fe, _ = load_trained(runs["stage3"])
+entries = [{"name": "teacher", "model": (t_model, t_fe, t_tok)}]
+if window_cut is not None:
+    entries.append({"name": f"teacher, {config3.student_window_seconds} s window (no training)",
+                    "model": window_cut})
+entries.append({"name": "student, stages I-III", "model": (s_model, s_fe, s_tok)})
+ct2_tmp = Path(tempfile.mkdtemp(prefix="ct2-", dir=out))
+try:
+    import ctranslate2  # noqa: F401
+
+    for name, (m, tok, fe), quant in (("teacher", (t_model, t_tok, t_fe), "float32"),
+                                      ("student", (s_model, s_tok, s_fe), "int8")):
+        if getattr(m.config, "kdlib_merge", None):
+            continue  # a merged student is not a CTranslate2 shape (transformers only)
+        hf = ct2_tmp / f"{name}_hf"
+        m.save_pretrained(hf)
+        tok.save_pretrained(hf)
+        fe.save_pretrained(hf)
+        entries.append({"name": f"{name}, CTranslate2 {quant}", "compute_type": quant,
+                        "ct2_dir": evaluate.export_ct2(hf, ct2_tmp / f"{name}_ct2", quantization=quant),
+                        "n_parameters": models.count_parameters(m)})
+except ImportError:
+    print("ctranslate2 not installed: transformers points only")
+frontier = evaluate.compare_models(entries, data_root=root, split=config3.dev_split, language=config3.language,
+                                   limit=limit, max_new_tokens=config3.eval_max_new_tokens, progress=False,
+                                   out_dir=out / "frontier")
+adapted_row = next((r for r in rows if r["model"].startswith("teacher, adapted")), None)
+print(f"{'model':<44}{'WER':>7}{'CER':>7}{'RTF':>8}{'speed-up':>10}")
+for r in frontier:
+    print(f"{r['name']:<44}{r['wer']:>7.3f}{r['cer']:>7.3f}{r['rtf']:>8.3f}{r['speedup']:>9.2f}x")
+
+fig, ax = plt.subplots(figsize=(8, 4.2))
+for r in frontier:
+    ax.scatter(r["speedup"], r["wer"], s=40, marker="s" if "CTranslate2" in r["name"] else "o")
+    ax.annotate(r["name"], (r["speedup"], r["wer"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+if adapted_row is not None:
+    ax.axhline(adapted_row["wer"], color="gray", ls="--", lw=0.8, label="adapted teacher (stage 0), WER")
+    ax.axhline(adapted_row["wer"] + 0.10, color="gray", ls=":", lw=0.8, label="adapted teacher + 0.10")
+ax.axvline(2.5, color="C3", ls=":", lw=0.8, label="2.5x")
+ax.set(title=f"Speed/accuracy frontier on {len(frontier) and frontier[0]['n_utterances']} dev clips",
+       xlabel="speed-up over the teacher in transformers (same process, same threads)",
+       ylabel="WER (greedy, basic normaliser)")
+ax.legend(fontsize=7, loc="upper right")
+fig.tight_layout()
+fig.savefig(out / "frontier.png", dpi=120)
+plt.show()
+results_path = out / "results.json"
+saved = json.loads(results_path.read_text())
+saved["frontier"] = [{k: r.get(k) for k in ("name", "engine", "compute_type", "wer", "cer", "rtf", "speedup",
+                                              "n_parameters", "n_utterances")} for r in frontier]
+results_path.write_text(json.dumps(saved, indent=2))
+
+# %% [markdown]
+# Each point is one step from the teacher towards the deployed student. Cutting the window is
+# free on these short clips (it does not train anything), and it is where most of the CPU time
+# goes: the encoder is about three quarters of a whisper-base transcription here (shared/FACTS).
+# The trained student then has to win back the accuracy that the adapted teacher has (dashed
+# line; the dotted line is the target of "within 0.10"). `benchmarks/student_payoff.py` measures
+# the same targets over three seeds with their spread, on dev and test; `benchmarks/README.md`
+# holds one run's table. faster-whisper 1.2.1 cannot run a window student (it pads every window
+# to 3000 log-mel frames); `kdlib.evaluate.CT2Whisper` feeds CTranslate2 features of the window's
+# length.
+#
 # ## Summary
 #
 # - Stage III freezes the encoder (its outputs are cached) and fine-tunes decoder LoRA with CE +

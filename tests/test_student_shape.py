@@ -201,3 +201,42 @@ def test_window_student_through_the_transformers_pipeline(student, tmp_path):
                                                          "num_beams": 1})["text"].strip()
            for c in clips]
     assert got == ref
+
+
+@needs_offline
+@pytest.mark.parametrize("shape", [dict(student_window_seconds=10), dict(student_frame_factor=3, student_merge_layer=0)])
+def test_alignment_stage_trains_a_shaped_student_against_the_30s_teacher(shape, tmp_path, monkeypatch):
+    """Stage II with a window or a merged student: the hidden terms see the teacher on the
+    student's frame grid (same frame count, same mask), and the losses are finite."""
+    from kdlib import train as T
+
+    seen = []
+    real = T.forward_losses
+
+    def spy(models_, loss_fn, batch, *args, **kwargs):
+        out = real(models_, loss_fn, batch, *args, **kwargs)
+        teacher_features = batch.get("teacher_input_features", batch["input_features"])
+        seen.append((models_.student.base_model.model.config.max_source_positions,
+                     batch["input_features"].shape[-1], teacher_features.shape[-1]))
+        return out
+
+    monkeypatch.setattr(T, "forward_losses", spy)
+    captured = {}
+    from kdlib import losses as L
+
+    orig = L.DistillationLoss._prepare_hidden
+
+    def prep(self, student_hidden, teacher_hidden, hidden_mask, projector, teacher_hidden_mask):
+        captured["shapes"] = (tuple(student_hidden.shape[:2]), tuple(teacher_hidden.shape[:2]))
+        return orig(self, student_hidden, teacher_hidden, hidden_mask, projector, teacher_hidden_mask)
+
+    monkeypatch.setattr(L.DistillationLoss, "_prepare_hidden", prep)
+    cfg = C.make_config("smoke", 2, overrides=dict(max_steps=2, eval_every=2, save_every=2, **shape))
+    summary = T.train(cfg, tmp_path / "run", progress=False)
+    assert summary["steps"] == 2 and np.isfinite(summary["final_geo"])
+    frames_s, frames_t = captured["shapes"][0][1], captured["shapes"][1][1]
+    assert frames_s == frames_t == 500  # 10 s window: 500; 1500 merged 3:1: 500
+    if "student_window_seconds" in shape:
+        assert seen[0] == (500, 1000, 3000)  # student reads 10 s of log-mels, the teacher its 30 s
+    else:
+        assert seen[0] == (1500, 3000, 3000)  # merging happens inside the encoder, after layer 0
