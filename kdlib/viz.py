@@ -123,14 +123,24 @@ def extract_states(model, feature_extractor, waves: Sequence[np.ndarray | torch.
 
     ``model``: a `kdlib.models.WhisperBundle`, a ``WhisperForConditionalGeneration`` (e.g. from
     `kdlib.train.load_trained`) or its encoder; run in eval mode, batches of ``batch_size`` clips
-    under ``torch.no_grad``, float32 out. ``frame_factor`` > 1 averages the valid frames of each
-    window of that many frames (`kdlib.frames.downsample`, the thesis student's 3:1), as the
-    trainer does before comparing student and teacher.
+    under ``torch.no_grad``, float32 out. ``frame_factor`` > 1: one state per that many 20 ms
+    encoder frames (the thesis student's 3:1), the valid frames of each window averaged
+    (`kdlib.frames.downsample`). A student that merges frames inside its encoder
+    (`kdlib.models.merge_encoder_frames`) already delivers one state per k frames; only the rest
+    of the factor is applied, so its states and a teacher's pooled by the same factor line up
+    frame for frame, as in the trainer (`kdlib.frames.teacher_on_student_frames`).
     """
+    from kdlib.models import merge_factor
+
     from kdlib.progress import progress_bar
 
     encoder = _encoder(model)
     encoder.eval()
+    inner = merge_factor(encoder.config)  # frames merged inside the encoder (1: none)
+    if frame_factor % inner:
+        raise ValueError(f"frame_factor {frame_factor}: the model already merges {inner} frames into one; "
+                         f"use a multiple of {inner}")
+    frame_factor = max(frame_factor, inner)
     param = next(encoder.parameters())
     ids = list(ids) if ids is not None else [str(i) for i in range(len(waves))]
     speakers = list(speakers) if speakers is not None else ["unknown"] * len(waves)
@@ -140,10 +150,12 @@ def extract_states(model, feature_extractor, waves: Sequence[np.ndarray | torch.
         batch = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves[start:start + batch_size]]
         with torch.autocast("cpu", enabled=False):  # the extractor's STFT must stay float32
             feats = feature_extractor(batch, sampling_rate=F.SAMPLE_RATE, return_tensors="pt").input_features
-        hidden = encoder(feats.to(param.device, param.dtype)).last_hidden_state.float()  # (b, 1500, d)
-        mask = F.encoder_valid_mask([len(w) for w in batch], frames=hidden.shape[1], device=hidden.device)
-        if frame_factor > 1:
-            hidden, mask = F.downsample(hidden, frame_factor, mask, mode="avg")
+        hidden = encoder(feats.to(param.device, param.dtype)).last_hidden_state.float()  # (b, frames, d)
+        mask = F.encoder_valid_mask([len(w) for w in batch], frames=hidden.shape[1] * inner, device=hidden.device)
+        if inner > 1:  # the encoder merged already: only the mask still has 20 ms frames
+            _, mask = F.downsample(torch.zeros(*mask.shape, 1, device=mask.device), inner, mask)
+        if frame_factor > inner:
+            hidden, mask = F.downsample(hidden, frame_factor // inner, mask, mode="avg")
         keep = int(mask.sum(1).max())
         hidden_parts.append(hidden[:, :keep].cpu().numpy())
         mask_parts.append(mask[:, :keep].cpu().numpy())

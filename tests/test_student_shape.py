@@ -240,3 +240,19 @@ def test_alignment_stage_trains_a_shaped_student_against_the_30s_teacher(shape, 
         assert seen[0] == (500, 1000, 3000)  # student reads 10 s of log-mels, the teacher its 30 s
     else:
         assert seen[0] == (1500, 3000, 3000)  # merging happens inside the encoder, after layer 0
+
+
+@needs_offline
+def test_latent_states_of_a_merged_student_line_up_with_the_teacher_pooled_by_k():
+    from kdlib import viz
+
+    teacher, student = models.tiny_random_pair(seed=0)
+    models.shape_student(student, frame_factor=3, merge_layer=0)
+    clips = _clips(3)
+    s = viz.extract_states(student.model, student.feature_extractor, clips, name="s", frame_factor=3, progress=False)
+    t = viz.extract_states(teacher.model, teacher.feature_extractor, clips, name="t", frame_factor=3, progress=False)
+    assert s.hidden.shape[:2] == t.hidden.shape[:2]  # one state per 3 encoder frames on both sides
+    assert np.array_equal(s.mask, t.mask)
+    assert s.frame_seconds == t.frame_seconds == pytest.approx(0.06)
+    with pytest.raises(ValueError, match="already merges 3"):
+        viz.extract_states(student.model, student.feature_extractor, clips, name="s", frame_factor=2, progress=False)
