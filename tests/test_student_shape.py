@@ -256,3 +256,30 @@ def test_latent_states_of_a_merged_student_line_up_with_the_teacher_pooled_by_k(
     assert s.frame_seconds == t.frame_seconds == pytest.approx(0.06)
     with pytest.raises(ValueError, match="already merges 3"):
         viz.extract_states(student.model, student.feature_extractor, clips, name="s", frame_factor=2, progress=False)
+
+
+def test_speedup_column_is_the_first_timed_rows_rtf_over_each_rows():
+    rows = [{"name": "teacher", "rtf": 0.30}, {"name": "stored", "rtf": None}, {"name": "student", "rtf": 0.10}]
+    ev.add_speedups(rows)
+    assert rows[0]["speedup"] == pytest.approx(1.0)
+    assert rows[1]["speedup"] is None  # decoded from stored encoder states: not timed
+    assert rows[2]["speedup"] == pytest.approx(3.0) and rows[2]["speedup_over"] == "teacher"
+    table = ev.markdown_table(rows)
+    assert "speed-up over the first row" in table and "| 3.00× |" in table
+    ev.add_speedups(rows, reference="student")
+    assert rows[0]["speedup"] == pytest.approx(1 / 3)
+
+
+def test_benchmark_scripts_quick_modes_print_their_tables(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "flops_projection.py"
+    spec = importlib.util.spec_from_file_location("flops_projection", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--quick"])
+    printed = capsys.readouterr().out
+    assert "| whisper-large-v3 | whisper-small | 30 | 3 |" in printed
+    merged = next(r for r in rows if r["factor"] == 3)
+    plain = next(r for r in rows if r["factor"] == 1 and r["window_s"] == 30)
+    assert merged["student_gmacs"] < plain["student_gmacs"] and merged["speedup"] > plain["speedup"] > 1
