@@ -63,3 +63,59 @@ def test_encoder_cache_off_keeps_states_on_device_in_their_dtype():
     assert states.dtype == torch.bfloat16 and cache.store == {}
     kept = T.EncoderCache(model, keep=True)(torch.randn(2, 128, 3000), ["a", "b"], torch.device("cpu"))
     assert kept.dtype == torch.float32  # stored states are float32, as before
+
+
+def test_scan_reads_each_header_once_until_the_file_changes(tmp_path, monkeypatch):
+    """A rescan (every start, every rank: 60k headers for MLS Italian train) reads the header
+    cache keyed by size and modification time; a changed file is read again."""
+    import os
+    import shutil
+
+    from kdlib import data
+
+    monkeypatch.setenv("KDLIB_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "mls_italian_opus"
+    shutil.copytree(data.embedded_corpus("it") / "dev", root / "dev")
+    calls = []
+    real_info = data.sf.info
+    monkeypatch.setattr(data.sf, "info", lambda path: calls.append(path) or real_info(path))
+    first = data.scan_mls(root, "dev")
+    assert len(calls) == len(first.utterances) > 0
+    calls.clear()
+    second = data.scan_mls(root, "dev")
+    assert calls == [] and [(u.id, u.duration) for u in second.utterances] == [(u.id, u.duration) for u in first.utterances]
+    changed = first.utterances[0].audio
+    os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
+    data.scan_mls(root, "dev")
+    assert calls == [str(changed)]
+
+
+def test_one_dataloader_for_the_whole_run_replays_the_epoch_batches(monkeypatch):
+    """The batch stream walks `epoch_batches` epoch after epoch, from a resume position, with one
+    DataLoader (its workers start once per run, not once per epoch)."""
+    import itertools
+
+    import torch.utils.data
+
+    from kdlib import data
+
+    config = make_config("thesis-tiny", stage=1, overrides={"max_train_utterances": 6, "batch_size": 4})
+    _, student = M.tiny_random_pair()
+    train_set, _, _ = T.build_data(config, student.feature_extractor, student.tokenizer)
+    made = []
+    real = torch.utils.data.DataLoader
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("num_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Counting)
+    expected = [(e, i + 1, [train_set.utterances[j].id for j in b])
+                for e in range(4) for i, b in enumerate(T.epoch_batches(train_set, config, e))]
+    start = 1  # resume after the first batch of epoch 0
+    stream = T.batch_stream(train_set, data.WhisperCollator(), config, 0, start)
+    got = [(e, p, batch["ids"]) for e, p, batch in itertools.islice(stream, len(expected) - start - 2)]
+    assert got == expected[start:len(expected) - 2]
+    assert made == [config.num_workers] and config.num_workers >= 2
+    assert len({e for e, _, _ in got}) >= 3  # several epochs, one loader
