@@ -31,7 +31,8 @@ def test_thesis_tiny_models_differ_like_large_v3_and_small():
     assert run.student.base_model.model.config.num_mel_bins == 80
     assert run.student.base_model.model.config.vocab_size == 51865
     assert run.teacher_feature_extractor is not None and run.vocab_index is not None
-    assert run.student.base_model.model.is_gradient_checkpointing
+    base = run.student.base_model.model
+    assert any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
 
 
 def test_v3_teacher_generates_with_its_own_ids():
