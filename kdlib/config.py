@@ -10,6 +10,8 @@ run folder, so any result can be traced back to the exact settings that produced
   layers, 0.8·CE + KL·T² at T = 2); stage 1 only.
 - ``thesis``: whisper-large-v3 → whisper-small on MLS Italian, batch 64, 8,000 steps, the pilot's
   loss weights; runs unchanged on a CUDA machine with a Hugging Face hub.
+- ``thesis-tiny``: the thesis pair's structure (v3-shaped teacher, 128 vs 80 mel bins, 51,866 vs
+  51,865 tokens) and machinery (fp16 + GradScaler, checkpointing, workers) at smoke size; CI.
 
 Overrides (papermill parameters, ``--set field=value``) are checked before any work starts: an
 unknown field or a value of the wrong type is a `ConfigError` naming the field.
@@ -80,6 +82,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     num_workers: int = 0
+    pin_memory: bool = False  # page-locked batches for a fast host → GPU copy (CUDA only; ignored on CPU)
     length_grouped: bool = True
     # "memory": frozen encoders (the teacher's always; the student's when it does not train) run
     # once per utterance and their outputs are kept in RAM (1500 x d_model floats per clip: fine
@@ -101,8 +104,11 @@ class TrainConfig:
     warmup_steps: int = 6
     min_lr: float = 1e-6
     grad_clip: float = 1.0
-    amp: str = "auto"  # auto: fp16+GradScaler on CUDA (bf16 if supported and amp_dtype=bf16), fp32 on CPU
-    amp_dtype: str = "fp16"  # fp16 | bf16 (on CUDA)
+    # auto: fp16+GradScaler on CUDA (bf16 if supported and amp_dtype=bf16), fp32 on CPU. "fp16" on
+    # CPU: autocast + torch's CPU GradScaler, the thesis' GPU path in CI (thesis-tiny); the autocast
+    # dtype is bf16 on a CPU that emulates fp16 matmuls (5x slower; kdlib.train.amp_settings).
+    amp: str = "auto"
+    amp_dtype: str = "fp16"  # fp16 | bf16
     grad_checkpointing: bool = False
     max_nonfinite_in_row: int = 5
 
@@ -158,7 +164,7 @@ STAGE_TERMS: dict[int, tuple[str, ...]] = {
     0: ("ce",),  # teacher adaptation: plain fine-tuning of the teacher on the training split
     1: ("ce", "kl"),  # knowledge distillation
     2: ("ce", "geo", "contrastive"),  # representation alignment through the projector
-    3: ("ce", "kl", "contrastive"),  # decoder fine-tuning, encoder frozen, contrastive decays
+    3: ("ce", "kl", "contrastive"),  # decoder fine-tuning; contrastive only if the encoder trains (make_config)
 }
 TERM_WEIGHTS = {"kl": "kl_weight", "geo": "geo_weight", "contrastive": "contrastive_weight"}
 
@@ -234,6 +240,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 500,
         "save_every": 250,
         "num_workers": 8,
+        "pin_memory": True,
         "lora_r": 32,
         "lora_alpha": 64,
         "early_stopping_patience": 5,
@@ -260,6 +267,34 @@ PRESET_STAGE: dict[tuple[str, int], dict[str, Any]] = {
                   "contrastive_weight": 0.1},
     ("demo", 3): {"train_encoder": False},
 }
+
+
+# ``thesis-tiny``: the thesis pair's every structural difference at tiny width, for CPU and CI.
+# Teacher: large-v3's vocabulary layout and names (51,866 tokens, ``<|yue|>`` at 50,358), 128 mel
+# bins; student: a model of its own (not built from the teacher) with pre-v3 names, 80 mel bins,
+# its own tokenizer and feature extractor, 3:1 frame pooling. The thesis' training machinery is on:
+# fp16 autocast with an enabled GradScaler (torch's CPU GradScaler here), gradient checkpointing,
+# early stopping, 2 DataLoader workers with pin_memory, no encoder cache, the pilot's loss weights.
+# Sizes are smoke's: a chapter runs in seconds. ``python -m kdlib train --preset thesis-tiny``.
+PRESETS["thesis-tiny"] = {
+    **{k: v for k, v in PRESETS["thesis"].items() if k not in ("teacher", "student", "data_root")},
+    "teacher": "tiny-random-v3",
+    "student": "tiny-random",
+    "amp": "fp16",
+    "grad_checkpointing": True,
+    "early_stopping_patience": 2,
+    "num_workers": 2,
+    "pin_memory": True,
+    "max_train_utterances": 8, "max_dev_utterances": 4, "batch_size": 4,
+    "max_steps": 4, "warmup_steps": 1, "kl_warmup_steps": 1, "eval_every": 2, "save_every": 2,
+    "eval_max_new_tokens": 4, "lr": 1e-3, "lora_r": 4, "lora_alpha": 8,
+}
+# Stage 0 at thesis size: encoder LoRA on large-v3 at batch 64 does not fit next to its
+# activations, so the teacher adapts its decoder only (the encoder runs without a graph).
+PRESET_STAGE.update({
+    ("thesis", 0): {"train_encoder": False, "lora_preset": "decoder_all"},
+    ("thesis-tiny", 0): {"train_encoder": False, "lora_preset": "decoder_all"},
+})
 
 
 def _field_types() -> dict[str, Any]:
@@ -378,8 +413,17 @@ def make_config(preset: str = "demo", stage: int = 1, overrides: dict[str, Any] 
     stage_changes.update(PRESET_STAGE.get((preset, stage), {}))
     if stage == 0:
         stage_changes["projector"] = False
-    if stage == 3 and config.contrastive_final_weight is None:
-        stage_changes["contrastive_final_weight"] = 0.1
+    if stage == 3:
+        # Stage III's contrastive term reaches the student only through its encoder. With the
+        # encoder frozen (the default) its gradient trains the projector alone, which no later
+        # stage and no exported model uses: it is dropped (chapter 07 shows the measurement).
+        # With ``train_encoder=True`` it stays on and decays linearly to 0.1.
+        wanted = {**stage_changes, **(overrides or {})}
+        if wanted.get("train_encoder", config.train_encoder) is True:
+            if config.contrastive_final_weight is None:
+                stage_changes["contrastive_final_weight"] = 0.1
+        else:
+            stage_changes["contrastive_weight"] = 0.0
     config = replace(config, **stage_changes)
     if overrides:
         config = replace(config, **overrides)

@@ -888,6 +888,9 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
     calls them), references empty after normalisation. The time measured for ``rtf`` is
     decoding only (feature extraction + ``generate`` + detokenisation), not audio file reading.
 
+    ``device``: None decodes on CUDA when there is one (the model is moved there), else where the
+    model is.
+
     ``reuse_encoder_states=True`` (for WER/CER of a model whose encoder is whisper-base's or
     another already seen one): encoder states come from the on-disk store of
     `kdlib.train.EncoderStore` (keyed by the encoder's exact weights and the audio file), are
@@ -905,7 +908,9 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
 
     model, fe, tok, bundle_name = _unpack_model(model, feature_extractor, tokenizer)
     utterances, pre_skipped = _utterances_for("evaluate_model", utterances, data_root, split, limit)
-    device = torch.device(device) if device is not None else _model_device(model)
+    if device is None:  # CUDA when there is one: a model loaded on the CPU (large-v3) must not decode there for hours
+        device = torch.device("cuda") if torch.cuda.is_available() else _model_device(model)
+    device = torch.device(device)
 
     def decode(audios, utts):
         encode = None

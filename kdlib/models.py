@@ -494,8 +494,9 @@ def tiny_random_pair(seed: int = 0, *, teacher_like_v3: bool = False) -> tuple[W
     )):
         torch.manual_seed(seed + i)
         model = WhisperForConditionalGeneration(cfg).eval()
-        if i == 1 or not teacher_like_v3:  # whisper-base token ids; the v3-like teacher never generates
-            model.generation_config = _generation_config_for(model)
+        model.generation_config = _generation_config_for(model)  # whisper-base's token ids
+        if i == 0 and teacher_like_v3:  # large-v3's ids, so the teacher decodes (stage 0, dev WER)
+            model.generation_config = v3_generation_config(model.generation_config)
         bundles.append(WhisperBundle(model, (teacher_tok, tokenizer)[i], (teacher_fe, fe)[i], None,
                                      ("tiny-random-teacher", "tiny-random-student")[i]))
     return bundles[0], bundles[1]
@@ -529,6 +530,26 @@ def large_v3_tokenizer(tokenizer):
     spec["added_tokens"].sort(key=lambda t: t["id"])
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def v3_generation_config(gen):
+    """A pre-v3 multilingual generation config moved to large-v3's ids: ``<|yue|>`` joins the
+    languages at 50,358 and every special id from 50,358 on (tasks, no-timestamps, previous,
+    suppressed tokens) is one higher. Offline stand-in for large-v3's, with the tokenizer of
+    `large_v3_tokenizer`."""
+    gen = copy.deepcopy(gen)
+
+    def up(i: int) -> int:
+        return i + 1 if i >= V3_NEW_ID else i
+
+    gen.lang_to_id = {**{k: up(v) for k, v in gen.lang_to_id.items()}, V3_NEW_TOKEN: V3_NEW_ID}
+    gen.task_to_id = {k: up(v) for k, v in gen.task_to_id.items()}
+    gen.no_timestamps_token_id = up(gen.no_timestamps_token_id)
+    if getattr(gen, "prev_sot_token_id", None) is not None:
+        gen.prev_sot_token_id = up(gen.prev_sot_token_id)
+    gen.suppress_tokens = [up(i) for i in gen.suppress_tokens or []]
+    gen.begin_suppress_tokens = [up(i) for i in gen.begin_suppress_tokens or []]
+    return gen
 
 
 def vocab_index(student_tokenizer, teacher_tokenizer, student_vocab_size: int) -> torch.Tensor | None:

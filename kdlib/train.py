@@ -8,8 +8,9 @@ Stages (see `kdlib.config.STAGE_TERMS`):
   0  teacher adaptation: LoRA fine-tuning of the teacher itself with CE (its own run folder);
   I  knowledge distillation: CE + KL(teacher ‖ student)·T², student LoRA trained;
   II representation alignment: CE + geodesic (point or curve) + InfoNCE through the projector;
-  III decoder fine-tuning: encoder frozen, decoder LoRA trained, contrastive weight decayed
-     linearly to ``contrastive_final_weight`` (0.1).
+  III decoder fine-tuning: encoder frozen, decoder LoRA trained with CE + KL; the contrastive
+     term (decayed linearly to ``contrastive_final_weight``, 0.1) only when the encoder trains
+     (``train_encoder=True``): with it frozen the term would train the projector alone.
 Each stage starts from the previous stage's folder (``init_from``): its ``adapter_final/``.
 
 The run folder (thesis layout): ``tb/`` TensorBoard scalars, ``checkpoint.pt`` (trainable
@@ -79,7 +80,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, Optional[torch.dtype], bool]:
-    """(autocast on, autocast dtype, use GradScaler). fp32 on CPU unless asked otherwise."""
+    """(autocast on, autocast dtype, use GradScaler). fp32 on CPU unless asked otherwise;
+    ``amp="fp16"`` is fp16 autocast + GradScaler on CUDA and on the CPU alike."""
     mode = config.amp
     if mode == "auto":
         mode = config.amp_dtype if device.type == "cuda" else "fp32"
@@ -90,9 +92,25 @@ def amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, Optio
             mode = "fp16"
         else:
             return True, torch.bfloat16, False
-    if device.type != "cuda":
-        raise ValueError("amp=fp16 needs a CUDA device; use amp=bf16 or fp32 on CPU")
+    if device.type == "cpu" and cpu_fp16_is_slow():
+        # fp16 on a CPU: torch autocasts to float16 there and has a CPU GradScaler, so the
+        # thesis' fp16 path (scale, unscale, inf check, skipped step) runs in CI as on a GPU. But a
+        # CPU without fp16 matrix instructions emulates them: the tiny Whisper student's fwd+bwd
+        # took 13-14 s in fp16 against 2.5-3.6 s in bf16 and 2.5-5.6 s in fp32 (batch 4, 2-core
+        # EPYC with avx512_bf16). There the autocast dtype is bf16; the scaler stays enabled.
+        return True, torch.bfloat16, True
     return True, torch.float16, True
+
+
+def cpu_fp16_is_slow() -> bool:
+    """True when the CPU lacks fp16 matrix instructions (AVX512-FP16 / AMX-FP16) but has bf16 ones."""
+    from kdlib.models import cpu_has_fast_bf16
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return cpu_has_fast_bf16() and not ("avx512_fp16" in flags or "amx_fp16" in flags)
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -322,6 +340,43 @@ def epoch_batches(dataset, config: TrainConfig, epoch: int) -> list[list[int]]:
     return [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
 
 
+class EpochBatches:
+    """The batch sampler of a whole run: `epoch_batches` of ``epoch`` from ``position`` on, then
+    of every later epoch, forever. One DataLoader iterates it for the whole run, so its worker
+    processes start once, not once per epoch (at thesis scale: 8 workers, each importing torch
+    and building two feature extractors, every ~930 steps). Distributed: each rank's slices."""
+
+    def __init__(self, dataset, config: TrainConfig, epoch: int, position: int, ctx: Optional["Dist"] = None):
+        from kdlib.distributed import Dist
+
+        self.dataset, self.config, self.ctx = dataset, config, ctx or Dist()
+        self.start = (epoch, position)
+        self._batches: dict[int, list[list[int]]] = {}
+        self._lengths: dict[int, int] = {}
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        from kdlib.distributed import shard
+
+        if epoch not in self._batches:
+            batches = epoch_batches(self.dataset, self.config, epoch)
+            if self.ctx.enabled:
+                batches = [shard(b, self.ctx) for b in batches if len(b) >= self.ctx.world]
+            self._batches = {e: b for e, b in self._batches.items() if e >= epoch - 1}  # the loader runs ahead
+            self._batches[epoch], self._lengths[epoch] = batches, len(batches)
+        return self._batches[epoch]
+
+    def length(self, epoch: int) -> int:
+        if epoch not in self._lengths:
+            self.batches(epoch)
+        return self._lengths[epoch]
+
+    def __iter__(self):
+        epoch, position = self.start
+        while True:
+            yield from self.batches(epoch)[position:]
+            epoch, position = epoch + 1, 0
+
+
 def batch_stream(dataset, collate, config: TrainConfig, epoch: int, position: int,
                  ctx: Optional["Dist"] = None) -> Iterator[tuple[int, int, Optional[dict]]]:
     """Yield (epoch, position_after, batch) forever, starting at `position` of `epoch`.
@@ -332,26 +387,24 @@ def batch_stream(dataset, collate, config: TrainConfig, epoch: int, position: in
     gradient) instead of being skipped, which would put the ranks out of step."""
     from torch.utils.data import DataLoader
 
-    from kdlib.distributed import Dist, shard
+    from kdlib.distributed import Dist
 
     ctx = ctx or Dist()
-    while True:
-        batches = epoch_batches(dataset, config, epoch)
-        if ctx.enabled:
-            batches = [shard(b, ctx) for b in batches if len(b) >= ctx.world]
-        batches = batches[position:]
-        # A generator of its own: creating a loader iterator draws a seed, and drawing it from the
-        # global RNG would shift dropout masks after a resume (the run would no longer replay).
-        loader = DataLoader(
-            dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(config.seed + epoch),
-        )
-        for batch in loader:
-            position += 1
-            if batch is None and not ctx.enabled:  # every clip of the batch failed to decode (counted)
-                continue
-            yield epoch, position, batch
-        epoch, position = epoch + 1, 0
+    sampler = EpochBatches(dataset, config, epoch, position, ctx)
+    # A generator of its own: creating a loader iterator draws a seed, and drawing it from the
+    # global RNG would shift dropout masks after a resume (the run would no longer replay).
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed + epoch),
+        pin_memory=config.pin_memory and torch.cuda.is_available(),  # no-op without CUDA: torch warns
+    )
+    for batch in loader:
+        while position >= sampler.length(epoch):  # the batch opens the next epoch
+            epoch, position = epoch + 1, 0
+        position += 1
+        if batch is None and not ctx.enabled:  # every clip of the batch failed to decode (counted)
+            continue
+        yield epoch, position, batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,6 +464,10 @@ class EncoderCache:
             param = next(encoder.parameters())
             out = encoder(features[missing].to(param.device, param.dtype)).last_hidden_state
             encoder.train(was_training)
+            if not self.keep and self.persistent is None and len(missing) == len(ids):
+                # encoder_cache="off": nothing is stored, so the states stay where and as they were
+                # computed (the thesis: on the GPU, in the teacher's dtype), no fp32 trip to the CPU
+                return out.to(device)
             computed = {ids[i]: out[j].float().cpu() for j, i in enumerate(missing)}
             if self.persistent is not None:
                 self.persistent.save(computed)

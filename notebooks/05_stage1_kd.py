@@ -56,8 +56,9 @@
 
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random models, seconds; "demo": whisper-base teacher, CPU minutes; "thesis"
+data_root = None  # None: the preset's (demo: the embedded corpus); thesis: "../data/mls_italian_opus" (relative to the working directory)
 max_steps = None  # None: the preset's (demo 60; thesis 8000)
-adapt_teacher = True  # stage 0 first (demo: 30 decoder-LoRA steps); thesis: optional, teacher is strong
+adapt_teacher = True  # stage 0 first (demo: 30 decoder-LoRA steps); thesis: optional (large-v3 is strong; decoder LoRA only, so batch 64 fits)
 overrides = {}  # any TrainConfig field, e.g. {"kl_weight": 0.5, "temperature": 4.0}; thesis: {} (the preset holds the pilot's weights)
 out_dir = "../runs/05_stage1_kd"  # thesis: the same (chapters 06-08 read it)
 eval_limit = None  # dev clips scored in the tables (None: the preset's max_dev_utterances, demo: all 20; thesis: 1248)
@@ -70,12 +71,16 @@ import matplotlib.pyplot as plt
 
 from kdlib import evaluate
 from kdlib.config import make_config
-from kdlib.train import final_dev_scores, load_history, load_trained, run_stage, teacher_model, untrained_student
+from kdlib.train import (final_dev_scores, load_history, load_trained, resolve_device, run_stage, teacher_model,
+                         untrained_student)
 
-out = Path(out_dir)
+out = Path(out_dir).expanduser().resolve()  # absolute: run folders record it, and it prints unambiguously
 out.mkdir(parents=True, exist_ok=True)
 if max_steps is not None:
     overrides = {**overrides, "max_steps": max_steps}
+if data_root is not None:  # relative to the working directory (papermill --cwd notebooks)
+    overrides = {**overrides, "data_root": str(Path(data_root).expanduser().resolve())}
+print("run folders in", out)
 
 # %% [markdown]
 # ## The configuration
@@ -98,6 +103,7 @@ keys = ["teacher", "student", "max_steps", "batch_size", "lr", "warmup_steps", "
 print(f"{'field':<18}{'stage 0':>24}{'stage I':>24}")
 for key in keys:
     print(f"{key:<18}{str(getattr(config0, key)):>24}{str(getattr(config1, key)):>24}")
+print("data:", config1.data_root or "the embedded corpus")
 
 # %% [markdown]
 # Stage 0 is plain fine-tuning of the teacher (CE only, no projector); stage I adds the KL term.
@@ -110,7 +116,10 @@ def dev_scores(model, tokenizer, feature_extractor, config, name):
         (model, feature_extractor, tokenizer), data_root=config.data_root or _corpus(config),
         split=config.dev_split, language=config.language, limit=eval_limit or config.max_dev_utterances,
         name=name, progress=False, max_new_tokens=config.eval_max_new_tokens,
-        reuse_encoder_states=True,  # whisper-base's encoder: its dev states are computed once
+        device=resolve_device(config.device), batch_size=config.batch_size,  # the run's device (thesis: CUDA)
+        # demo: whisper-base's encoder, its dev states computed once and kept on disk; the thesis
+        # preset keeps no encoder states (large-v3's take 7.7 MB per clip)
+        reuse_encoder_states=config.encoder_cache == "disk",
     )
     return {"model": name, "wer": metrics["wer"], "cer": metrics["cer"], "n": metrics["n_utterances"]}
 
@@ -131,7 +140,7 @@ def run_scores(run, config, name):
     return dev_scores(model, tok, fe, config, name)
 
 
-rows = [dev_scores(*teacher_model(config0), config0, "teacher (whisper-base)")]
+rows = [dev_scores(*teacher_model(config0), config0, f"teacher ({config0.teacher})")]
 if adapt_teacher:
     run_stage(config0, out / "stage0")
     config1 = make_config(preset, stage=1, overrides={**overrides, "teacher_from": str(out / "stage0")})
@@ -164,7 +173,8 @@ axes[0].plot([h["step"] for h in hist_kd], [h["ce"] for h in hist_kd], label="KD
 axes[0].plot([h["step"] for h in hist_ce], [h["ce"] for h in hist_ce], label="CE-only run")
 axes[0].set(title="Hard-label cross-entropy (train)", xlabel="step", ylabel="CE (nats/token)")
 axes[0].legend()
-axes[1].plot([h["step"] for h in hist_kd], [h["kl"] for h in hist_kd], color="C0")
+# h.get: no KL is computed while its weight is 0 (the first of the KL warm-up steps; thesis: 1,000)
+axes[1].plot([h["step"] for h in hist_kd], [h.get("kl", float("nan")) for h in hist_kd], color="C0")
 axes[1].set(title="KL(teacher ‖ student)·T² (train, KD run)", xlabel="step", ylabel="KL·T² (nats/token)")
 axes[2].plot([h["step"] for h in hist_kd], [h["lr"] for h in hist_kd], color="C2")
 axes[2].set(title="Learning rate: warm-up, then cosine", xlabel="step", ylabel="LR")

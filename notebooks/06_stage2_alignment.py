@@ -49,6 +49,7 @@
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random pair, seconds; "demo": whisper-base → distil-base on CPU, minutes; thesis: "thesis" (GPU)
 prev_run = "../runs/05_stage1_kd/stage1"  # stage I run folder (chapter 05); thesis: the same
+data_root = None  # None: the stage-I run's; thesis: "../data/mls_italian_opus" (relative to the working directory)
 max_steps = None  # None: the preset's (demo 12; thesis 8000)
 overrides = {}  # e.g. {"alignment": "curve"} or {"geo_kind": "mse"}; thesis: {"geo_weight": 0.969909}
 out_dir = "../runs/06_stage2_alignment"  # thesis: the same (chapter 07 reads it)
@@ -61,26 +62,29 @@ import matplotlib.pyplot as plt
 import torch
 
 from kdlib.config import TrainConfig, make_config
-from kdlib.train import finished_run, load_history, run_stage
+from kdlib.train import finished_run, load_history, resolve_device, run_stage
 
-out = Path(out_dir)
+out = Path(out_dir).expanduser().resolve()  # absolute: run folders record it
 out.mkdir(parents=True, exist_ok=True)
 if max_steps is not None:
     overrides = {**overrides, "max_steps": max_steps}
+data = {"data_root": str(Path(data_root).expanduser().resolve())} if data_root is not None else {}
 
 # %% [markdown]
 # ## Where stage II starts from
 
 # %%
-prev = Path(prev_run)
+prev = Path(prev_run).expanduser().resolve()
 if not finished_run(prev, preset):
     print(f"{prev} is missing or from another preset: training stage I here first")
     prev = out / "stage1"
-    run_stage(make_config(preset, stage=1), prev)
+    run_stage(make_config(preset, stage=1, overrides=data), prev)
 prev_config = TrainConfig.from_json(prev / "training_config.json")
 config2 = make_config(preset, stage=2, overrides={
-    **overrides, "init_from": str(prev), "teacher_from": prev_config.teacher_from,
+    "data_root": prev_config.data_root, **data, **overrides, "init_from": str(prev),
+    "teacher_from": prev_config.teacher_from,
 })
+print("data:", config2.data_root or "the embedded corpus")
 print("starting from", prev, "| teacher:", config2.teacher, "adapted by", config2.teacher_from)
 for key in ("ce_weight", "kl_weight", "geo_weight", "geo_kind", "alignment", "contrastive_weight",
             "contrastive_temperature", "batch_size", "max_steps", "lora_preset"):
@@ -134,26 +138,34 @@ from kdlib.losses import geodesic
 from kdlib.models import merge_factor
 from kdlib.train import load_trained, teacher_model
 
-teacher, tokenizer, fe = teacher_model(config2)
+device = resolve_device(config2.device)  # the run's device: large-v3's encoder on the GPU at thesis scale
+teacher, _, teacher_fe = teacher_model(config2)
+teacher.to(device)
+_, student_tokenizer, student_fe, _ = load_trained(prev)
 root = Path(config2.data_root) if config2.data_root else embedded_corpus(config2.language)
 utterances = scan_mls(root, config2.dev_split, language=config2.language,
                       window_seconds=config2.student_window_seconds).utterances[:8]
-with torch.no_grad():  # the teacher reads its own log-mels (its window, its mel bins)
-    teacher_batch = WhisperCollator()([MLSDataset(utterances, fe, tokenizer)[i] for i in range(len(utterances))])
-    teacher_states = teacher.get_encoder()(teacher_batch["input_features"]).last_hidden_state
+# Each encoder reads its own log-mels: the demo student a 10 s window (1000 frames, not 3000),
+# large-v3 128 mel bins where whisper-small takes 80 (the dataset adds the teacher's as
+# ``teacher_input_features``, from the same waveform).
+dev_clips = MLSDataset(utterances, student_fe, student_tokenizer, teacher_feature_extractor=teacher_fe)
+batch = WhisperCollator()([dev_clips[i] for i in range(len(dev_clips))])
+with torch.no_grad():
+    teacher_states = teacher.get_encoder()(batch["teacher_input_features"].to(device)).last_hidden_state
 
 
 @torch.no_grad()
 def mean_angle(run: Path) -> float:
-    model, s_tokenizer, s_fe, projector = load_trained(run)
-    # the student reads *its* log-mels: a 10 s window for the demo student (1000 frames, not 3000)
-    batch = WhisperCollator()([MLSDataset(utterances, s_fe, s_tokenizer)[i] for i in range(len(utterances))])
-    student_states = model.get_encoder()(batch["input_features"]).last_hidden_state
-    # the teacher on the student's frame grid (chapter 02): frame i <-> frame i inside the window
-    aligned, mask = teacher_on_student_frames(teacher_states, batch["num_frames"],
+    """Mean geodesic between the projected student frames and the teacher's, as the trainer
+    compares them: the teacher on the student's frame grid (chapter 02: frame i is frame i inside
+    the window; k frames averaged when the student merges k), padding left out."""
+    model, _, _, projector = load_trained(run)
+    model.to(device)
+    student_states = model.get_encoder()(batch["input_features"].to(device)).last_hidden_state
+    aligned, mask = teacher_on_student_frames(teacher_states, batch["num_frames"].to(device),
                                               window_frames=model.config.max_source_positions,
                                               factor=merge_factor(model.config))
-    projected = projector(student_states) if projector is not None else student_states
+    projected = projector.to(device)(student_states) if projector is not None else student_states
     return float(geodesic(projected, aligned, mask))
 
 

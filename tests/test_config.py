@@ -31,7 +31,7 @@ def test_thesis_preset_matches_the_pilot():
         (0, ["ce_weight"], ["kl_weight", "geo_weight", "contrastive_weight"]),
         (1, ["ce_weight", "kl_weight"], ["geo_weight", "contrastive_weight"]),
         (2, ["ce_weight", "geo_weight", "contrastive_weight"], ["kl_weight"]),
-        (3, ["ce_weight", "contrastive_weight"], ["geo_weight"]),
+        (3, ["ce_weight", "kl_weight"], ["geo_weight", "contrastive_weight"]),  # encoder frozen: no contrastive
     ],
 )
 def test_stage_switches_terms(stage, on, off):
@@ -41,7 +41,15 @@ def test_stage_switches_terms(stage, on, off):
 
 
 def test_stage3_decays_contrastive_to_point_one():
-    assert make_config("demo", stage=3).contrastive_final_weight == pytest.approx(0.1)
+    """Stage III keeps its contrastive term (decaying to 0.1) only where the encoder trains: with
+    the encoder frozen the term's gradient would reach the projector alone (issue 16, item 6)."""
+    frozen = make_config("demo", stage=3)
+    assert frozen.train_encoder is False and frozen.contrastive_weight == 0.0
+    assert frozen.contrastive_final_weight is None  # no rise from 0 to 0.1 either
+    training = make_config("demo", stage=3, overrides={"train_encoder": True})
+    assert training.contrastive_weight > 0 and training.contrastive_final_weight == pytest.approx(0.1)
+    explicit = make_config("demo", stage=3, overrides={"contrastive_weight": 0.5})  # an ablation can still ask
+    assert explicit.contrastive_weight == 0.5
 
 
 def test_explicit_override_beats_stage_defaults():

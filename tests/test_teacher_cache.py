@@ -315,12 +315,13 @@ def test_stage3_reads_teacher_encoder_states_from_the_cache(smoke, built):
     from kdlib.config import make_config
 
     teacher, dataset = smoke
-    config = make_config("smoke", stage=3, overrides={"teacher_cache": str(built), "max_train_utterances": 6})
+    config = make_config("smoke", stage=3, overrides={"teacher_cache": str(built), "max_train_utterances": 6,
+                                                      "contrastive_weight": 0.5})
     models = T.build_models(config, torch.device("cpu"))
     models.student.eval()  # no dropout: the two forwards must be comparable
     caches = T.build_caches(models, config, dataset)
     assert caches.disk is not None and caches.teacher.disk is not None
-    live_caches = T.build_caches(models, make_config("smoke", stage=3), dataset)
+    live_caches = T.build_caches(models, make_config("smoke", stage=3, overrides={"contrastive_weight": 0.5}), dataset)
     batch = data.collate([dataset[i] for i in range(3)])
     loss_fn = DistillationLoss(T.stage_weights(config, 0))
     calls = []

@@ -40,7 +40,7 @@ def test_kl_ramp_and_contrastive_decay():
     assert [T.ramp(s, 4, 2.0) for s in (0, 2, 4, 8)] == [0.0, 1.0, 2.0, 2.0]
     assert T.linear_decay(0, 11, 0.5, 0.1) == pytest.approx(0.5)
     assert T.linear_decay(10, 11, 0.5, 0.1) == pytest.approx(0.1)
-    weights = T.stage_weights(smoke(stage=3, max_steps=11), 10)
+    weights = T.stage_weights(smoke(stage=3, max_steps=11, train_encoder=True), 10)
     assert weights.contrastive == pytest.approx(0.1)
 
 

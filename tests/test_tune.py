@@ -315,7 +315,7 @@ def test_monitor_reads_a_trainer_history_and_decays_aux_weights():
     events = monitor.observe_history(history, label="stage1")
     assert [e["step"] for e in events] == [25, 40]
     assert events[0]["aux_now"] == pytest.approx(statistics_mean([2.0 - 0.04 * s for s in range(21, 26)]))
-    config = make_config("smoke", stage=3)
+    config = make_config("smoke", stage=3, overrides={"train_encoder": True})  # contrastive on, decaying
     decayed = monitor.decayed(config)
     assert decayed.kl_weight == pytest.approx(0.25 * config.kl_weight)
     assert decayed.contrastive_final_weight == pytest.approx(0.25 * config.contrastive_final_weight)
@@ -349,4 +349,4 @@ def test_pipeline_with_monitor_decays_the_next_stage(tmp_path):
     after_stage1 = [e for e in monitor.events if e["label"].startswith("stage1-")][-1]["factor"]
     assert after_stage1 == pytest.approx(0.25)  # two flags in stage I's history
     assert calls[0].kl_weight == 1.0 and calls[1].kl_weight == pytest.approx(0.25)
-    assert calls[1].contrastive_final_weight == pytest.approx(0.025)
+    assert calls[1].contrastive_weight == 0.0  # stage III with a frozen encoder has no contrastive term
