@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -79,7 +80,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, Optional[torch.dtype], bool]:
-    """(autocast on, autocast dtype, use GradScaler). fp32 on CPU unless asked otherwise."""
+    """(autocast on, autocast dtype, use GradScaler). fp32 on CPU unless asked otherwise;
+    ``amp="fp16"`` on CPU autocasts to float16 with torch's CPU GradScaler."""
     mode = config.amp
     if mode == "auto":
         mode = config.amp_dtype if device.type == "cuda" else "fp32"
@@ -90,8 +92,7 @@ def amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, Optio
             mode = "fp16"
         else:
             return True, torch.bfloat16, False
-    if device.type != "cuda":
-        raise ValueError("amp=fp16 needs a CUDA device; use amp=bf16 or fp32 on CPU")
+    # fp16 on CPU (slow, but the same GradScaler path as CUDA): what tests use to cover it
     return True, torch.float16, True
 
 
@@ -119,15 +120,25 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, lists, ints, floats and strings only, so that a checkpoint
+    loads with ``torch.load(..., weights_only=True)`` (nothing in it is unpickled as code)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -230,7 +241,7 @@ def build_models(config: TrainConfig, device: torch.device) -> RunModels:
             base_student.config.d_model, teacher_model.config.d_model
         )
         if init_adapter is not None and (init_adapter / PROJECTOR_FILE).exists():
-            projector.load_state_dict(torch.load(init_adapter / PROJECTOR_FILE, map_location="cpu"))
+            projector.load_state_dict(torch.load(init_adapter / PROJECTOR_FILE, map_location="cpu", weights_only=True))
         projector.to(device)
 
     trainable = set_trainable(student, projector, config)
@@ -894,7 +905,14 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
     history: list[dict] = []
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        try:  # tensors and plain values only: a shared run folder cannot run code on load
+            payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise RuntimeError(
+                f"{checkpoint}: holds more than tensors and plain values (written by an older kdlib, "
+                f"which pickled numpy RNG states), so it is not loaded ({str(err).splitlines()[0]}). "
+                "Remove it to start the stage again, or resume with the older kdlib."
+            ) from err
         load_trainable_state(models, payload["trainable"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -954,14 +972,17 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
             distributed.average_gradients(params, ctx)
         # clip
         grad_norm = float("nan")
+        unscaled = False  # GradScaler.update() may only follow an unscale_ (its inf checks)
         if finite:
             scaler.unscale_(optimizer)
+            unscaled = True
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
             finite = math.isfinite(grad_norm)
         if not finite:
             # Skip the step: no update, no schedule advance; counted, and bounded in a row.
             optimizer.zero_grad(set_to_none=True)
-            scaler.update()
+            if unscaled:  # overflowing gradients: the scaler lowers its scale
+                scaler.update()
             nonfinite_in_row += 1
             state["nonfinite_total"] += 1
             state["epoch"], state["position"] = epoch, position
@@ -1104,7 +1125,7 @@ def load_trained(run_dir: str | Path, *, merge: bool = True):
     if (adapter / PROJECTOR_FILE).exists():
         from kdlib.models import RiemannianProjector
 
-        state = torch.load(adapter / PROJECTOR_FILE, map_location="cpu")
+        state = torch.load(adapter / PROJECTOR_FILE, map_location="cpu", weights_only=True)
         projector = RiemannianProjector(state["linear.weight"].shape[1], state["linear.weight"].shape[0])
         projector.load_state_dict(state)
     return model, owner.tokenizer, owner.feature_extractor, projector

@@ -115,7 +115,7 @@ def test_stage2_starts_from_stage1_adapter(stage1_run, tmp_path):
     run_dir, _ = stage1_run
     config = smoke(stage=2, init_from=str(run_dir))
     models = T.build_models(config, torch.device("cpu"))
-    finished = torch.load(run_dir / "checkpoint.pt", weights_only=False)["trainable"]
+    finished = torch.load(run_dir / "checkpoint.pt", weights_only=True)["trainable"]
     now = dict(models.student.named_parameters())
     lora = [k for k in finished if k.startswith("student.") and "lora_B" in k]
     assert lora
@@ -161,9 +161,32 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     config = smoke(stage=1, max_steps=10, save_every=2, eval_every=100, max_nonfinite_in_row=3)
     with pytest.raises(T.TrainingDiverged, match="3 non-finite steps in a row"):
         T.train(config, tmp_path, progress=False)
-    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert payload["progress"]["step"] == 2  # the last good checkpoint survived
     assert all(torch.isfinite(v).all() for v in payload["trainable"].values())
+
+
+def test_fp16_grad_scaler_skips_nonfinite_steps_and_goes_on(tmp_path, monkeypatch):
+    # amp="fp16" on CPU: float16 autocast with torch's CPU GradScaler, the CUDA fp16 path.
+    assert T.amp_settings(smoke(amp="fp16"), torch.device("cpu")) == (True, torch.float16, True)
+    real = T.forward_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        parts = real(*args, **kwargs)
+        if calls["n"] == 2:  # a non-finite loss after one normal step: skipped before backward
+            parts["total"] = parts["total"] * float("nan")
+        if calls["n"] == 3:  # a finite loss whose scaled gradients overflow: skipped after unscale_
+            parts["total"] = parts["total"] * 1e30
+        return parts
+
+    monkeypatch.setattr(T, "forward_losses", poisoned)
+    config = smoke(stage=1, amp="fp16", max_steps=3, save_every=100, eval_every=100)
+    summary = T.train(config, tmp_path, progress=False)
+    assert summary["steps"] == 3 and summary["nonfinite_steps"] == 2
+    scaler = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] == 2.0 ** 15  # halved once, by the overflow; the NaN loss left it alone
 
 
 def test_unknown_field_is_an_error_before_any_work(tmp_path):
@@ -178,7 +201,7 @@ def test_unknown_field_is_an_error_before_any_work(tmp_path):
 
 
 def _final_trainable(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["trainable"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["trainable"]
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
@@ -198,7 +221,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         ckpt = killed / "checkpoint.pt"
         if ckpt.exists():
             try:
-                step = torch.load(ckpt, weights_only=False)["progress"]["step"]
+                step = torch.load(ckpt, weights_only=True)["progress"]["step"]
             except Exception:  # caught mid-rename: try again
                 step = 0
             if step >= 2:
@@ -208,7 +231,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    interrupted_at = torch.load(killed / "checkpoint.pt", weights_only=False)["progress"]["step"]
+    interrupted_at = torch.load(killed / "checkpoint.pt", weights_only=True)["progress"]["step"]
     assert interrupted_at < 6, "the run finished before it could be killed"
 
     resumed = subprocess.run([*cmd, "--run-dir", str(killed)], check=True, env=env, capture_output=True, text=True)
@@ -219,6 +242,31 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     history = json.loads((killed / "training_history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 7))
+
+
+def test_checkpoint_holds_only_plain_values_and_resume_continues_the_same(tmp_path):
+    # The checkpoint loads with weights_only=True (no pickled objects: RNG states as tensors and
+    # lists), and a run stopped after its step-2 checkpoint continues exactly as one never stopped.
+    config = smoke(stage=1, max_steps=4, save_every=2, eval_every=3)  # LoRA dropout on: RNG matters
+    T.train(config, tmp_path / "straight", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, metrics):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        T.train(config, tmp_path / "stopped", progress=False, on_eval=stop_at_3)
+    payload = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert payload["progress"]["step"] == 2
+    assert isinstance(payload["rng"]["numpy"]["keys"], torch.Tensor) and isinstance(payload["rng"]["python"], list)
+    T.train(config, tmp_path / "stopped", progress=False)
+    a, b = _final_trainable(tmp_path / "straight"), _final_trainable(tmp_path / "stopped")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("stage, train_encoder", [(1, False), (1, True), (2, True)])
