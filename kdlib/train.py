@@ -231,8 +231,15 @@ def build_models(config: TrainConfig, device: torch.device) -> RunModels:
             dropout=config.lora_dropout,
         )
     if config.grad_checkpointing:
-        student.base_model.model.gradient_checkpointing_enable()
-        student.base_model.model.config.use_cache = False
+        # Non-reentrant checkpointing: the reentrant kind gives no gradient to LoRA weights inside
+        # a layer whose input needs none (frozen conv / embeddings before it) unless the inputs are
+        # made to require grad; transformers' default for it has changed between versions.
+        base = student.base_model.model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
     student.to(device)
 
     projector = None

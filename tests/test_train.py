@@ -89,6 +89,42 @@ def test_trainable_parameters_per_stage(stage):
 # ---- a whole run ------------------------------------------------------------------------------
 
 
+def _lora_grads(checkpointing: bool) -> dict:
+    import warnings
+
+    from kdlib import data
+    from kdlib.losses import DistillationLoss
+
+    config = smoke(stage=1, grad_checkpointing=checkpointing, lora_dropout=0.0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        models = T.build_models(config, torch.device("cpu"))
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]
+    base = models.student.base_model.model
+    assert all(layer.gradient_checkpointing == checkpointing for layer in (base.model.encoder, base.model.decoder))
+    with torch.no_grad():  # B != 0, so that A gets a gradient too
+        for name, p in models.student.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.01)
+    train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer, models.teacher_feature_extractor)
+    batch = data.WhisperCollator()([train_set[i] for i in range(2)])
+    loss_fn = DistillationLoss()
+    loss_fn.weights = T.stage_weights(config, 0)
+    models.student.train()
+    T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None))["total"].backward()
+    return {n: p.grad for n, p in models.student.named_parameters() if "lora_" in n}
+
+
+def test_gradient_checkpointing_gives_every_lora_weight_its_gradient():
+    plain, checkpointed = _lora_grads(False), _lora_grads(True)
+    assert plain.keys() == checkpointed.keys()
+    assert any(".encoder." in n for n in plain) and any(".decoder." in n for n in plain)
+    for name, grad in checkpointed.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stage1")
