@@ -225,6 +225,38 @@ def test_fp16_grad_scaler_skips_nonfinite_steps_and_goes_on(tmp_path, monkeypatc
     assert scaler["scale"] == 2.0 ** 15  # halved once, by the overflow; the NaN loss left it alone
 
 
+def test_early_stopping_exports_the_best_adapter(tmp_path, monkeypatch):
+    scripted = iter([5.0, 3.0, 4.0, 6.0])  # dev loss per evaluation: best at step 2, stop at step 4
+    snapshots = {}
+
+    def fake_dev_loss(models, *args, **kwargs):
+        snapshots[len(snapshots) + 1] = T.trainable_state(models)
+        return next(scripted)
+
+    monkeypatch.setattr(T, "dev_loss", fake_dev_loss)
+    config = smoke(stage=2, max_steps=8, eval_every=1, save_every=100, early_stopping_patience=2)
+    summary = T.train(config, tmp_path, progress=False)
+    assert summary["stopped_early"] and summary["steps"] == 4
+    assert summary["exported_adapter"] == {"folder": "adapter_best", "step": 2, "metric": "dev_loss", "value": 3.0}
+    assert json.loads((tmp_path / "summary.json").read_text())["exported_adapter"]["step"] == 2
+
+    def loaded(model, projector):
+        state = {f"student.{n}": p for n, p in model.named_parameters() if "lora_" in n}
+        state.update({f"projector.{n}": p for n, p in projector.named_parameters()})
+        return state
+
+    for adapter, step in ((None, 2), ("adapter_final", 4)):
+        model, _, _, projector = T.load_trained(tmp_path, merge=False, adapter=adapter)
+        assert model.kdlib_adapter["folder"] == ("adapter_best" if step == 2 else "adapter_final")
+        got = loaded(model, projector)
+        assert got.keys() == snapshots[step].keys()
+        for key, value in snapshots[step].items():
+            assert torch.equal(got[key].detach(), value), (adapter, key)
+    assert any(not torch.equal(snapshots[2][k], snapshots[4][k]) for k in snapshots[2])
+    out = T.export_merged(tmp_path, tmp_path / "merged")
+    assert json.loads((out / "kdlib_export.json").read_text())["folder"] == "adapter_best"
+
+
 def test_unknown_field_is_an_error_before_any_work(tmp_path):
     run_dir = tmp_path / "never"
     proc = subprocess.run(
@@ -392,6 +424,38 @@ def test_encoder_store_is_shared_by_identical_encoders_and_equals_live(tmp_path,
         next(models0.student.get_encoder().parameters()).add_(1.0)
     other = T.EncoderStore(models0.student.get_encoder(), {u.id: u.audio for u in train_set.utterances})
     assert other.load(batch["ids"]) == {}
+
+
+def test_run_folders_load_from_any_folder_and_after_being_moved(tmp_path, monkeypatch):
+    import shutil
+
+    from kdlib.config import TrainConfig
+
+    book = tmp_path / "book"
+    (book / "notebooks").mkdir(parents=True)
+    monkeypatch.chdir(book / "notebooks")  # a chapter runs with --cwd notebooks
+    quick = dict(max_steps=2, eval_every=2, save_every=2)
+    T.run_stage(smoke(stage=0, **quick), "../runs/stage0", progress=False)
+    T.run_stage(smoke(stage=1, teacher_from="../runs/stage0", **quick), "../runs/stage1", progress=False)
+    stage2 = smoke(stage=2, teacher_from="../runs/stage0", init_from="../runs/stage1", **quick)
+    T.run_stage(stage2, "../runs/stage2", progress=False)
+    saved = json.loads((book / "runs" / "stage2" / "training_config.json").read_text())
+    assert (saved["teacher_from"], saved["init_from"]) == ("../stage0", "../stage1")
+    # the chapter run again: its finished run is found, not refused as another config
+    assert T.run_stage(stage2, "../runs/stage2", progress=False, quiet=True)["steps"] == 2
+
+    moved = tmp_path / "elsewhere" / "old_runs"  # the whole runs folder moved; loaded from elsewhere
+    moved.parent.mkdir()
+    shutil.move(str(book / "runs"), str(moved))
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig.from_json(moved / "stage2" / "training_config.json")
+    assert (config.teacher_from, config.init_from) == (str(moved / "stage0"), str(moved / "stage1"))
+    model, *_ = T.load_trained(moved / "stage2")
+    assert (T.export_merged(moved / "stage2") / "config.json").is_file()
+
+    shutil.rmtree(moved / "stage0")  # the run it was built on, truly gone
+    with pytest.raises(FileNotFoundError, match=r"stage2: .*teacher_from = .*old_runs/stage0 .*does not exist"):
+        T.load_trained(moved / "stage2")
 
 
 def test_final_dev_scores_read_the_summary(tmp_path):
