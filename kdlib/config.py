@@ -39,7 +39,7 @@ class TrainConfig:
     stage: int = 1  # 0: teacher adaptation, 1: KD, 2: representation alignment, 3: decoder FT
     seed: int = 0
     run_dir: Optional[str] = None
-    init_from: Optional[str] = None  # previous stage's run folder (adapter_final/ is loaded)
+    init_from: Optional[str] = None  # previous stage's run folder (its exported adapter is loaded)
 
     # --- models ---------------------------------------------------------------------------
     # HF id, local folder, offline name, "tiny-random", or "tiny-random-v3" (a tiny teacher that
@@ -96,6 +96,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     grad_clip: float = 1.0
     amp: str = "auto"  # auto: fp16+GradScaler on CUDA (bf16 if supported and amp_dtype=bf16), fp32 on CPU
+    # (amp="fp16" on CPU: float16 autocast with the CPU GradScaler, the CUDA fp16 path for tests)
     amp_dtype: str = "fp16"  # fp16 | bf16 (on CUDA)
     grad_checkpointing: bool = False
     max_nonfinite_in_row: int = 5
@@ -122,7 +123,7 @@ class TrainConfig:
     eval_max_new_tokens: int = 224
     log_every: int = 1
     save_every: int = 20
-    early_stopping_patience: Optional[int] = None
+    early_stopping_patience: Optional[int] = None  # also keeps adapter_best/, which is then exported
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     teacher_device: Optional[str] = None  # None: same as device
 
