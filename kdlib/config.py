@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ class TrainConfig:
     stage: int = 1  # 0: teacher adaptation, 1: KD, 2: representation alignment, 3: decoder FT
     seed: int = 0
     run_dir: Optional[str] = None
-    init_from: Optional[str] = None  # previous stage's run folder (adapter_final/ is loaded)
+    init_from: Optional[str] = None  # previous stage's run folder (its exported adapter is loaded)
 
     # --- models ---------------------------------------------------------------------------
     # HF id, local folder, offline name, "tiny-random", or "tiny-random-v3" (a tiny teacher that
@@ -134,15 +135,33 @@ class TrainConfig:
     eval_max_new_tokens: int = 224
     log_every: int = 1
     save_every: int = 20
-    early_stopping_patience: Optional[int] = None
+    early_stopping_patience: Optional[int] = None  # also keeps adapter_best/, which is then exported
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     teacher_device: Optional[str] = None  # None: same as device
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+    def to_json(self, path: str | Path, *, paths_relative: bool = False) -> None:
+        """Write the config as JSON. ``paths_relative=True`` (a run folder's
+        ``training_config.json``): the `PATH_FIELDS` are written relative to the file's folder
+        and listed under ``RELATIVE_KEY``, so `from_json` finds them from any working directory
+        and after the runs are moved together."""
+        values = self.to_dict()
+        if paths_relative:
+            folder = os.path.abspath(Path(path).parent)
+            relative = [name for name in PATH_FIELDS if _is_path(name, values[name])]
+            for name in relative:
+                values[name] = os.path.relpath(os.path.abspath(os.path.expanduser(values[name])), folder)
+            values[RELATIVE_KEY] = relative
+        Path(path).write_text(json.dumps(values, indent=2, sort_keys=False) + "\n")
+
+    def absolute_paths(self) -> "TrainConfig":
+        """A copy with every path field absolute (relative ones taken from the working
+        directory): the form in which configs written from two folders compare equal."""
+        changes = {name: os.path.abspath(os.path.expanduser(getattr(self, name)))
+                   for name in PATH_FIELDS if _is_path(name, getattr(self, name))}
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -154,7 +173,27 @@ class TrainConfig:
             values = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        folder = os.path.abspath(Path(path).parent)
+        for name in values.pop(RELATIVE_KEY, None) or ():  # written relative to this folder
+            if values.get(name) is not None:
+                values[name] = os.path.normpath(os.path.join(folder, values[name]))
         return cls.from_dict(values)
+
+
+# Fields that hold paths. A run folder's training_config.json stores them relative to the run
+# folder (`TrainConfig.to_json(paths_relative=True)`): chapters run with --cwd notebooks, and
+# run folders get moved and copied between machines. teacher/student count only when they name
+# a local folder (not an offline name or a hub id).
+PATH_FIELDS = ("run_dir", "init_from", "teacher_from", "data_root", "teacher_cache", "teacher", "student")
+RELATIVE_KEY = "paths_relative_to_this_folder"
+
+
+def _is_path(name: str, value: Any) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    if name in ("teacher", "student"):
+        return Path(value).expanduser().is_dir()
+    return True
 
 
 # Which loss terms each stage switches on; the preset sets their magnitudes. A term a stage does

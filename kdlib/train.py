@@ -11,12 +11,14 @@ Stages (see `kdlib.config.STAGE_TERMS`):
   III decoder fine-tuning: encoder frozen, decoder LoRA trained with CE + KL; the contrastive
      term (decayed linearly to ``contrastive_final_weight``, 0.1) only when the encoder trains
      (``train_encoder=True``): with it frozen the term would train the projector alone.
-Each stage starts from the previous stage's folder (``init_from``): its ``adapter_final/``.
+Each stage starts from the previous stage's folder (``init_from``): its exported adapter (``adapter_best/`` when early stopping kept one, else ``adapter_final/``).
 
 The run folder (thesis layout): ``tb/`` TensorBoard scalars, ``checkpoint.pt`` (trainable
 weights, optimizer, scheduler, scaler, RNG states, step, epoch, data position),
 ``adapter_final/`` (peft adapter + ``projector.pt``), ``training_history.json``,
-``training_config.json``, ``summary.json``.
+``training_config.json``, ``summary.json``. With early stopping also ``adapter_best/``, the
+adapter of the best dev evaluation (dev WER, else dev loss): the one exported and built on
+(`exported_adapter`; ``summary.json``'s ``exported_adapter`` says which, its step and metric).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ from kdlib.config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER_DIR = "adapter_final"
+BEST_ADAPTER_DIR = "adapter_best"  # with early stopping: the adapter of the best dev evaluation
 PROJECTOR_FILE = "projector.pt"
 
 
@@ -137,15 +141,25 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, lists, ints, floats and strings only, so that a checkpoint
+    loads with ``torch.load(..., weights_only=True)`` (nothing in it is unpickled as code)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -209,7 +223,7 @@ def _shaped(student, config: TrainConfig):
 def _adapted_teacher(teacher, config: TrainConfig):
     """The teacher with a stage-0 adapter (``teacher_from``) merged in, when one is set."""
     if config.teacher_from:
-        adapter = Path(config.teacher_from) / ADAPTER_DIR
+        adapter = exported_adapter(config.teacher_from)
         if not adapter.exists():
             raise FileNotFoundError(f"teacher_from: {adapter} does not exist (run stage 0 first)")
         from peft import PeftModel
@@ -232,7 +246,7 @@ def build_models(config: TrainConfig, device: torch.device) -> RunModels:
         models.freeze_teacher(teacher_model)
         teacher_model.to(resolve_device(config.teacher_device) if config.teacher_device else device)
 
-    init_adapter = Path(config.init_from) / ADAPTER_DIR if config.init_from else None
+    init_adapter = exported_adapter(config.init_from) if config.init_from else None
     if init_adapter is not None and not init_adapter.exists():
         raise FileNotFoundError(f"init_from: {init_adapter} does not exist (run the previous stage first)")
     if init_adapter is not None:
@@ -245,8 +259,15 @@ def build_models(config: TrainConfig, device: torch.device) -> RunModels:
             dropout=config.lora_dropout,
         )
     if config.grad_checkpointing:
-        student.base_model.model.gradient_checkpointing_enable()
-        student.base_model.model.config.use_cache = False
+        # Non-reentrant checkpointing: the reentrant kind gives no gradient to LoRA weights inside
+        # a layer whose input needs none (frozen conv / embeddings before it) unless the inputs are
+        # made to require grad; transformers' default for it has changed between versions.
+        base = student.base_model.model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
     student.to(device)
 
     projector = None
@@ -255,7 +276,7 @@ def build_models(config: TrainConfig, device: torch.device) -> RunModels:
             base_student.config.d_model, teacher_model.config.d_model
         )
         if init_adapter is not None and (init_adapter / PROJECTOR_FILE).exists():
-            projector.load_state_dict(torch.load(init_adapter / PROJECTOR_FILE, map_location="cpu"))
+            projector.load_state_dict(torch.load(init_adapter / PROJECTOR_FILE, map_location="cpu", weights_only=True))
         projector.to(device)
 
     trainable = set_trainable(student, projector, config)
@@ -869,10 +890,10 @@ def save_checkpoint(run_dir: Path, models: RunModels, optimizer, scheduler, scal
     atomic_write_bytes(run_dir / CHECKPOINT, lambda h: torch.save(payload, h))
 
 
-def save_adapter(run_dir: Path, models: RunModels) -> Path:
-    """``adapter_final/``: the peft adapter (save_pretrained) plus ``projector.pt``."""
-    out = run_dir / ADAPTER_DIR
-    tmp = run_dir / f".{ADAPTER_DIR}.tmp"
+def save_adapter(run_dir: Path, models: RunModels, name: str = ADAPTER_DIR) -> Path:
+    """``adapter_final/`` (or ``name``): the peft adapter (save_pretrained) plus ``projector.pt``."""
+    out = run_dir / name
+    tmp = run_dir / f".{name}.tmp"
     if tmp.exists():
         import shutil
 
@@ -926,7 +947,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
         torch.cuda.set_device(device)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config.to_json(run_dir / "training_config.json")
+        config.to_json(run_dir / "training_config.json", paths_relative=True)  # movable run folders
     seed_everything(config.seed)  # the same on every rank: identical initial LoRA weights
     autocast_on, autocast_dtype, use_scaler = amp_settings(config, device)
 
@@ -965,7 +986,14 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
     history: list[dict] = []
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        try:  # tensors and plain values only: a shared run folder cannot run code on load
+            payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise RuntimeError(
+                f"{checkpoint}: holds more than tensors and plain values (written by an older kdlib, "
+                f"which pickled numpy RNG states), so it is not loaded ({str(err).splitlines()[0]}). "
+                "Remove it to start the stage again, or resume with the older kdlib."
+            ) from err
         load_trainable_state(models, payload["trainable"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -1025,14 +1053,17 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
             distributed.average_gradients(params, ctx)
         # clip
         grad_norm = float("nan")
+        unscaled = False  # GradScaler.update() may only follow an unscale_ (its inf checks)
         if finite:
             scaler.unscale_(optimizer)
+            unscaled = True
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
             finite = math.isfinite(grad_norm)
         if not finite:
             # Skip the step: no update, no schedule advance; counted, and bounded in a row.
             optimizer.zero_grad(set_to_none=True)
-            scaler.update()
+            if unscaled:  # overflowing gradients: the scaler lowers its scale
+                scaler.update()
             nonfinite_in_row += 1
             state["nonfinite_total"] += 1
             state["epoch"], state["position"] = epoch, position
@@ -1081,6 +1112,10 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
             metric = last_eval.get("dev_wer") if last_eval.get("dev_wer") is not None else last_eval["dev_loss"]
             if state["best_wer"] is None or metric < state["best_wer"]:
                 state["best_wer"], state["bad_evals"] = metric, 0
+                state["best_step"] = step + 1
+                state["best_metric"] = "dev_wer" if last_eval.get("dev_wer") is not None else "dev_loss"
+                if main and config.early_stopping_patience:  # the adapter early stopping hands on
+                    save_adapter(run_dir, models, BEST_ADAPTER_DIR)
             else:
                 state["bad_evals"] += 1
             if on_eval is not None:
@@ -1123,6 +1158,8 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
         "dev_utterances": last_eval.get("dev_utterances"),  # clips behind dev_wer / dev_cer
         "nonfinite_steps": state["nonfinite_total"],
         "stopped_early": stopped_early,
+        # Which adapter load_trained / export_merged / the next stage use, from which step.
+        "exported_adapter": _exported_info(config, state, last_eval),
         "trainable_report": report,
         # A pseudo-labelled training folder (kdlib.pseudo.training_folder) says which targets and
         # which WER threshold λ made it, and how many clips were kept: the run records it.
@@ -1134,6 +1171,23 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
     if main:
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _exported_info(config: TrainConfig, state: dict, last_eval: dict) -> dict:
+    if config.early_stopping_patience and state.get("best_step") is not None:
+        return {"folder": BEST_ADAPTER_DIR, "step": state["best_step"], "metric": state["best_metric"],
+                "value": state["best_wer"]}
+    metric = "dev_wer" if last_eval.get("dev_wer") is not None else "dev_loss" if last_eval else None
+    return {"folder": ADAPTER_DIR, "step": state["step"], "metric": metric,
+            "value": last_eval.get(metric) if metric else None}
+
+
+def exported_adapter(run_dir: str | Path) -> Path:
+    """The adapter a run hands on: ``adapter_best/`` when early stopping kept one (the best dev
+    evaluation), else ``adapter_final/``."""
+    run_dir = Path(run_dir)
+    best = run_dir / BEST_ADAPTER_DIR
+    return best if best.is_dir() else run_dir / ADAPTER_DIR
 
 
 def _training_folder_info(config: TrainConfig) -> Optional[dict]:
@@ -1151,18 +1205,22 @@ def _training_folder_info(config: TrainConfig) -> Optional[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def load_trained(run_dir: str | Path, *, merge: bool = True):
-    """Rebuild a run's model from ``training_config.json`` + ``adapter_final/``.
+def load_trained(run_dir: str | Path, *, merge: bool = True, adapter: Optional[str] = None):
+    """Rebuild a run's model from ``training_config.json`` + its exported adapter
+    (`exported_adapter`: ``adapter_best/`` when early stopping kept one, else ``adapter_final/``;
+    ``adapter="adapter_final"`` or ``"adapter_best"`` picks one).
 
     Returns ``(model, tokenizer, feature_extractor, projector_or_None)``; with ``merge=True`` the
-    LoRA adapters are folded into plain weights (``merge_and_unload``)."""
+    LoRA adapters are folded into plain weights (``merge_and_unload``). ``model.kdlib_adapter``
+    says which adapter was loaded (folder, step, metric, value; see ``summary.json``)."""
     from peft import PeftModel
 
     from kdlib.config import TrainConfig
 
     run_dir = Path(run_dir)
     config = TrainConfig.from_json(run_dir / "training_config.json")
-    adapter = run_dir / ADAPTER_DIR
+    check_references(config, run_dir)
+    adapter = run_dir / adapter if adapter else exported_adapter(run_dir)
     if not adapter.exists():
         raise FileNotFoundError(f"{adapter} does not exist: the run has not finished")
     teacher, student = _load_pair(config)
@@ -1171,23 +1229,47 @@ def load_trained(run_dir: str | Path, *, merge: bool = True):
     if merge:
         model = model.merge_and_unload()
     model.eval()
+    model.kdlib_adapter = _adapter_info(run_dir, adapter.name)
     projector = None
     if (adapter / PROJECTOR_FILE).exists():
         from kdlib.models import RiemannianProjector
 
-        state = torch.load(adapter / PROJECTOR_FILE, map_location="cpu")
+        state = torch.load(adapter / PROJECTOR_FILE, map_location="cpu", weights_only=True)
         projector = RiemannianProjector(state["linear.weight"].shape[1], state["linear.weight"].shape[0])
         projector.load_state_dict(state)
     return model, owner.tokenizer, owner.feature_extractor, projector
 
 
-def export_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def check_references(config: TrainConfig, run_dir: Path, fields=("teacher_from",)) -> None:
+    """Raise a `FileNotFoundError` naming the run, the field and the missing run it refers to
+    (paths in ``training_config.json`` are relative to the run folder: a run moved without the
+    runs it was built on, or one deleted, lands here)."""
+    for name in fields:
+        value = getattr(config, name)
+        if value and not Path(value).is_dir():
+            raise FileNotFoundError(
+                f"{run_dir}: its training_config.json says {name} = {value} (stored relative to the run "
+                "folder), and that run folder does not exist. Move or copy the runs it was built on "
+                "together with it, keeping their places relative to each other, or train it again.")
+
+
+def _adapter_info(run_dir: Path, folder: str) -> dict:
+    """Step and dev metric of ``folder``, from ``summary.json`` (``{"folder": ...}`` only when the
+    summary says nothing about it)."""
+    summary_file = run_dir / "summary.json"
+    info = json.loads(summary_file.read_text()).get("exported_adapter") if summary_file.is_file() else None
+    return info if info and info.get("folder") == folder else {"folder": folder}
+
+
+def export_merged(run_dir: str | Path, out_dir: str | Path | None = None, *, adapter: Optional[str] = None) -> Path:
     """Merge LoRA into the student and save a Hugging Face folder (model, tokenizer, feature
     extractor, generation config) that ``transformers.pipeline("automatic-speech-recognition")``
-    loads. Default destination: ``<run_dir>/merged``."""
+    loads. Default destination: ``<run_dir>/merged``. The adapter is the run's exported one
+    (`exported_adapter`) unless ``adapter`` names another; ``kdlib_export.json`` in the folder
+    says which (folder, step, dev metric and value)."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "merged"
-    model, tokenizer, feature_extractor, _ = load_trained(run_dir, merge=True)
+    model, tokenizer, feature_extractor, _ = load_trained(run_dir, merge=True, adapter=adapter)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         import shutil
@@ -1196,6 +1278,7 @@ def export_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     feature_extractor.save_pretrained(str(tmp))
+    atomic_write_json(tmp / "kdlib_export.json", {"run_dir": str(run_dir), **model.kdlib_adapter})
     if out.exists():
         import shutil
 
@@ -1236,7 +1319,7 @@ def run_stage(config: TrainConfig, run_dir: str | Path, *, reuse: bool = True, p
     saved = run_dir / "training_config.json"
     if saved.is_file():
         skip = set(CADENCE_FIELDS) | set(ignore)
-        there, now = TrainConfig.from_json(saved).to_dict(), config.to_dict()
+        there, now = TrainConfig.from_json(saved).absolute_paths().to_dict(), config.absolute_paths().to_dict()
         diff = {k: (there.get(k), v) for k, v in now.items() if k not in skip and there.get(k) != v}
         if diff:
             fields = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))

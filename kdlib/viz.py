@@ -200,7 +200,9 @@ def after_kd_student(run_dir: str | Path, teacher: str) -> AfterKD:
     config_path = run / "training_config.json"
     if not config_path.is_file() or not (run / "adapter_final").is_dir():
         return AfterKD(reason=f"{run}: no finished run (training_config.json + adapter_final/)")
-    config = json.loads(config_path.read_text())
+    from kdlib.config import TrainConfig
+
+    config = TrainConfig.from_json(config_path).to_dict()  # its paths resolved against the run folder
     if config.get("teacher") != teacher:
         return AfterKD(config=config, reason=f"{config_path}: distilled from teacher "
                                              f"{config.get('teacher')!r}, this chapter uses {teacher!r}")

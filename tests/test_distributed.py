@@ -63,7 +63,7 @@ def test_two_gloo_workers_stay_identical_and_only_rank0_writes(tmp_path):
     # identical weights on both ranks, and they are the weights rank 0 saved
     assert s0["world_size"] == s1["world_size"] == 2
     assert s0["trainable_digest"] == s1["trainable_digest"]
-    saved = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    saved = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
     assert models.tensor_digest(saved["trainable"]) == s0["trainable_digest"]
     assert len(saved["rng_per_rank"]) == 2
     # both ranks saw the same (combined) dev metrics, so early stopping is one decision
@@ -95,8 +95,8 @@ def test_data_parallel_training_moves_the_weights_like_one_process(tmp_path):
                                                   "eval_wer=false", "max_train_utterances=8",
                                                   "max_dev_utterances=4"])
     train(config, tmp_path / "single", progress=False)
-    ddp = torch.load(tmp_path / "ddp" / CHECKPOINT, map_location="cpu", weights_only=False)["trainable"]
-    one = torch.load(tmp_path / "single" / CHECKPOINT, map_location="cpu", weights_only=False)["trainable"]
+    ddp = torch.load(tmp_path / "ddp" / CHECKPOINT, map_location="cpu", weights_only=True)["trainable"]
+    one = torch.load(tmp_path / "single" / CHECKPOINT, map_location="cpu", weights_only=True)["trainable"]
     initial = trainable_state(build_models(config, torch.device("cpu")))
     moved = sum(float((ddp[k] - initial[k]).abs().sum()) for k in initial)
     assert moved > 0

@@ -41,6 +41,41 @@ def test_vocab_index(pair):
     assert models.vocab_index(student.tokenizer, student.tokenizer, 51865) is None
 
 
+def test_stand_in_tokenizers_name_the_no_speech_token_as_the_real_checkpoints_do(pair):
+    # Hugging Face checkpoints before v3 (whisper-small): <|nocaptions|> at 50362; large-v3:
+    # <|yue|> at 50358 and <|nospeech|> at 50363. Neither has the other's name.
+    teacher, student = pair
+    s, t = student.tokenizer, teacher.tokenizer
+    assert s.convert_ids_to_tokens(50362) == "<|nocaptions|>" and "<|nospeech|>" not in s.get_vocab()
+    assert t.convert_ids_to_tokens(50363) == "<|nospeech|>" and "<|nocaptions|>" not in t.get_vocab()
+    assert t.convert_ids_to_tokens(50358) == "<|yue|>"
+    # the v3 stand-in's template puts the shifted ids around the text
+    assert t("ciao").input_ids[:2] == [50258, 50364] and t("ciao").input_ids[-1] == 50257
+
+
+def test_vocab_index_maps_every_special_token_by_role(pair):
+    teacher, student = pair
+    s, t = student.tokenizer, teacher.tokenizer
+    index = models.vocab_index(s, t, 51865)
+    expect = {  # whisper-small id -> large-v3 id
+        "<|endoftext|>": (50257, 50257), "<|startoftranscript|>": (50258, 50258), "<|en|>": (50259, 50259),
+        "<|it|>": (50274, 50274), "<|su|>": (50357, 50357), "<|translate|>": (50358, 50359),
+        "<|transcribe|>": (50359, 50360), "<|startoflm|>": (50360, 50361), "<|startofprev|>": (50361, 50362),
+        "<|nocaptions|>": (50362, 50363), "<|notimestamps|>": (50363, 50364), "<|0.00|>": (50364, 50365),
+        "<|0.02|>": (50365, 50366), "<|30.00|>": (51864, 51865),
+    }
+    for token, (sid, tid) in expect.items():
+        assert s.convert_tokens_to_ids(token) == sid, token
+        assert int(index[sid]) == tid, token
+    assert t.convert_ids_to_tokens(50363) == "<|nospeech|>"
+    for sid in range(50257, 51865):  # every special token: same role on both sides
+        assert models.token_role(s.convert_ids_to_tokens(sid)) == models.token_role(
+            t.convert_ids_to_tokens(int(index[sid]))), sid
+    assert models.token_role("<|nocaptions|>") == models.token_role("<|nospeech|>")
+    assert models.token_role("<|it|>") != models.token_role("<|es|>")
+    assert models.token_role("ciao") == "ciao"
+
+
 def test_vocab_index_refuses_student_tokens_the_teacher_lacks():
     class Vocab:
         def __init__(self, tokens):

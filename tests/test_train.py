@@ -89,6 +89,42 @@ def test_trainable_parameters_per_stage(stage):
 # ---- a whole run ------------------------------------------------------------------------------
 
 
+def _lora_grads(checkpointing: bool) -> dict:
+    import warnings
+
+    from kdlib import data
+    from kdlib.losses import DistillationLoss
+
+    config = smoke(stage=1, grad_checkpointing=checkpointing, lora_dropout=0.0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        models = T.build_models(config, torch.device("cpu"))
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]
+    base = models.student.base_model.model
+    assert all(layer.gradient_checkpointing == checkpointing for layer in (base.model.encoder, base.model.decoder))
+    with torch.no_grad():  # B != 0, so that A gets a gradient too
+        for name, p in models.student.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.01)
+    train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer, models.teacher_feature_extractor)
+    batch = data.WhisperCollator()([train_set[i] for i in range(2)])
+    loss_fn = DistillationLoss()
+    loss_fn.weights = T.stage_weights(config, 0)
+    models.student.train()
+    T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None))["total"].backward()
+    return {n: p.grad for n, p in models.student.named_parameters() if "lora_" in n}
+
+
+def test_gradient_checkpointing_gives_every_lora_weight_its_gradient():
+    plain, checkpointed = _lora_grads(False), _lora_grads(True)
+    assert plain.keys() == checkpointed.keys()
+    assert any(".encoder." in n for n in plain) and any(".decoder." in n for n in plain)
+    for name, grad in checkpointed.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stage1")
@@ -115,7 +151,7 @@ def test_stage2_starts_from_stage1_adapter(stage1_run, tmp_path):
     run_dir, _ = stage1_run
     config = smoke(stage=2, init_from=str(run_dir))
     models = T.build_models(config, torch.device("cpu"))
-    finished = torch.load(run_dir / "checkpoint.pt", weights_only=False)["trainable"]
+    finished = torch.load(run_dir / "checkpoint.pt", weights_only=True)["trainable"]
     now = dict(models.student.named_parameters())
     lora = [k for k in finished if k.startswith("student.") and "lora_B" in k]
     assert lora
@@ -161,9 +197,64 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     config = smoke(stage=1, max_steps=10, save_every=2, eval_every=100, max_nonfinite_in_row=3)
     with pytest.raises(T.TrainingDiverged, match="3 non-finite steps in a row"):
         T.train(config, tmp_path, progress=False)
-    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert payload["progress"]["step"] == 2  # the last good checkpoint survived
     assert all(torch.isfinite(v).all() for v in payload["trainable"].values())
+
+
+def test_fp16_grad_scaler_skips_nonfinite_steps_and_goes_on(tmp_path, monkeypatch):
+    # amp="fp16" on CPU: float16 autocast with torch's CPU GradScaler, the CUDA fp16 path.
+    assert T.amp_settings(smoke(amp="fp16"), torch.device("cpu")) == (True, torch.float16, True)
+    real = T.forward_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        parts = real(*args, **kwargs)
+        if calls["n"] == 2:  # a non-finite loss after one normal step: skipped before backward
+            parts["total"] = parts["total"] * float("nan")
+        if calls["n"] == 3:  # a finite loss whose scaled gradients overflow: skipped after unscale_
+            parts["total"] = parts["total"] * 1e30
+        return parts
+
+    monkeypatch.setattr(T, "forward_losses", poisoned)
+    config = smoke(stage=1, amp="fp16", max_steps=3, save_every=100, eval_every=100)
+    summary = T.train(config, tmp_path, progress=False)
+    assert summary["steps"] == 3 and summary["nonfinite_steps"] == 2
+    scaler = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] == 2.0 ** 15  # halved once, by the overflow; the NaN loss left it alone
+
+
+def test_early_stopping_exports_the_best_adapter(tmp_path, monkeypatch):
+    scripted = iter([5.0, 3.0, 4.0, 6.0])  # dev loss per evaluation: best at step 2, stop at step 4
+    snapshots = {}
+
+    def fake_dev_loss(models, *args, **kwargs):
+        snapshots[len(snapshots) + 1] = T.trainable_state(models)
+        return next(scripted)
+
+    monkeypatch.setattr(T, "dev_loss", fake_dev_loss)
+    config = smoke(stage=2, max_steps=8, eval_every=1, save_every=100, early_stopping_patience=2)
+    summary = T.train(config, tmp_path, progress=False)
+    assert summary["stopped_early"] and summary["steps"] == 4
+    assert summary["exported_adapter"] == {"folder": "adapter_best", "step": 2, "metric": "dev_loss", "value": 3.0}
+    assert json.loads((tmp_path / "summary.json").read_text())["exported_adapter"]["step"] == 2
+
+    def loaded(model, projector):
+        state = {f"student.{n}": p for n, p in model.named_parameters() if "lora_" in n}
+        state.update({f"projector.{n}": p for n, p in projector.named_parameters()})
+        return state
+
+    for adapter, step in ((None, 2), ("adapter_final", 4)):
+        model, _, _, projector = T.load_trained(tmp_path, merge=False, adapter=adapter)
+        assert model.kdlib_adapter["folder"] == ("adapter_best" if step == 2 else "adapter_final")
+        got = loaded(model, projector)
+        assert got.keys() == snapshots[step].keys()
+        for key, value in snapshots[step].items():
+            assert torch.equal(got[key].detach(), value), (adapter, key)
+    assert any(not torch.equal(snapshots[2][k], snapshots[4][k]) for k in snapshots[2])
+    out = T.export_merged(tmp_path, tmp_path / "merged")
+    assert json.loads((out / "kdlib_export.json").read_text())["folder"] == "adapter_best"
 
 
 def test_unknown_field_is_an_error_before_any_work(tmp_path):
@@ -178,7 +269,7 @@ def test_unknown_field_is_an_error_before_any_work(tmp_path):
 
 
 def _final_trainable(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["trainable"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["trainable"]
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
@@ -198,7 +289,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         ckpt = killed / "checkpoint.pt"
         if ckpt.exists():
             try:
-                step = torch.load(ckpt, weights_only=False)["progress"]["step"]
+                step = torch.load(ckpt, weights_only=True)["progress"]["step"]
             except Exception:  # caught mid-rename: try again
                 step = 0
             if step >= 2:
@@ -208,7 +299,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    interrupted_at = torch.load(killed / "checkpoint.pt", weights_only=False)["progress"]["step"]
+    interrupted_at = torch.load(killed / "checkpoint.pt", weights_only=True)["progress"]["step"]
     assert interrupted_at < 6, "the run finished before it could be killed"
 
     resumed = subprocess.run([*cmd, "--run-dir", str(killed)], check=True, env=env, capture_output=True, text=True)
@@ -219,6 +310,31 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     history = json.loads((killed / "training_history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 7))
+
+
+def test_checkpoint_holds_only_plain_values_and_resume_continues_the_same(tmp_path):
+    # The checkpoint loads with weights_only=True (no pickled objects: RNG states as tensors and
+    # lists), and a run stopped after its step-2 checkpoint continues exactly as one never stopped.
+    config = smoke(stage=1, max_steps=4, save_every=2, eval_every=3)  # LoRA dropout on: RNG matters
+    T.train(config, tmp_path / "straight", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, metrics):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        T.train(config, tmp_path / "stopped", progress=False, on_eval=stop_at_3)
+    payload = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert payload["progress"]["step"] == 2
+    assert isinstance(payload["rng"]["numpy"]["keys"], torch.Tensor) and isinstance(payload["rng"]["python"], list)
+    T.train(config, tmp_path / "stopped", progress=False)
+    a, b = _final_trainable(tmp_path / "straight"), _final_trainable(tmp_path / "stopped")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("stage, train_encoder", [(1, False), (1, True), (2, True)])
@@ -308,6 +424,38 @@ def test_encoder_store_is_shared_by_identical_encoders_and_equals_live(tmp_path,
         next(models0.student.get_encoder().parameters()).add_(1.0)
     other = T.EncoderStore(models0.student.get_encoder(), {u.id: u.audio for u in train_set.utterances})
     assert other.load(batch["ids"]) == {}
+
+
+def test_run_folders_load_from_any_folder_and_after_being_moved(tmp_path, monkeypatch):
+    import shutil
+
+    from kdlib.config import TrainConfig
+
+    book = tmp_path / "book"
+    (book / "notebooks").mkdir(parents=True)
+    monkeypatch.chdir(book / "notebooks")  # a chapter runs with --cwd notebooks
+    quick = dict(max_steps=2, eval_every=2, save_every=2)
+    T.run_stage(smoke(stage=0, **quick), "../runs/stage0", progress=False)
+    T.run_stage(smoke(stage=1, teacher_from="../runs/stage0", **quick), "../runs/stage1", progress=False)
+    stage2 = smoke(stage=2, teacher_from="../runs/stage0", init_from="../runs/stage1", **quick)
+    T.run_stage(stage2, "../runs/stage2", progress=False)
+    saved = json.loads((book / "runs" / "stage2" / "training_config.json").read_text())
+    assert (saved["teacher_from"], saved["init_from"]) == ("../stage0", "../stage1")
+    # the chapter run again: its finished run is found, not refused as another config
+    assert T.run_stage(stage2, "../runs/stage2", progress=False, quiet=True)["steps"] == 2
+
+    moved = tmp_path / "elsewhere" / "old_runs"  # the whole runs folder moved; loaded from elsewhere
+    moved.parent.mkdir()
+    shutil.move(str(book / "runs"), str(moved))
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig.from_json(moved / "stage2" / "training_config.json")
+    assert (config.teacher_from, config.init_from) == (str(moved / "stage0"), str(moved / "stage1"))
+    model, *_ = T.load_trained(moved / "stage2")
+    assert (T.export_merged(moved / "stage2") / "config.json").is_file()
+
+    shutil.rmtree(moved / "stage0")  # the run it was built on, truly gone
+    with pytest.raises(FileNotFoundError, match=r"stage2: .*teacher_from = .*old_runs/stage0 .*does not exist"):
+        T.load_trained(moved / "stage2")
 
 
 def test_final_dev_scores_read_the_summary(tmp_path):
