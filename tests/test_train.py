@@ -170,7 +170,7 @@ def test_unknown_field_is_an_error_before_any_work(tmp_path):
     run_dir = tmp_path / "never"
     proc = subprocess.run(
         [sys.executable, "-m", "kdlib", "train", "--preset", "smoke", "--run-dir", str(run_dir), "--set", "lrr=1"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0
     assert "unknown config field 'lrr'" in proc.stderr
