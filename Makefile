@@ -35,8 +35,15 @@ pdf: install
 	$(PY) scripts/build_book.py --html-only --builder pdflatex
 	$(PY) scripts/check_book_pdf.py book/_build/latex/kdlib-book.pdf
 
+# The chapters run once, as nbval items: tests/prepare_chapters.py writes copies prepared at smoke
+# size (papermill --prepare-only, every runs path inside build/nbval/) and pytest collects them
+# next to tests/; tests/test_notebooks.py then skips its own papermill run of those chapters.
+NBVAL_DIR := build/nbval
+
 test: install
-	$(PY) -m pytest
+	rm -rf $(NBVAL_DIR)
+	$(PY) tests/prepare_chapters.py $(NBVAL_DIR) --preset smoke
+	$(PY) -m pytest --nbval-lax tests $(NBVAL_DIR)
 
 lab: install
 	$(PY) -m jupyter lab notebooks/

@@ -88,7 +88,8 @@ def test_toc_lists_every_chapter():
 
 
 def test_cli_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "kdlib", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "kdlib", "--help"], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
     for command in ("corpus", "scan", "extract", "convert", "train", "evaluate", "export",
                     "pseudo-label", "pseudo-filter", "compare"):
         assert command in out, f"`python -m kdlib --help` does not list {command}"
