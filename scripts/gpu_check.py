@@ -137,7 +137,15 @@ def run_models(config, teacher, student, device) -> T.RunModels:
     import copy
 
     teacher_model = M.freeze_teacher(teacher.model).to(device)
-    lora = M.apply_lora(copy.deepcopy(student.model), config.lora_preset, r=config.lora_r,
+    # the thesis student's shape from the config (3:1 frame merging after encoder layer 5)
+    shaped = M.shape_student(M.WhisperBundle(copy.deepcopy(student.model), student.tokenizer,
+                                             student.feature_extractor),
+                             window_seconds=config.student_window_seconds,
+                             frame_factor=config.student_frame_factor,
+                             # --tiny: a 2-layer encoder has no layer 5; merge after its first
+                             merge_layer=None if config.student_merge_layer is None else
+                             min(config.student_merge_layer, student.config.encoder_layers - 2))
+    lora = M.apply_lora(shaped.model, config.lora_preset, r=config.lora_r,
                         alpha=config.lora_alpha, dropout=config.lora_dropout)
     if config.grad_checkpointing:
         lora.base_model.model.gradient_checkpointing_enable()
@@ -167,7 +175,8 @@ def synthetic_batch(batch: int, seconds: float, tokenizer, device, *, mels=(80, 
     mask[:, :frames] = True
     return {"input_features": torch.randn(batch, mels[0], 3000, generator=g),
             "teacher_input_features": torch.randn(batch, mels[1], 3000, generator=g),
-            "labels": labels, "feature_mask": mask, "ids": [f"clip{i}" for i in range(batch)]}
+            "labels": labels, "feature_mask": mask, "num_frames": mask.sum(1),
+            "ids": [f"clip{i}" for i in range(batch)]}
 
 
 class Trainer:
@@ -195,7 +204,7 @@ class Trainer:
         inf check finds it, the step is skipped and the scale lowered)."""
         self.optimizer.zero_grad(set_to_none=True)
         parts = T.forward_losses(self.models, self.loss_fn, batch, self.device, (self.autocast_on, self.dtype),
-                                 frame_factor=self.config.student_frame_factor, caches=self.caches)
+                                 caches=self.caches)
         total = parts["total"] * float("inf") if force == "loss" else parts["total"]
         grad_norm = float("nan")
         if not bool(torch.isfinite(total)):  # nothing unscaled: update() would raise "No inf checks were recorded"
