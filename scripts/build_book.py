@@ -38,6 +38,7 @@ KERNEL_ENV = {"KDLIB_PROGRESS": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 # (None: it trains them itself). The book passes the runs of its own earlier chapters:
 # parameter → (chapter prefix, run folder inside that chapter's out_dir).
 UPSTREAM = {
+    "06": {"prev_run": ("05", "stage1")},
     "07": {"stage1_run": ("05", "stage1"), "ce_only_run": ("05", "ce_only"), "stage2_run": ("06", "stage2")},
     "08": {"stage0_run": ("05", "stage0"), "ce_only_run": ("05", "ce_only"), "stage1_run": ("05", "stage1"),
            "stage3_run": ("07", "stage3")},

@@ -70,3 +70,22 @@ def test_the_check_finds_another_chapters_table(tmp_path):
     fake.write_text('# %%\nearlier = Path(stage1_root) / "stage1_table.json"\n')
     assert "stage1_table.json" in written_files(NOTEBOOKS / "05_stage1_kd.py")
     assert foreign_paths(fake) == ['07_stage3_decoder.py: earlier = Path(stage1_root) / "stage1_table.json"']
+
+
+def test_the_book_passes_runs_the_chapters_take_as_parameters():
+    """scripts/build_book.py wires earlier chapters' runs into later ones (UPSTREAM): every
+    name it passes is a parameter of that chapter, defaulting to None or a path."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("build_book", ROOT / "scripts" / "build_book.py")
+    build_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_book)
+    assert build_book.UPSTREAM
+    for prefix, wiring in build_book.UPSTREAM.items():
+        (chapter,) = [p for p in CHAPTERS if p.stem.startswith(prefix)]
+        (params,) = [body for header, body in code_cells(chapter.read_text()) if 'tags=["parameters"]' in header]
+        for name, (upstream, _) in wiring.items():
+            assert re.search(rf"^{name} = ", params, flags=re.M), f"{chapter.name} has no parameter {name}"
+            assert any(p.stem.startswith(upstream) for p in CHAPTERS)
