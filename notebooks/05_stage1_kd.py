@@ -196,9 +196,9 @@ print(f"{sum(p.numel() for p in params):,} trainable parameters updated; gradien
 # %%
 library = load_history(out / "stage1")[0]
 by_hand = {**{k: float(v.detach()) for k, v in parts.items() if v is not None}, "grad_norm": grad_norm}
-print(f"{'':<10}{'by hand':>14}{'run_stage':>14}")
+print(f"{'':<10}{'by hand':>14}{'run_stage':>14}{'difference':>12}")
 for key, value in by_hand.items():
-    print(f"{key:<10}{value:>14.6f}{library[key]:>14.6f}")
+    print(f"{key:<10}{value:>14.6f}{library[key]:>14.6f}{abs(value - library[key]):>12.1e}")
 assert all(abs(value - library[key]) <= 1e-6 for key, value in by_hand.items()), "the hand step differs"
 del models, caches, optimizer, parts
 
@@ -206,7 +206,7 @@ del models, caches, optimizer, parts
 # Equal to 1e-6 (a test, `tests/test_step_by_hand.py`, checks the same at smoke size, updated
 # weights included). The trainer's loop adds what a long run needs around these lines: gradient
 # accumulation, the all-reduce of distributed runs, a skip for a non-finite loss, the schedule,
-# logging, dev evaluation and checkpoints. Read it in `kdlib.train._train`.
+# logging, dev evaluation and checkpoints. Read it in `kdlib.train`, top to bottom.
 #
 # ## Loss curves
 
