@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from kdlib import evaluate
-from kdlib.config import TrainConfig, make_config
+from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio, read_speakers
 from kdlib.models import load_whisper, tiny_random_pair
 from kdlib.train import finished_run, run_stage, untrained_student
