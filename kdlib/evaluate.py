@@ -1052,6 +1052,66 @@ def evaluate_run_dir(run_dir: str | os.PathLike, split: str = "dev",
     return metrics
 
 
+def dev_scores(source, config=None, *, name: str | None = None, limit: int | None = None,
+               reuse_summary: bool = True, **decode) -> dict[str, Any]:
+    """Dev WER/CER of one model as a table row: a run's own final evaluation when it has one,
+    else a decode. The chapters' "score this run or reuse its summary".
+
+    ``source``: a finished training run folder (``training_config.json`` + ``adapter_final/``;
+    ``config`` defaults to its config), or a model with the `kdlib.config.TrainConfig` whose dev
+    split it is scored on: a ``(model, feature_extractor, tokenizer)`` tuple, a `WhisperBundle`,
+    or a Hugging Face folder / offline name (`load_run_model`).
+
+    A run whose trainer scored the same clips (``reuse_summary``, its ``summary.json`` has a dev
+    WER, and ``limit`` is None or its ``dev_utterances``) is not decoded again: its final
+    evaluation is returned (the same greedy decoding and normaliser as a decode here). Otherwise
+    the model (a run's through `kdlib.train.load_trained`, LoRA merged) decodes the first
+    ``limit`` clips (default: ``config.max_dev_utterances``, unless ``utterances`` are given) of
+    ``config``'s dev split with
+    `evaluate_model`, ``config.eval_max_new_tokens`` and ``reuse_encoder_states=True`` (scores of
+    a full decode, no RTF); ``decode`` overrides any of `evaluate_model`'s arguments
+    (``utterances``, ``data_root``, ``split``, ``max_new_tokens``, ``reuse_encoder_states``...).
+
+    Returns `evaluate_model`'s dict, or for a reused summary ``name``, ``wer``, ``cer``,
+    ``n_utterances`` and ``normalizer``; both with ``scored_by``: ``"summary"`` or ``"decoded"``.
+    """
+    from kdlib import data, train
+    from kdlib.config import TrainConfig
+
+    is_path = isinstance(source, (str, os.PathLike))
+    run = Path(source) if is_path and (Path(source) / "training_config.json").is_file() else None
+    if run is not None:
+        config = config or TrainConfig.from_json(run / "training_config.json")
+        done = train.final_dev_scores(run) if reuse_summary and (run / "summary.json").is_file() else None
+        if done is not None and limit in (None, done["n"]):
+            return {"name": name or run.name, "wer": done["wer"], "cer": done["cer"],
+                    "n_utterances": done["n"], "normalizer": NORMALIZER, "scored_by": "summary"}
+    if config is None:
+        raise ValueError("dev_scores: a model that is not a run folder needs the config of its dev split")
+    args: dict[str, Any] = dict(
+        data_root=config.data_root or data.embedded_corpus(config.language), split=config.dev_split,
+        language=config.language, task=config.task, limit=limit or config.max_dev_utterances,
+        max_new_tokens=config.eval_max_new_tokens, progress=False, batch_size=config.batch_size,
+        # the run's device (thesis: CUDA), not where the model happened to be loaded
+        device=train.resolve_device(config.device),
+        # demo: the frozen encoder's dev states are stored once on disk and reused; the thesis
+        # preset keeps none (large-v3's take 7.7 MB a clip), so its rows decode live
+        reuse_encoder_states=config.encoder_cache == "disk",
+        name=name or (run.name if run is not None else None))
+    if decode.get("utterances") is not None:  # the caller's clips: no default limit on them
+        args["limit"] = limit
+    args.update(decode)
+    model = source
+    if run is not None:
+        model, tokenizer, feature_extractor, _ = train.load_trained(run)
+        model = (model, feature_extractor, tokenizer)
+    elif is_path:  # a Hugging Face folder (a merged run) or an offline name
+        model = load_run_model(source)
+    metrics = evaluate_model(model, args.pop("utterances", None), **args)
+    metrics["scored_by"] = "decoded"
+    return metrics
+
+
 # --------------------------------------------------------------------------------------------
 # 6. CTranslate2: the deployment engine
 

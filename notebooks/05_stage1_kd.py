@@ -71,8 +71,7 @@ import matplotlib.pyplot as plt
 
 from kdlib import evaluate
 from kdlib.config import make_config
-from kdlib.train import (final_dev_scores, load_history, load_trained, resolve_device, run_stage, teacher_model,
-                         untrained_student)
+from kdlib.train import load_history, run_stage, teacher_model, untrained_student
 
 out = Path(out_dir).expanduser().resolve()  # absolute: run folders record it, and it prints unambiguously
 out.mkdir(parents=True, exist_ok=True)
@@ -111,42 +110,18 @@ print("data:", config1.data_root or "the embedded corpus")
 # ## Stage 0: adapt the teacher to the domain
 
 # %%
-def dev_scores(model, tokenizer, feature_extractor, config, name):
-    metrics = evaluate.evaluate_model(
-        (model, feature_extractor, tokenizer), data_root=config.data_root or _corpus(config),
-        split=config.dev_split, language=config.language, limit=eval_limit or config.max_dev_utterances,
-        name=name, progress=False, max_new_tokens=config.eval_max_new_tokens,
-        device=resolve_device(config.device), batch_size=config.batch_size,  # the run's device (thesis: CUDA)
-        # demo: whisper-base's encoder, its dev states computed once and kept on disk; the thesis
-        # preset keeps no encoder states (large-v3's take 7.7 MB per clip)
-        reuse_encoder_states=config.encoder_cache == "disk",
-    )
-    return {"model": name, "wer": metrics["wer"], "cer": metrics["cer"], "n": metrics["n_utterances"]}
+def model_scores(model, tokenizer, feature_extractor, config, name):
+    """Dev scores of a model that is not a run (the teacher, the untrained student)."""
+    return evaluate.dev_scores((model, feature_extractor, tokenizer), config, name=name, limit=eval_limit)
 
 
-def _corpus(config):
-    from kdlib.data import embedded_corpus
-
-    return embedded_corpus(config.language)
-
-
-def run_scores(run, config, name):
-    """A trained run's dev scores: the final evaluation its trainer already ran (summary.json),
-    the same greedy decoding and normaliser; decoded again only for another `eval_limit`."""
-    done = final_dev_scores(out / run) if eval_limit is None else None
-    if done is not None:
-        return {"model": name, **done}
-    model, tok, fe, _ = load_trained(out / run)
-    return dev_scores(model, tok, fe, config, name)
-
-
-rows = [dev_scores(*teacher_model(config0), config0, f"teacher ({config0.teacher})")]
+rows = [model_scores(*teacher_model(config0), config0, "teacher (whisper-base)")]
 if adapt_teacher:
     run_stage(config0, out / "stage0")
     config1 = make_config(preset, stage=1, overrides={**overrides, "teacher_from": str(out / "stage0")})
-    rows.append(run_scores("stage0", config0, "teacher adapted (stage 0)"))
+    rows.append(evaluate.dev_scores(out / "stage0", name="teacher adapted (stage 0)", limit=eval_limit))
 for row in rows:
-    print(f"{row['model']:<28} dev WER {row['wer']:.3f}  CER {row['cer']:.3f}  ({row['n']} clips)")
+    print(f"{row['name']:<28} dev WER {row['wer']:.3f}  CER {row['cer']:.3f}  ({row['n_utterances']} clips)")
 
 # %% [markdown]
 # The teacher's word error rate on the synthetic voices before and after stage 0. The KD below
@@ -163,6 +138,80 @@ print("CE only:", {k: summary_ce[k] for k in ("final_ce", "final_kl", "dev_loss"
 
 # %% [markdown]
 # Both runs share seed, data order, steps and schedule; they differ in one field, `kl_weight`.
+#
+# ## One step by hand
+#
+# `run_stage` trained stage I in 60 steps. Here is its first step written out with the pieces the
+# trainer uses (`kdlib.train`), so a reader sees what the loop does and where each piece lives.
+# First the setup, as `train` does it: seed, then teacher and student, data, encoder caches.
+# The seed comes first because it decides LoRA's initial weights and the dropout masks.
+
+# %%
+import torch
+
+from kdlib import data
+from kdlib.losses import DistillationLoss
+from kdlib.models import build_optimizer
+from kdlib.train import (amp_settings, build_caches, build_data, build_models, epoch_batches, forward_losses,
+                         lr_factor, resolve_device, seed_everything, stage_weights)
+
+device = resolve_device(config1.device)
+seed_everything(config1.seed)
+models = build_models(config1, device)  # frozen (adapted) teacher, student with LoRA, what trains
+train_set, dev_set, _ = build_data(config1, models.feature_extractor, models.tokenizer,
+                                   models.teacher_feature_extractor)
+caches = build_caches(models, config1, train_set, dev_set)  # frozen encoders run once per clip
+first = epoch_batches(train_set, config1, epoch=0)[0]  # epoch 0's first batch, a function of the seed
+batch = data.WhisperCollator()([train_set[i] for i in first])
+print(f"batch of {len(first)} clips: log-mels {tuple(batch['input_features'].shape)}, "
+      f"labels {tuple(batch['labels'].shape)}")
+
+# %% [markdown]
+# The batch is what the trainer's data loader gives at step 0: padded log-mels and the reference
+# tokens (padding marked -100). Now the distillation forward: the student and the frozen teacher
+# read the batch (teacher forcing) and `forward_losses` returns every loss term and their
+# weighted sum, `total`, the only one with a gradient.
+
+# %%
+loss_fn = DistillationLoss()
+loss_fn.weights = stage_weights(config1, step=0)  # CE weight, KL weight after its warm-up, T
+models.student.train()
+parts = forward_losses(models, loss_fn, batch, device, amp_settings(config1, device)[:2], caches=caches)
+print({k: round(float(v.detach()), 6) for k, v in parts.items() if v is not None})
+
+# %% [markdown]
+# Backward, clip, step: the gradient reaches only the LoRA parameters (everything else is
+# frozen), its norm is clipped to `grad_clip`, and AdamW takes one step at the schedule's first
+# learning rate (warm-up: `lr / warmup_steps`).
+
+# %%
+lr = config1.lr * lr_factor(0, warmup_steps=config1.warmup_steps, max_steps=config1.max_steps,
+                            lr=config1.lr, min_lr=config1.min_lr)
+optimizer = build_optimizer([models.student], lr=lr, weight_decay=config1.weight_decay, betas=config1.betas)
+params = [p for p in models.student.parameters() if p.requires_grad]
+parts["total"].backward()
+grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config1.grad_clip))
+optimizer.step()
+print(f"{sum(p.numel() for p in params):,} trainable parameters updated; gradient norm {grad_norm:.4f}, lr {lr:.2e}")
+
+# %% [markdown]
+# That is the whole step. `run_stage` recorded its own first step in the run's
+# `training_history.json`; the two must agree to the last digits.
+
+# %%
+library = load_history(out / "stage1")[0]
+by_hand = {**{k: float(v.detach()) for k, v in parts.items() if v is not None}, "grad_norm": grad_norm}
+print(f"{'':<10}{'by hand':>14}{'run_stage':>14}{'difference':>12}")
+for key, value in by_hand.items():
+    print(f"{key:<10}{value:>14.6f}{library[key]:>14.6f}{abs(value - library[key]):>12.1e}")
+assert all(abs(value - library[key]) <= 1e-6 for key, value in by_hand.items()), "the hand step differs"
+del models, caches, optimizer, parts
+
+# %% [markdown]
+# Equal to 1e-6 (a test, `tests/test_step_by_hand.py`, checks the same at smoke size, updated
+# weights included). The trainer's loop adds what a long run needs around these lines: gradient
+# accumulation, the all-reduce of distributed runs, a skip for a non-finite loss, the schedule,
+# logging, dev evaluation and checkpoints. Read it in `kdlib.train`, top to bottom.
 #
 # ## Loss curves
 
@@ -190,16 +239,17 @@ plt.show()
 # ## Before and after, on the dev split
 
 # %%
-student_rows = [dev_scores(*untrained_student(config1), config1, "student, untrained")]
+student_rows = [model_scores(*untrained_student(config1), config1, "student, untrained")]
 for name, run in (("student, CE only", "ce_only"), ("student, KD (stage I)", "stage1")):
-    student_rows.append(run_scores(run, config1, name))
-table = rows + student_rows
+    student_rows.append(evaluate.dev_scores(out / run, name=name, limit=eval_limit))
+table = [{key: row[key] for key in ("name", "wer", "cer", "n_utterances", "normalizer", "scored_by")}
+         for row in rows + student_rows]
 for row in table:
-    print(f"{row['model']:<28} dev WER {row['wer']:.3f}  CER {row['cer']:.3f}")
+    print(f"{row['name']:<28} dev WER {row['wer']:.3f}  CER {row['cer']:.3f}")
 (out / "stage1_table.json").write_text(json.dumps(table, indent=2))
 
 fig, ax = plt.subplots(figsize=(8, 3.4))
-ax.barh([r["model"] for r in table][::-1], [r["wer"] for r in table][::-1], color="C0")
+ax.barh([r["name"] for r in table][::-1], [r["wer"] for r in table][::-1], color="C0")
 ax.set(title="Dev WER (Whisper basic normaliser, greedy)", xlabel="WER (lower is better)")
 fig.tight_layout()
 fig.savefig(out / "stage1_wer.png", dpi=120)

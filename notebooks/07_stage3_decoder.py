@@ -40,19 +40,21 @@
 #
 # ## What it needs
 #
-# Chapter 06's run folder (`prev_run`) and chapter 05's folder (`stage1_root`). A
-# missing (or other-preset) prerequisite is trained here first, at the same preset.
-# **Writes** `out_dir/stage3` (read by chapters 08 and 10) and `out_dir/results.json`.
+# The runs of the earlier stages, as parameters: stage I and its CE-only control (chapter 05)
+# and stage II (chapter 06). `scripts/build_book.py` passes the book's own runs; left at `None`
+# (or missing, or of another preset), a prerequisite is trained here first, under `out_dir`,
+# at the same preset. **Writes** `out_dir/stage3` and `out_dir/results.json`.
 
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random pair, seconds; "demo": whisper-base → distil-base on CPU, minutes; thesis: "thesis" (GPU)
-prev_run = "../runs/06_stage2_alignment/stage2"  # stage II run folder (chapter 06); thesis: the same
-stage1_root = "../runs/05_stage1_kd"  # holds stage1/ and ce_only/ from chapter 05; thesis: the same
+stage1_run = None  # stage I run folder (chapter 05's stage1/); None: trained here; thesis: chapter 05's
+ce_only_run = None  # the CE-only control (chapter 05's ce_only/); None: trained here; thesis: chapter 05's
+stage2_run = None  # stage II run folder (chapter 06's stage2/); None: trained here; thesis: chapter 06's
 data_root = None  # None: the stage-II run's; thesis: "../data/mls_italian_opus" (relative to the working directory)
 max_steps = None  # None: the preset's (demo 60; thesis 8000)
 overrides = {}  # e.g. {"train_encoder": True} (then the contrastive term decays to 0.1); thesis: {}
 eval_limit = None  # None: the preset's max_dev_utterances (demo: all 20 dev clips; thesis: 1248)
-out_dir = "../runs/07_stage3_decoder"  # thesis: the same (chapters 08 and 10 read it)
+out_dir = "../runs/07_stage3_decoder"  # thesis: your own folder
 
 # %%
 import json
@@ -62,9 +64,7 @@ import matplotlib.pyplot as plt
 
 from kdlib import evaluate
 from kdlib.config import TrainConfig, make_config
-from kdlib.data import embedded_corpus
-from kdlib.train import (final_dev_scores, finished_run, load_history, load_trained, resolve_device, run_stage,
-                         teacher_model, untrained_student)
+from kdlib.train import finished_run, load_history, run_stage, teacher_model, untrained_student
 
 out = Path(out_dir).expanduser().resolve()  # absolute: run folders record it
 out.mkdir(parents=True, exist_ok=True)
@@ -77,9 +77,8 @@ data = {"data_root": str(Path(data_root).expanduser().resolve())} if data_root i
 # ## The runs this chapter builds on
 
 # %%
-stage1_root = Path(stage1_root).expanduser().resolve()
-runs = {"stage1": stage1_root / "stage1", "ce_only": stage1_root / "ce_only",
-        "stage2": Path(prev_run).expanduser().resolve()}
+runs = {"stage1": Path(stage1_run or out / "stage1").expanduser().resolve(), "ce_only": Path(ce_only_run or out / "ce_only").expanduser().resolve(),
+        "stage2": Path(stage2_run or out / "stage2").expanduser().resolve()}
 if not finished_run(runs["stage1"], preset):
     print(f"{runs['stage1']} missing or from another preset: training stage I here")
     runs["stage1"] = out / "stage1"
@@ -186,56 +185,23 @@ plt.show()
 # ## The results table
 
 # %%
-root = Path(config3.data_root) if config3.data_root else embedded_corpus(config3.language)
-limit = eval_limit or config3.max_dev_utterances
+def model_scores(load, config, name):
+    """Dev scores of a model that is not a run (teacher, untrained student): decoded here."""
+    model, tokenizer, feature_extractor = load(config)
+    return evaluate.dev_scores((model, feature_extractor, tokenizer), config3, name=name, limit=eval_limit)
 
 
-def score(model, tokenizer, feature_extractor, name):
-    metrics = evaluate.evaluate_model(
-        (model, feature_extractor, tokenizer), data_root=root, split=config3.dev_split,
-        language=config3.language, limit=limit, name=name, progress=False,
-        max_new_tokens=config3.eval_max_new_tokens, batch_size=config3.batch_size,
-        device=resolve_device(config3.device),  # the run's device (thesis: CUDA), not where the model was loaded
-        reuse_encoder_states=config3.encoder_cache == "disk",  # demo: whisper-base's dev states, stored once
-    )
-    return {"model": name, "wer": metrics["wer"], "cer": metrics["cer"], "n_utterances": metrics["n_utterances"],
-            "normalizer": metrics["normalizer"]}
-
-
-# Models chapter 05 already scored on the same clips are read from its table; a trained run's
-# scores come from its trainer's final evaluation (summary.json: same greedy decoding, same
-# normaliser). Only what is missing, or a different `eval_limit`, is decoded here.
-earlier = stage1_root / "stage1_table.json"
-earlier_rows = {r["model"]: r for r in json.loads(earlier.read_text())} if earlier.exists() and eval_limit is None else {}
-
-
-def reuse_or_score(name, earlier_name, load):
-    row = earlier_rows.get(earlier_name)
-    if row is not None and row.get("n") == limit_or_all:
-        return {"model": name, "wer": row["wer"], "cer": row["cer"], "n_utterances": row["n"],
-                "normalizer": evaluate.NORMALIZER}
-    return score(*load(), name)
-
-
-def run_row(name, key):
-    done = final_dev_scores(runs[key]) if eval_limit is None else None
-    if done is not None:
-        return {"model": name, "wer": done["wer"], "cer": done["cer"], "n_utterances": done["n"],
-                "normalizer": evaluate.NORMALIZER}
-    model, tok, fe, _ = load_trained(runs[key])
-    return score(model, tok, fe, name)
-
-
-limit_or_all = (final_dev_scores(runs["stage3"]) or {}).get("n")
-base_config = make_config(preset, stage=1, overrides={"data_root": config3.data_root})
-rows = [reuse_or_score("teacher", f"teacher ({base_config.teacher})", lambda: teacher_model(base_config))]
+# A trained run's scores come from its trainer's final evaluation (summary.json: same greedy
+# decoding, same normaliser, same clips); only the others, or another `eval_limit`, are decoded.
+rows = [model_scores(teacher_model, make_config(preset, stage=1, overrides={"data_root": config3.data_root}), "teacher")]
 if config3.teacher_from:
-    rows.append(reuse_or_score("teacher, adapted (stage 0)", "teacher adapted (stage 0)",
-                               lambda: teacher_model(config3)))
-rows.append(reuse_or_score("student, untrained", "student, untrained", lambda: untrained_student(config3)))
+    rows.append(model_scores(teacher_model, config3, "teacher, adapted (stage 0)"))
+rows.append(model_scores(untrained_student, config3, "student, untrained"))
 for name, key in (("student, CE only", "ce_only"), ("student, stage I (KD)", "stage1"),
                   ("student, stage I+II", "stage2"), ("student, stage I+II+III", "stage3")):
-    rows.append(run_row(name, key))
+    rows.append(evaluate.dev_scores(runs[key], config3, name=name, limit=eval_limit))
+rows = [{"model": r["name"], **{k: r[k] for k in ("wer", "cer", "n_utterances", "normalizer", "scored_by")}}
+        for r in rows]
 print(f"{'model':<28}{'dev WER':>10}{'dev CER':>10}")
 for row in rows:
     print(f"{row['model']:<28}{row['wer']:>10.3f}{row['cer']:>10.3f}")
@@ -256,7 +222,6 @@ plt.show()
 # synthetic dev clips are a small sample: differences of a few points are within what another
 # seed would change (chapter 09 runs seeds).
 #
-#
 # ## What the student costs: the speed/accuracy frontier
 #
 # Distillation pays off when the student is much cheaper than its teacher and nearly as good.
@@ -272,8 +237,11 @@ import copy
 import tempfile
 
 from kdlib import models
+from kdlib.data import embedded_corpus
 
-t_model, t_tok, t_fe = teacher_model(make_config(preset, stage=1))
+root = Path(config3.data_root) if config3.data_root else embedded_corpus(config3.language)
+limit = eval_limit or config3.max_dev_utterances
+t_model, t_tok, t_fe = teacher_model(make_config(preset, stage=1, overrides={"data_root": config3.data_root}))
 window_cut = models.shape_student(models.WhisperBundle(copy.deepcopy(t_model), t_tok, t_fe),
                                   window_seconds=config3.student_window_seconds) \
     if config3.student_window_seconds else None
@@ -350,7 +318,7 @@ results_path.write_text(json.dumps(saved, indent=2))
 #
 # ## Exercises
 #
-# 1. Export the final student with `python -m kdlib export --run-dir ../runs/07_stage3_decoder/stage3`
+# 1. Export the final student with `python -m kdlib export --run-dir <out_dir>/stage3`
 #    and transcribe a clip with `transformers.pipeline("automatic-speech-recognition", ...)`.
 # 2. Set `overrides={"train_encoder": True}`: the contrastive term comes back, decaying to 0.1.
 #    Does the dev WER move, and what does stage III now cost per step?

@@ -39,9 +39,10 @@
 #
 # ## What it needs
 #
-# The run folders of chapter 05 (`stage0`, `ce_only`, `stage1`) and chapter 07 (`stage3`) under
-# `runs_root`, trained with the same `preset`; a row whose run is missing is listed as "not run
-# (chapter NN)", not dropped. The offline whisper-base (the
+# The trained models as run folders, one parameter each: chapter 05's `stage0`, `ce_only` and
+# `stage1`, chapter 07's `stage3` (`scripts/build_book.py` passes the book's own runs). A run
+# left at `None`, missing, or trained with another `preset` is trained here first, under
+# `out_dir`, the way chapters 05-07 train it. The offline whisper-base (the
 # `offline-whisper` extra) and `ctranslate2`. **Writes** `out_dir/comparison.{json,csv,md,png}`,
 # the per-voice table and one `metrics_<split>_<model>.json` per row. With `preset = "smoke"` the
 # models are a tiny random pair and 3 clips: the numbers then mean nothing, the prose describes
@@ -52,7 +53,10 @@ preset = "demo"  # "smoke": tiny random pair, 3 clips, seconds; "demo": whisper-
 split = "dev"  # embedded corpus split (20 clips); thesis: "test"
 limit = None  # None: all clips of the split (demo: 20); thesis: None, all 1262 test clips
 max_new_tokens = 64  # greedy decoding cap (embedded clips need < 50 tokens); thesis: 224
-runs_root = "../runs"  # where chapters 05 and 07 wrote their run folders; thesis: the same
+stage0_run = None  # adapted teacher (chapter 05's stage0/); None: trained here; thesis: chapter 05's
+ce_only_run = None  # student fine-tuned with CE only (chapter 05's ce_only/); None: trained here
+stage1_run = None  # student after KD (chapter 05's stage1/); None: trained here; thesis: chapter 05's
+stage3_run = None  # student after stages I-III (chapter 07's stage3/); None: trained here; thesis: chapter 07's
 out_dir = "../runs/08_evaluation"  # figures, tables and runs of this chapter; thesis: the same
 
 # %%
@@ -68,10 +72,10 @@ import numpy as np
 import torch
 
 from kdlib import evaluate
-from kdlib.config import TrainConfig, make_config
+from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio, read_speakers
 from kdlib.models import load_whisper, tiny_random_pair
-from kdlib.train import load_trained, untrained_student
+from kdlib.train import finished_run, run_stage, untrained_student
 
 chapter_start = time.perf_counter()
 smoke = preset == "smoke"
@@ -80,7 +84,6 @@ if smoke:
 config = make_config(preset, stage=1)
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
-runs = Path(runs_root)
 print(f"preset {preset}, split {split}, limit {limit}, max_new_tokens {max_new_tokens}, "
       f"torch threads {torch.get_num_threads()}")
 
@@ -137,35 +140,49 @@ print(f"{len(clips)} clips of {data_root.name}/{split}, {audio_seconds:.1f} s of
 #
 # ## The models
 #
-# A trained run is used only if its folder exists, holds `adapter_final/` and was trained with
-# this chapter's preset (`training_config.json`): a demo table must not mix in a thesis run, or
-# the other way round. `load_trained` rebuilds the base model and merges the LoRA adapter into
-# plain weights, so a trained student decodes exactly as fast as an untrained one.
+# A run given as a parameter is used only if its folder holds `adapter_final/` and was trained
+# with this chapter's preset (`training_config.json`): a demo table must not mix in a thesis run,
+# or the other way round. Any other run is trained here, the way chapters 05-07 train it
+# (`run_stage` reuses a finished run of the same config, so a second execution trains nothing).
+# The scores come from `evaluate.dev_scores`, told to decode (this chapter times every model):
+# `load_trained` rebuilds the base model and merges the LoRA adapter into plain weights, so a
+# trained student decodes exactly as fast as an untrained one.
 
 # %%
-RUNS = [  # (row name, run folder, chapter that writes it)
-    ("teacher, adapted (stage 0)", runs / "05_stage1_kd" / "stage0", "05"),
-    ("student, CE only", runs / "05_stage1_kd" / "ce_only", "05"),
-    ("student, KD (stage I)", runs / "05_stage1_kd" / "stage1", "05"),
-    ("student, stages I+II+III", runs / "07_stage3_decoder" / "stage3", "07"),
-]
+given = {"stage0": stage0_run, "ce_only": ce_only_run, "stage1": stage1_run, "stage3": stage3_run}
 
 
-def run_status(run: Path) -> str:
-    """'ok', or why the run cannot be used."""
-    config_file = run / "training_config.json"
-    if not (run / "adapter_final").is_dir() or not config_file.is_file():
-        return "missing"
-    run_preset = TrainConfig.from_json(config_file).preset
-    return "ok" if run_preset == preset else f"trained with preset {run_preset!r}"
+def run_for(key: str) -> Path:
+    """The run folder of ``key``: the parameter's, if it is a finished run of this preset, else
+    trained here (stage 0 → I → II → III, as chapters 05-07 do)."""
+    if given[key] is not None and finished_run(given[key], preset):
+        return Path(given[key])
+    if given[key] is not None:
+        print(f"{given[key]}: missing or trained with another preset; training {key} here")
+
+    def train_here(name, stage, **fields):
+        run_stage(make_config(preset, stage=stage, overrides=fields), out / name, progress=False)
+        return out / name
+
+    if key == "stage0":
+        return train_here("stage0", 0)
+    if key == "ce_only":
+        return train_here("ce_only", 1, kl_weight=0.0)
+    teacher = str(run_for("stage0"))
+    if key == "stage1":
+        return train_here("stage1", 1, teacher_from=teacher)
+    stage2 = train_here("stage2", 2, teacher_from=teacher, init_from=str(run_for("stage1")))
+    return train_here("stage3", 3, teacher_from=teacher, init_from=str(stage2))
 
 
-for name, run, chapter in RUNS:
-    print(f"{name:<28} {run}: {run_status(run)}")
+RUNS = [(name, run_for(key)) for name, key in (
+    ("teacher, adapted (stage 0)", "stage0"), ("student, CE only", "ce_only"),
+    ("student, KD (stage I)", "stage1"), ("student, stages I+II+III", "stage3"))]
+for name, run in RUNS:
+    print(f"{name:<28} {run}")
 
 # %% [markdown]
-# Each trained row either has a usable run folder or will appear in the table as "not run
-# (chapter NN)"; run that chapter with the same preset and rerun this one to fill it in.
+# Every trained row has its run folder now, given or trained here.
 #
 # ## Decoding and scoring every model
 #
@@ -174,15 +191,18 @@ for name, run, chapter in RUNS:
 # detokenisation) and samples the process' resident memory every 5 ms meanwhile.
 
 # %%
-def score(name, load):
-    """Load a model with ``load()``, decode and score the clips, free the model."""
+def score(name, source):
+    """Decode and score the clips with ``source`` (a run folder, or a function that loads a
+    model), then free the model."""
     t0 = time.perf_counter()
-    model, tokenizer, feature_extractor = load()[:3]
-    metrics = evaluate.evaluate_model(
-        (model, feature_extractor, tokenizer), clips, data_root=data_root, split=split,
-        language=config.language, max_new_tokens=max_new_tokens, name=name, progress=False)
+    if callable(source):
+        model, tokenizer, feature_extractor = source()[:3]
+        source = (model, feature_extractor, tokenizer)
+    metrics = evaluate.dev_scores(
+        source, config, name=name, reuse_summary=False, utterances=clips, data_root=data_root, split=split,
+        max_new_tokens=max_new_tokens, reuse_encoder_states=False, limit=None)
     metrics["status"] = "measured"
-    del model
+    del source
     gc.collect()
     print(f"{name:<30} WER {metrics['wer']:.3f}  CER {metrics['cer']:.3f}  RTF {metrics['rtf']:.3f}  "
           f"({time.perf_counter() - t0:.0f} s with loading)")
@@ -194,16 +214,10 @@ def load_teacher():
     return bundle.model, bundle.tokenizer, bundle.feature_extractor
 
 
-def trained_row(name, run, chapter):
-    if run_status(run) == "ok":
-        return score(name, lambda: load_trained(run))
-    return {"name": name, "status": f"not run (chapter {chapter})"}
-
-
 rows = [score(f"teacher ({config.teacher})", load_teacher)]
-rows.append(trained_row(*RUNS[0]))  # the adapted teacher
+rows.append(score(*RUNS[0]))  # the adapted teacher
 rows.append(score("student, before KD", lambda: untrained_student(config)))
-rows += [trained_row(*entry) for entry in RUNS[1:]]
+rows += [score(name, run) for name, run in RUNS[1:]]
 n_teacher_parameters = rows[0]["n_parameters"]
 
 # %% [markdown]
@@ -275,7 +289,6 @@ print("written:", ", ".join(str(p) for p in paths.values()))
 #   decoding" is that peak minus the size before decoding started (activations and KV cache).
 #   Earlier models are freed before the next loads, but an allocator does not always give memory
 #   back, so compare the added column, or run one model per process for absolute numbers.
-# - **not run (chapter NN)**: the run folder of that row is missing or belongs to another preset.
 #
 # ## The figure
 
@@ -286,7 +299,7 @@ fig = evaluate.plot_comparison(rows, out / "comparison.png",
 plt.show()
 
 # %% [markdown]
-# Bars labelled "n/a" are rows that were not run. The students have about a quarter fewer
+# The students have about a quarter fewer
 # parameters than the teacher (56 M against 73 M: 4 decoder layers fewer), yet a trained student
 # cannot be much faster on a CPU: the encoder, which the demo student copies whole, is most of
 # the decoding time (chapter 02 and the facts page: about 76 % for whisper-base), so cutting

@@ -48,8 +48,8 @@
 # ## What it needs
 #
 # Nothing that must exist: the chapter adapts its own teacher (stage 0 on half A of the train
-# split), so it runs on its own. When chapter 07's final run (`runs_root/07_stage3_decoder/stage3`,
-# same `preset`) exists, its row is added for reference; it was trained on the whole train
+# split), so it runs on its own. When chapter 07's final run is given (`reference_run`, same
+# `preset`), its row is added for reference; it was trained on the whole train
 # split with another adapted teacher, so it is not part of the like-for-like comparison. The
 # offline whisper-base teacher (the `offline-whisper` extra) and `ctranslate2`. **Writes** into
 # `out_dir`: the two halves (`half_a/`, `half_b/`), the teacher's run (`stage0_half_a/`), the
@@ -65,7 +65,7 @@ max_steps = None  # steps of every student run here; None: demo 40 (7 epochs of 
 label_max_new_tokens = 64  # decoding cap for pseudo-labels (embedded clips ≤ 10 s need < 50 tokens); thesis: 224
 ct2 = True  # also decode teacher and the two main students in CTranslate2 (int8, float32); smoke: off
 eval_limit = None  # dev clips in the table (None: the preset's max_dev_utterances, demo: all 20; thesis: 1248)
-runs_root = "../runs"  # where chapters 05 and 07 wrote their runs; thesis: the same
+reference_run = None  # chapter 07's stage3/ run folder, an extra row for reference; None: no such row
 out_dir = "../runs/11_distil_whisper_recipe"  # thesis: the same
 
 # %%
@@ -89,7 +89,6 @@ if smoke:
     ct2, label_max_new_tokens = False, 8
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
-runs = Path(runs_root)
 base = make_config(preset, stage=1)
 data_root = Path(base.data_root) if base.data_root else embedded_corpus(base.language)
 steps = {"max_steps": max_steps} if max_steps is not None else ({"max_steps": 40} if preset == "demo" else {})
@@ -309,11 +308,11 @@ run_stage(make_config(preset, stage=1, overrides={"data_root": str(half_b), "tea
                                                   **same_student, **steps}),
           thesis_run, progress=not smoke)
 reference_runs = {}
-full_run = runs / "07_stage3_decoder" / "stage3"
-if finished_run(full_run, preset):
-    reference_runs["thesis method, stages I-III (chapter 07, all 96 clips; reference only)"] = full_run
+if reference_run is not None and finished_run(reference_run, preset):
+    reference_runs["thesis method, stages I-III (chapter 07, all 96 clips; reference only)"] = Path(reference_run)
 else:
-    print(f"{full_run} missing or from another preset: no reference row for the full thesis pipeline")
+    print(f"reference_run {reference_run}: none, missing or from another preset; "
+          "no reference row for the full thesis pipeline")
 print(f"{thesis_name}: {thesis_run}")
 
 # %% [markdown]
@@ -347,11 +346,13 @@ limit = eval_limit or base.max_dev_utterances
 def compare_one(name, model=None, timed=True, **entry):
     """One table row; ``timed=False``: scored from stored encoder states, no RTF."""
     t0 = time.perf_counter()
-    if not timed:
-        entry["reuse_encoder_states"] = True
-    row = evaluate.compare_models([dict(name=name, model=model, **entry)], data_root=data_root,
-                                  split=base.dev_split, limit=limit, language=base.language,
-                                  max_new_tokens=base.eval_max_new_tokens, progress=False)[0]
+    if model is not None:  # transformers: kdlib's shared scorer, always decoding (RTF when timed)
+        row = evaluate.dev_scores(model, base, name=name, limit=limit, reuse_summary=False,
+                                  data_root=data_root, reuse_encoder_states=not timed)
+    else:  # CTranslate2
+        row = evaluate.compare_models([dict(name=name, **entry)], data_root=data_root,
+                                      split=base.dev_split, limit=limit, language=base.language,
+                                      max_new_tokens=base.eval_max_new_tokens, progress=False)[0]
     row["status"] = "measured"
     rtf = "   –  " if row["rtf"] is None else f"{row['rtf']:.3f}"
     print(f"{name:<40} WER {row['wer']:.3f}  CER {row['cer']:.3f}  RTF {rtf}  "
@@ -442,8 +443,8 @@ def chain(run):
     found = [run]
     while (init := TrainConfig.from_json(found[0] / "training_config.json").init_from):
         path = Path(init)
-        if not path.exists():  # a relative path written by another working folder
-            path = runs / path.parent.name / path.name
+        if not path.exists():  # a relative path written by another working folder: its runs' root
+            path = found[0].parent.parent / path.parent.name / path.name
         found.insert(0, path)
     return found
 

@@ -34,6 +34,16 @@ EXECUTED = BOOK / "chapters"
 # Set for the chapter kernels: an executed notebook keeps every redraw of a text progress bar as
 # a line of output, so kdlib's bars (kdlib.progress) and Hugging Face's are off in papermill runs.
 KERNEL_ENV = {"KDLIB_PROGRESS": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# A chapter never opens another chapter's folder by itself: the runs it builds on are parameters
+# (None: it trains them itself). The book passes the runs of its own earlier chapters:
+# parameter → (chapter prefix, run folder inside that chapter's out_dir).
+UPSTREAM = {
+    "06": {"prev_run": ("05", "stage1")},
+    "07": {"stage1_run": ("05", "stage1"), "ce_only_run": ("05", "ce_only"), "stage2_run": ("06", "stage2")},
+    "08": {"stage0_run": ("05", "stage0"), "ce_only_run": ("05", "ce_only"), "stage1_run": ("05", "stage1"),
+           "stage3_run": ("07", "stage3")},
+    "11": {"reference_run": ("07", "stage3")},
+}
 
 
 def chapters(only: list[str] | None = None) -> list[Path]:
@@ -42,6 +52,18 @@ def chapters(only: list[str] | None = None) -> list[Path]:
     if only:
         found = [p for p in found if any(p.name.startswith(o) for o in only)]
     return found
+
+
+def upstream_parameters(notebook: Path, runs_root: Path, params: dict) -> dict:
+    """The earlier chapters' run folders under ``runs_root`` (``runs_root/NN_topic/<run>``) as
+    this chapter's parameters (`UPSTREAM`), unless ``params`` already sets them. A folder that
+    does not exist is passed too: the chapter then trains that run itself."""
+    stems = {p.stem[:2]: p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")}
+    wired = {}
+    for name, (chapter, run) in UPSTREAM.get(notebook.stem[:2], {}).items():
+        if name not in params and chapter in stems:
+            wired[name] = str(runs_root / stems[chapter] / run)
+    return wired
 
 
 def _parse_value(text: str):
@@ -181,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             chapter_params = dict(params)
             if args.out and "out_dir" not in params:
                 chapter_params["out_dir"] = str(book / "runs" / notebook.stem)
+            if "out_dir" not in params:  # every chapter in its own folder under one runs root
+                runs_root = book / "runs" if args.out else ROOT / "runs"
+                chapter_params.update(upstream_parameters(notebook, runs_root, params))
             execute(notebook, chapter_params, executed)
     if not args.no_html:
         build(book, args.builder)

@@ -526,3 +526,33 @@ def test_compare_command_writes_markdown_and_csv(tiny, tmp_path):
     assert "WER (%)" in md and "whisper-basic" in md and md.count("\n") == 5
     assert (out / "comparison_per_speaker.md").is_file()
     assert (out / "ct2" / "tiny-int8" / "model.bin").is_file()
+
+
+# ---- dev_scores: the chapters' "score this run or reuse its summary" (issue 17) ----------------
+
+
+def test_dev_scores_reuses_a_runs_final_evaluation_and_decodes_otherwise(tmp_path, monkeypatch):
+    from kdlib.config import make_config
+    from kdlib.train import untrained_student
+
+    monkeypatch.setenv("KDLIB_CACHE", str(tmp_path / "cache"))
+    config = make_config("smoke", stage=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    config.to_json(run / "training_config.json")
+    (run / "summary.json").write_text(json.dumps({"dev_wer": 0.5, "dev_cer": 0.25, "dev_utterances": 4}))
+    assert ev.dev_scores(run, name="KD") == {
+        "name": "KD", "wer": 0.5, "cer": 0.25, "n_utterances": 4, "normalizer": ev.NORMALIZER,
+        "scored_by": "summary"}
+    assert ev.dev_scores(run, limit=4)["scored_by"] == "summary"  # the same clips
+    with pytest.raises(FileNotFoundError, match="adapter_final"):  # other clips: decoded (no adapter here)
+        ev.dev_scores(run, limit=2)
+    with pytest.raises(FileNotFoundError, match="adapter_final"):
+        ev.dev_scores(run, reuse_summary=False)
+    with pytest.raises(ValueError, match="config"):
+        ev.dev_scores(untrained_student(config))
+
+    model, tokenizer, feature_extractor = untrained_student(config)
+    row = ev.dev_scores((model, feature_extractor, tokenizer), config, name="untrained", limit=2)
+    assert row["scored_by"] == "decoded" and row["name"] == "untrained"
+    assert row["n_utterances"] + row["n_skipped"] == 2 and row["normalizer"] == ev.NORMALIZER

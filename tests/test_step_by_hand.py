@@ -1,0 +1,84 @@
+"""Chapter 05's "one step by hand" is the trainer's first step (issue 17).
+
+The chapter builds the models, data and caches as `kdlib.train.train` does, runs the
+distillation forward (`forward_losses`), calls backward, clips and takes one AdamW step. This test
+runs the same calls at smoke size (tiny random pair) and checks that the library's first step
+gives the same losses and gradient norm (``training_history.json``) and the same
+trainable weights after the update (``checkpoint.pt``), to 1e-6.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdlib import data
+from kdlib.config import make_config
+from kdlib.models import build_optimizer
+from kdlib.losses import DistillationLoss
+from kdlib.train import (CHECKPOINT, amp_settings, build_caches, build_data, build_models, epoch_batches,
+                         forward_losses, load_history, lr_factor, resolve_device, run_stage, seed_everything,
+                         stage_weights, trainable_state)
+
+
+def one_step_by_hand(config, draw_before_forward: bool = False):
+    """The cells of chapter 05's section "One step by hand", in order."""
+    device = resolve_device(config.device)
+    seed_everything(config.seed)  # before the models: LoRA's initial weights and the dropout masks
+    models = build_models(config, device)
+    train_set, dev_set, _ = build_data(config, models.feature_extractor, models.tokenizer,
+                                       models.teacher_feature_extractor)
+    caches = build_caches(models, config, train_set, dev_set)
+
+    first = epoch_batches(train_set, config, epoch=0)[0]
+    batch = data.WhisperCollator()([train_set[i] for i in first])
+
+    if draw_before_forward:  # moves the global RNG: other dropout masks than the trainer's
+        torch.rand(1)
+    loss_fn = DistillationLoss()
+    loss_fn.weights = stage_weights(config, step=0)
+    models.student.train()
+    parts = forward_losses(models, loss_fn, batch, device, amp_settings(config, device)[:2], caches=caches)
+
+    lr = config.lr * lr_factor(0, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+                               lr=config.lr, min_lr=config.min_lr)
+    optimizer = build_optimizer([models.student], lr=lr, weight_decay=config.weight_decay, betas=config.betas)
+    params = [p for p in models.student.parameters() if p.requires_grad]
+    parts["total"].backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+    optimizer.step()
+    losses = {k: float(v.detach()) for k, v in parts.items() if v is not None}
+    return losses, grad_norm, lr, trainable_state(models)
+
+
+def test_hand_step_equals_the_trainers_first_step(tmp_path):
+    # One step, so the checkpoint the trainer writes at its last step holds the weights after step 1.
+    config = make_config("smoke", stage=1, overrides={"max_steps": 1})
+    assert config.lora_dropout > 0  # dropout is on: equal losses need the same RNG stream on both sides
+    losses, grad_norm, lr, weights = one_step_by_hand(config)
+
+    run_stage(config, tmp_path / "run", progress=False, quiet=True)
+    first = load_history(tmp_path / "run")[0]
+    assert set(losses) >= {"total", "ce", "kl"} and losses["kl"] > 0
+    for key, value in losses.items():
+        assert abs(first[key] - value) <= 1e-6, (key, first[key], value)
+    assert abs(first["grad_norm"] - grad_norm) <= 1e-6
+
+    saved = torch.load(tmp_path / "run" / CHECKPOINT, map_location="cpu", weights_only=False)["trainable"]
+    assert saved.keys() == weights.keys() and weights
+    for name, tensor in weights.items():
+        assert torch.allclose(saved[name], tensor, rtol=0, atol=1e-6), name
+    # The step really changed the weights (an update that did nothing would pass the check above).
+    seed_everything(config.seed)
+    before = trainable_state(build_models(config, resolve_device(config.device)))
+    assert any(not torch.allclose(before[n], weights[n], rtol=0, atol=1e-6) for n in weights)
+
+
+def test_hand_step_needs_the_trainers_rng_stream(tmp_path):
+    """The comparison above is not vacuous: LoRA dropout is on at smoke size, so one random draw
+    more before the forward (other dropout masks on the LoRA inputs) gives another gradient.
+    (Not other losses: LoRA's B starts at zero, so the first forward does not see the masks.)"""
+    config = make_config("smoke", stage=1, overrides={"max_steps": 1})
+    _, grad_norm, _, _ = one_step_by_hand(config, draw_before_forward=True)
+    run_stage(config, tmp_path / "run", progress=False, quiet=True)
+    first = load_history(tmp_path / "run")[0]
+    assert abs(first["grad_norm"] - grad_norm) > 1e-6
