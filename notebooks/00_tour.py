@@ -36,8 +36,8 @@
 #
 # Nothing from an earlier chapter: this is the first one. It loads the offline whisper-base
 # teacher (the `offline-whisper` extra; built once from PyPI packages and cached in
-# `~/.cache/kdlib`), the `distil-base` student built from it (whisper-base's encoder and 2 of its
-# 6 decoder layers) and the first three clips of the embedded Italian `dev` split. With
+# `~/.cache/kdlib`), the student built from it (whisper-base cut to a 10 s encoder window: 500
+# encoder frames instead of 1500, chapter 02) and the first three clips of the embedded Italian `dev` split. With
 # `preset = "smoke"` a tiny random teacher/student pair stands in and the chapter runs in
 # seconds; the transcripts are then gibberish and the prose describes the `demo` run.
 
@@ -81,9 +81,10 @@ for key in ("teacher", "student", "max_steps", "batch_size", "lr", "temperature"
     print(f"{key:<14} {getattr(config, key)}")
 
 # %% [markdown]
-# On the demo the teacher is OpenAI's multilingual whisper-base and the student is `distil-base`.
-# Only LoRA adapters of the student's decoder train (`train_encoder` is off in stage I on the
-# demo: the encoder is an exact copy of the teacher's, so it runs once per clip and is shared).
+# On the demo the teacher is OpenAI's multilingual whisper-base and the student is whisper-base
+# with a 10 s encoder window (`student_window_seconds`). Only LoRA adapters of the student's
+# decoder train (`train_encoder` is off in stage I on the demo: the frozen encoder runs once per
+# clip and its states are reused).
 #
 # ## Three clips, two models
 
