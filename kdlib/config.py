@@ -317,6 +317,7 @@ PRESET_STAGE: dict[tuple[str, int], dict[str, Any]] = {
 # Sizes are smoke's: a chapter runs in seconds. ``python -m kdlib train --preset thesis-tiny``.
 PRESETS["thesis-tiny"] = {
     **{k: v for k, v in PRESETS["thesis"].items() if k not in ("teacher", "student", "data_root")},
+    "student_merge_layer": 0,  # the tiny student's encoder has 2 layers: merge 3:1 after the first
     "teacher": "tiny-random-v3",
     "student": "tiny-random",
     "amp": "fp16",
