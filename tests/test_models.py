@@ -676,7 +676,10 @@ def test_decoding_from_encoder_states_equals_live_even_when_the_model_emits_time
     from kdlib.config import make_config
     from kdlib.train import untrained_student
 
-    model, _, fe = untrained_student(make_config("demo", stage=1))
+    # the 2-decoder-layer, 30 s student the demo used before issue 18 (its window student does not
+    # emit timestamps): the case stays covered
+    model, _, fe = untrained_student(make_config("demo", stage=1, overrides={
+        "student_decoder_layers": 2, "student_window_seconds": None}))
     waves = [a for a, _ in _dev_clips()]
     live = evaluate.generate_token_ids(model, fe, waves, max_new_tokens=64)
     timestamp_begin = model.generation_config.no_timestamps_token_id + 1
