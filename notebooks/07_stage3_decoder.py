@@ -142,7 +142,7 @@ def stage3_gradients(contrastive_weight):
     train_set, _, _ = build_data(config, run.feature_extractor, run.tokenizer, run.teacher_feature_extractor)
     batch = WhisperCollator()([train_set[i] for i in range(4)])
     parts = forward_losses(run, DistillationLoss(stage_weights(config, config.max_steps)), batch, torch.device("cpu"),
-                           (False, None), frame_factor=config.student_frame_factor, caches=build_caches(run, config))
+                           (False, None), caches=build_caches(run, config))
     parts["total"].backward()
     student = {n: p.grad for n, p in run.student.named_parameters() if p.requires_grad}
     projector = [p.grad for p in run.projector.parameters() if p.grad is not None] if run.projector else []
