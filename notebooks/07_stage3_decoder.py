@@ -238,6 +238,7 @@ import tempfile
 
 from kdlib import models
 from kdlib.data import embedded_corpus
+from kdlib.train import load_trained
 
 root = Path(config3.data_root) if config3.data_root else embedded_corpus(config3.language)
 limit = eval_limit or config3.max_dev_utterances
