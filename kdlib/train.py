@@ -743,14 +743,6 @@ class LogitCache:
             self.store[key] = logits[row, : lengths[row]].float().cpu()
 
 
-def encoder_mask(feature_mask: torch.Tensor, n_frames: int) -> torch.Tensor:
-    """Valid encoder frames from valid log-mel frames: (B, 3000) bool → (B, n_frames) bool."""
-    valid = feature_mask.sum(dim=1)  # (B,) log-mel frames
-    factor = feature_mask.shape[1] / n_frames
-    counts = torch.clamp(torch.ceil(valid / factor), min=1).long()
-    return torch.arange(n_frames, device=feature_mask.device)[None, :] < counts[:, None]
-
-
 def stage_weights(config: TrainConfig, step: int):
     """`LossWeights` at `step`: KL warm-up and stage III's contrastive decay applied.
 

@@ -53,15 +53,6 @@ def test_stage_weights_switch_kd_and_alignment_kind():
     assert w.curve > 0 and w.geo == 0
 
 
-def test_encoder_mask_from_feature_mask():
-    feature_mask = torch.zeros(2, 3000, dtype=torch.bool)
-    feature_mask[0, :300] = True  # 3 s
-    feature_mask[1, :] = True  # 30 s
-    mask = T.encoder_mask(feature_mask, 1500)
-    assert mask.sum(1).tolist() == [150, 1500]
-    assert T.encoder_mask(feature_mask, 500).sum(1).tolist() == [50, 500]
-
-
 # ---- what each stage trains -------------------------------------------------------------------
 
 
