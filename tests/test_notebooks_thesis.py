@@ -32,8 +32,8 @@ def test_stage_chapters_run_at_thesis_shape(tmp_path, monkeypatch):
     params = {
         "05_stage1_kd": {"out_dir": str(runs / "05")},
         "06_stage2_alignment": {"prev_run": str(runs / "05" / "stage1"), "out_dir": str(runs / "06")},
-        "07_stage3_decoder": {"prev_run": str(runs / "06" / "stage2"), "stage1_root": str(runs / "05"),
-                              "out_dir": str(runs / "07")},
+        "07_stage3_decoder": {"stage2_run": str(runs / "06" / "stage2"), "stage1_run": str(runs / "05" / "stage1"),
+                              "ce_only_run": str(runs / "05" / "ce_only"), "out_dir": str(runs / "07")},
     }
     for name in CHAPTERS:
         out = tmp_path / f"{name}.ipynb"
