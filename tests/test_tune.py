@@ -175,7 +175,10 @@ def test_each_ablation_differs_from_main_in_exactly_its_declared_fields(name):
         diff = {k for k in a if a[k] != b[k]}
         assert diff <= ablation.fields, f"stage {config.stage}: {diff - ablation.fields} changed too"
         changed |= diff
-    assert changed == ablation.fields
+    # every field that changes is declared, and something changes; a declared field may already
+    # hold its ablated value in the main pipeline (no_contrastive's contrastive_final_weight: stage
+    # III has no contrastive term while its encoder is frozen, issue 16 item 6)
+    assert changed <= ablation.fields and (changed or not ablation.fields)
     assert all(c.seed == main[0].seed and c.max_steps == main[0].max_steps for c in ablated)
 
 
