@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from kdlib import ct2
+from kdlib.frames import downsample
 
 STUDENT_NAMES = {"distil-base": "whisper-base"}  # offline student -> the teacher it comes from
 
@@ -347,9 +348,7 @@ class _MergeFrames:
     def __init__(self, factor: int):
         self.factor = int(factor)
 
-    def __call__(self, module, args, output):
-        from kdlib.frames import downsample
-
+    def __call__(self, module, args, output):  # runs on every encoder forward: no imports here
         hidden = output[0] if isinstance(output, tuple) else output
         merged, _ = downsample(hidden, self.factor)  # (batch, ceil(frames / k), d_model)
         return (merged, *output[1:]) if isinstance(output, tuple) else merged
