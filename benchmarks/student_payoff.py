@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdlib import data, evaluate as ev, models
+from kdlib import data, decode as dec, evaluate as ev
 from kdlib.config import make_config
-from kdlib.train import export_merged, load_history, load_trained, run_stage, teacher_model, untrained_student
+from kdlib.runs import export_merged, load_history, load_trained, teacher_model, untrained_student
+from kdlib.train import run_stage
 
 
 def _mean_sd(values):
@@ -51,9 +52,9 @@ def _fmt(values, pct=True):
 
 
 def _score(model, tok, fe, clips, refs, max_new_tokens):
-    hyps = ev.transcribe(model, fe, tok, clips, max_new_tokens=max_new_tokens, batch_size=8)
-    scores = ev.wer_cer(refs, hyps)
-    per_clip = [ev.wer_cer([r], [h])["wer"] for r, h in zip(refs, hyps)]
+    hyps = dec.transcribe(model, fe, tok, clips, max_new_tokens=max_new_tokens, batch_size=8)
+    scores = dec.wer_cer(refs, hyps)
+    per_clip = [dec.wer_cer([r], [h])["wer"] for r, h in zip(refs, hyps)]
     return scores["wer"], scores["cer"], per_clip
 
 
@@ -145,8 +146,8 @@ def main(argv=None) -> dict:
     t_model, t_tok, t_fe = teacher
     s_model, s_fe, s_tok = final_bundle
     speed = {"audio_seconds": audio_s}
-    speed["teacher_tf_s"] = _timed(lambda: ev.transcribe(t_model, t_fe, t_tok, clips, max_new_tokens=max_new))
-    speed["student_tf_s"] = _timed(lambda: ev.transcribe(s_model, s_fe, s_tok, clips, max_new_tokens=max_new))
+    speed["teacher_tf_s"] = _timed(lambda: dec.transcribe(t_model, t_fe, t_tok, clips, max_new_tokens=max_new))
+    speed["student_tf_s"] = _timed(lambda: dec.transcribe(s_model, s_fe, s_tok, clips, max_new_tokens=max_new))
     speed["tf_speedup"] = speed["teacher_tf_s"] / speed["student_tf_s"]
     if not getattr(s_model.config, "kdlib_merge", None):
         try:

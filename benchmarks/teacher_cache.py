@@ -2,7 +2,7 @@
 one that runs the teacher live? Prints times and ratios, never fails.
 
 On the demo pair (real whisper-base teacher, the distil-base student built from it, embedded
-Italian corpus), for two set-ups, each through kdlib's own step (`kdlib.train.forward_losses`,
+Italian corpus), for two set-ups, each through kdlib's own step (`kdlib.distill.forward_losses`,
 backward, optimizer step; data loading excluded, the batches are prepared beforehand):
 
 * ``frozen``: the student's encoder is frozen and identical to the teacher's (demo stage I,
@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from kdlib import data, train as T
+from kdlib import caches as C, data, distill as DL, runs as R
 from kdlib.config import make_config
 from kdlib.losses import DistillationLoss
 from kdlib.models import build_optimizer
@@ -90,7 +90,7 @@ def step_seconds(models, config, paths: dict, batches, device, steps: int) -> di
     ``paths`` (name -> caches), interleaved step by step so that load from other jobs on a shared
     machine hits every path alike; one warm-up step each first."""
     loss_fn = DistillationLoss()
-    loss_fn.weights = T.stage_weights(config, 0)
+    loss_fn.weights = DL.stage_weights(config, 0)
     params = [p for p in models.student.parameters() if p.requires_grad]
     optimizer = build_optimizer([models.student], lr=1e-4)
     models.student.train()
@@ -100,7 +100,7 @@ def step_seconds(models, config, paths: dict, batches, device, steps: int) -> di
         for name, caches in paths.items():
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            parts = T.forward_losses(models, loss_fn, batch, device, (False, None), caches=caches)
+            parts = DL.forward_losses(models, loss_fn, batch, device, (False, None), caches=caches)
             parts["total"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -117,8 +117,8 @@ def run_setup(name: str, args, cache_root: str) -> dict:
         "max_dev_utterances": 1, "encoder_cache": "off", "device": "cpu"})
     device = torch.device("cpu")
     torch.manual_seed(0)
-    models = T.build_models(config, device)
-    train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+    models = R.build_models(config, device)
+    train_set, _, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
     batches = [data.collate([train_set[i] for i in range(j, min(j + args.batch, n))]) for j in range(0, n, args.batch)]
 
     # the teacher alone, as the cache build runs it (encoder + decoder, no_grad, float32)
@@ -129,7 +129,7 @@ def run_setup(name: str, args, cache_root: str) -> dict:
         if i > 0 or len(batches) == 1:
             teacher_s.append(time.perf_counter() - start)
 
-    live_caches = T.build_caches(models, config, train_set)
+    live_caches = C.build_caches(models, config, train_set)
     folder = f"{cache_root}/{name}"
     start = time.perf_counter()
     build_teacher_cache(models.teacher, train_set, folder, top_k=args.top_k, batch_size=args.batch,
@@ -138,7 +138,7 @@ def run_setup(name: str, args, cache_root: str) -> dict:
     cached_config = make_config("demo", stage=1, overrides={**{k: getattr(config, k) for k in (
         "train_encoder", "batch_size", "max_train_utterances", "max_dev_utterances", "encoder_cache", "device")},
         "teacher_cache": folder})
-    cached_caches = T.build_caches(models, cached_config, train_set)
+    cached_caches = C.build_caches(models, cached_config, train_set)
     times = step_seconds(models, config, {"live": live_caches, "cached": cached_caches}, batches, device, args.steps)
     return {"teacher": statistics.median(teacher_s), "live": statistics.median(times["live"]),
             "cached": statistics.median(times["cached"]), "live_min": min(times["live"]),
@@ -173,20 +173,20 @@ def memory(args) -> None:
             "train_encoder": train_encoder, "batch_size": args.batch, "max_train_utterances": args.batch,
             "max_dev_utterances": 1, "device": "cpu"})
         torch.manual_seed(0)
-        models = T.build_models(config, device)
+        models = R.build_models(config, device)
         # a student after stage II (LoRA B non-zero): its encoder is no longer the teacher's, so the
         # frozen path is EncoderCache on the student's own encoder, not the shared teacher states
         with torch.no_grad():
             for n, p in models.student.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 1e-3)
-        train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+        train_set, _, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
         batch = data.collate([train_set[i] for i in range(args.batch)])
-        caches = T.build_caches(models, config, train_set)
+        caches = C.build_caches(models, config, train_set)
         loss_fn = DistillationLoss()
-        loss_fn.weights = T.stage_weights(config, 0)
+        loss_fn.weights = DL.stage_weights(config, 0)
         results[train_encoder] = saved_bytes(
-            lambda: T.forward_losses(models, loss_fn, batch, device, (False, None), caches=caches)["total"])
+            lambda: DL.forward_losses(models, loss_fn, batch, device, (False, None), caches=caches)["total"])
     print(f"\nautograd saved tensors, student forward + losses, batch {args.batch} (demo, CPU, float32):")
     print(f"  encoder LoRA trains (stages I-II)            {results[True] / 2**20:8.1f} MiB")
     print(f"  encoder frozen, EncoderCache (stage III)     {results[False] / 2**20:8.1f} MiB")

@@ -24,7 +24,7 @@ import time
 
 from kdlib.config import make_config
 from kdlib.teacher_cache import measure_topk_error
-from kdlib.train import _load_pair, build_data
+from kdlib.runs import load_pair as _load_pair, build_data
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
   batch from the DataLoader + collate, forward (student + cached teacher), `DistillationLoss`,
   backward, grad-norm clip, GradScaler, optimizer step, LR schedule, the history record, a
   TensorBoard scalar per term (``log_every=1``), the non-finite checks. A step's time is the
-  interval between two consecutive calls of `kdlib.train.forward_losses` (recorded by a
+  interval between two consecutive calls of `kdlib.distill.forward_losses` (recorded by a
   wrapper), so the one-off work (model build, final evaluation and checkpoint) is not counted.
 * **bare**: the same model (same config and seed) and the same batch in a plain loop:
   ``forward_losses`` → ``backward`` → ``optimizer.step`` → ``zero_grad``, nothing else.
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from kdlib import data, train as T
+from kdlib import caches as C, data, distill as DL, models as M, runs as R, train as T
 from kdlib.config import make_config
 from kdlib.losses import DistillationLoss
 from kdlib.models import build_optimizer
@@ -46,7 +46,7 @@ class InMemory(torch.utils.data.Dataset):
 
 
 def kdlib_steps(config) -> list[float]:
-    build_data, forward_losses = T.build_data, T.forward_losses
+    build_data, forward_losses = R.build_data, DL.forward_losses
     stamps: list[float] = []
 
     def in_memory(*args, **kwargs):
@@ -57,30 +57,30 @@ def kdlib_steps(config) -> list[float]:
         stamps.append(time.perf_counter())
         return forward_losses(*args, **kwargs)
 
-    T.build_data, T.forward_losses = in_memory, timed
+    R.build_data, DL.forward_losses = in_memory, timed
     try:
         with tempfile.TemporaryDirectory() as run_dir:
             T.train(config, run_dir, progress=False)
     finally:
-        T.build_data, T.forward_losses = build_data, forward_losses
+        R.build_data, DL.forward_losses = build_data, forward_losses
     return [b - a for a, b in zip(stamps, stamps[1:])][1:]  # first interval: warm-up
 
 
 def bare_steps(config) -> list[float]:
-    T.seed_everything(config.seed)
-    device = T.resolve_device(config.device)
-    models = T.build_models(config, device)
-    train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+    R.seed_everything(config.seed)
+    device = M.resolve_device(config.device)
+    models = R.build_models(config, device)
+    train_set, _, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
     batch = data.collate([train_set[i] for i in range(len(train_set))])
-    caches = T.build_caches(models, config, train_set)
-    loss_fn = DistillationLoss(T.stage_weights(config, 0))
+    caches = C.build_caches(models, config, train_set)
+    loss_fn = DistillationLoss(DL.stage_weights(config, 0))
     modules = [models.student] + ([models.projector] if models.projector is not None else [])
     optimizer = build_optimizer(modules, lr=config.lr)
     models.student.train()
     stamps = []
     for _ in range(config.max_steps):
         stamps.append(time.perf_counter())
-        parts = T.forward_losses(models, loss_fn, batch, device, (False, None), caches=caches)
+        parts = DL.forward_losses(models, loss_fn, batch, device, (False, None), caches=caches)
         parts["total"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -81,7 +81,8 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
 
     config = make_config(args.preset, stage=1, sets=args.set)
     from kdlib import teacher_cache
-    from kdlib.train import _load_pair, amp_settings, build_data, resolve_device
+    from kdlib.models import amp_settings, resolve_device
+    from kdlib.runs import load_pair as _load_pair, build_data
 
     device = resolve_device(args.device or config.device)
     on, dtype, _ = amp_settings(config, device)
@@ -107,7 +108,7 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from kdlib.train import export_merged
+    from kdlib.runs import export_merged
 
     if args.format == "hf":
         print(export_merged(args.run_dir, args.out))
@@ -155,7 +156,7 @@ def _cmd_pseudo_filter(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from kdlib import evaluate
+    from kdlib import decode, evaluate
 
     rows = evaluate.compare_model_paths(
         args.model, data_root=args.data, split=args.split, out_dir=args.out, ct2=args.ct2,
@@ -163,7 +164,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         threads=args.threads, language=args.language, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
     print(evaluate.markdown_table(rows), end="")
-    print(f"text normaliser: {rows[0].get('normalizer') if rows else evaluate.NORMALIZER}; "
+    print(f"text normaliser: {rows[0].get('normalizer') if rows else decode.NORMALIZER}; "
           f"tables in {args.out}/comparison.{{md,csv,json}} and comparison_per_speaker.{{md,csv}}")
     return 0
 

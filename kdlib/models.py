@@ -25,15 +25,16 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from kdlib import ct2
+from kdlib.config import TrainConfig
 from kdlib.frames import downsample
 
 STUDENT_NAMES = {"distil-base": "whisper-base"}  # offline student -> the teacher it comes from
@@ -89,7 +90,7 @@ class WhisperBundle:
 
         # generate() logs advice that does not apply here (max_new_tokens beside the config's
         # max_length of 448; Whisper's own suppress_tokens beside the generation config), as in
-        # kdlib.evaluate._quiet_transformers; a notebook page would show it as a warning box.
+        # kdlib.decode._quiet_transformers; a notebook page would show it as a warning box.
         before = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
@@ -691,6 +692,24 @@ def function_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n.replace(".base_layer", ""): p for n, p in params.items() if "lora_" not in n}
 
 
+def encoder_of(model) -> nn.Module:
+    """The encoder of a `WhisperBundle`, a (peft-wrapped or merged) Whisper model, or the module
+    itself when it is one."""
+    if hasattr(model, "feature_extractor") and hasattr(model, "model"):  # a bundle
+        model = model.model
+    return model.get_encoder() if hasattr(model, "get_encoder") else model
+
+
+def same_encoder(a, b) -> bool:
+    """True when the encoders of ``a`` and ``b`` compute exactly the same function: equal
+    `function_weights` (base weights while every LoRA B is still zero, else every parameter). Then
+    one forward serves both: distil-whisper's shared frozen encoder in training (`kdlib.caches`),
+    one set of states for two models in the latent-space pictures (`kdlib.viz`)."""
+    wa, wb = function_weights(encoder_of(a)), function_weights(encoder_of(b))
+    return wa.keys() == wb.keys() and all(
+        torch.equal(wa[n].detach().cpu(), wb[n].detach().cpu()) for n in wa)
+
+
 def freeze_teacher(model: nn.Module) -> nn.Module:
     """Eval mode and ``requires_grad=False`` on every parameter; returns the same model."""
     model.eval()
@@ -699,10 +718,64 @@ def freeze_teacher(model: nn.Module) -> nn.Module:
     return model
 
 
+def decoder_inputs(labels: torch.Tensor, config_model) -> torch.Tensor:
+    """Teacher-forcing inputs: labels shifted right behind the decoder start token (-100 → pad)."""
+    from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+    return shift_tokens_right(labels, config_model.pad_token_id, config_model.decoder_start_token_id)
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, decoder_input_ids: torch.Tensor, *,
+                    input_features: torch.Tensor | None = None, encoder_outputs: torch.Tensor | None = None,
+                    vocab_index: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None,
+                    need_logits: bool = True, **model_kwargs) -> "TeacherOutput":
+    """One forward of a frozen Whisper teacher: the one implementation in kdlib.
+
+    Training (`kdlib.distill.teacher_forward`, around its caches), the offline teacher cache
+    (`kdlib.teacher_cache`) and `TeacherWrapper` all run the teacher through here: eval mode, no
+    autograd graph, inputs moved to the teacher's device and dtype, optional autocast.
+
+    ``input_features`` (the teacher's own log-mels) run the encoder; ``encoder_outputs`` (its
+    states, from a cache or a shared identical encoder) skip it. ``need_logits=False`` runs the
+    encoder only. ``vocab_index`` (a teacher with another vocabulary, e.g. large-v3 for a small
+    student; `vocab_index`): the student's token ids are translated for the teacher's decoder and
+    the logits are the teacher's at the student's tokens, ``(batch, tokens, vocab_student)``.
+    Returns a `TeacherOutput` on the teacher's device in the computed dtype (callers cast);
+    ``model_kwargs`` (``output_hidden_states``, ``decoder_attention_mask``) go to the model."""
+    param = next(teacher.parameters())
+    dev, dtype = param.device, param.dtype
+    was_training = teacher.training
+    teacher.eval()
+    ctx = (torch.autocast(device_type=dev.type, dtype=autocast_dtype)
+           if autocast_dtype is not None and autocast_dtype != dtype else contextlib.nullcontext())
+    try:
+        with ctx:
+            if not need_logits:
+                encoded = encoder_outputs if encoder_outputs is not None else \
+                    teacher.get_encoder()(input_features.to(dev, dtype)).last_hidden_state
+                return TeacherOutput(encoded.to(dev), None)
+            dec_in = decoder_input_ids.to(dev)
+            if vocab_index is not None:
+                dec_in = vocab_index.to(dev)[dec_in]
+            kw = dict(decoder_input_ids=dec_in, use_cache=False, return_dict=True, **model_kwargs)
+            if encoder_outputs is not None:
+                kw["encoder_outputs"] = (encoder_outputs.to(dev, dtype),)
+            else:
+                kw["input_features"] = input_features.to(dev, dtype)
+            out = teacher(**kw)
+    finally:
+        teacher.train(was_training)
+    logits = out.logits if vocab_index is None else out.logits[..., vocab_index.to(dev)]
+    encoded = encoder_outputs.to(dev) if encoder_outputs is not None else out.encoder_last_hidden_state
+    return TeacherOutput(encoded, logits, getattr(out, "encoder_hidden_states", None),
+                         getattr(out, "decoder_hidden_states", None))
+
+
 @dataclass
 class TeacherOutput:
     encoder_hidden: torch.Tensor  # (batch, encoder_frames, d_teacher), last encoder layer
-    logits: torch.Tensor  # (batch, tokens, vocab), float32
+    logits: torch.Tensor | None  # (batch, tokens, vocab); None when only the encoder ran
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer, if asked
     decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
 
@@ -714,6 +787,44 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, Optional[torch.dtype], bool]:
+    """(autocast on, autocast dtype, use GradScaler). fp32 on CPU unless asked otherwise;
+    ``amp="fp16"`` is fp16 autocast + GradScaler on CUDA and on the CPU alike."""
+    mode = config.amp
+    if mode == "auto":
+        mode = config.amp_dtype if device.type == "cuda" else "fp32"
+    if mode == "fp32":
+        return False, None, False
+    if mode == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            mode = "fp16"
+        else:
+            return True, torch.bfloat16, False
+    if device.type == "cpu" and cpu_fp16_is_slow():
+        # fp16 on a CPU: torch autocasts to float16 there and has a CPU GradScaler, so the
+        # thesis' fp16 path (scale, unscale, inf check, skipped step) runs in CI as on a GPU. But a
+        # CPU without fp16 matrix instructions emulates them: the tiny Whisper student's fwd+bwd
+        # took 13-14 s in fp16 against 2.5-3.6 s in bf16 and 2.5-5.6 s in fp32 (batch 4, 2-core
+        # EPYC with avx512_bf16). There the autocast dtype is bf16; the scaler stays enabled.
+        return True, torch.bfloat16, True
+    return True, torch.float16, True
+
+
+def cpu_fp16_is_slow() -> bool:
+    """True when the CPU lacks fp16 matrix instructions (AVX512-FP16 / AMX-FP16) but has bf16 ones."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return cpu_has_fast_bf16() and not ("avx512_fp16" in flags or "amx_fp16" in flags)
 
 
 class TeacherWrapper(nn.Module):
@@ -749,7 +860,8 @@ class TeacherWrapper(nn.Module):
         self.model.eval()
         return self
 
-    def _autocast(self):
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the forward autocasts to (None: the weights' own dtype)."""
         dev = self.device.type
         dtype = self.autocast
         if dtype == "auto":
@@ -759,45 +871,33 @@ class TeacherWrapper(nn.Module):
                 dtype = torch.bfloat16
             else:
                 dtype = None
-        if dtype is None or dtype is False or next(self.model.parameters()).dtype == dtype:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=dev, dtype=dtype)
+        return dtype if dtype not in (None, False) else None
 
     @torch.no_grad()
     def forward(self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor,
                 decoder_attention_mask: torch.Tensor | None = None, *,
                 encoder_outputs: torch.Tensor | None = None, output_hidden_states: bool = False,
                 out_device=None) -> TeacherOutput:
-        """Teacher encoder states and decoder logits.
+        """Teacher encoder states and decoder logits (`teacher_outputs`), as float32 on ``out_device``.
 
         ``input_features``: ``(batch, n_mels, 3000)``; ``decoder_input_ids``: ``(batch, tokens)``.
         ``encoder_outputs`` (``(batch, 1500, d)``) skips the encoder (distil-whisper's shared
-        frozen encoder). Returns float32 tensors on ``out_device``.
+        frozen encoder).
         """
         out_device = out_device or input_features.device
-        dev = self.device
-        dtype = next(self.model.parameters()).dtype
-        kw = dict(decoder_input_ids=decoder_input_ids.to(dev),
-                  output_hidden_states=output_hidden_states, use_cache=False, return_dict=True)
+        extra = {"output_hidden_states": output_hidden_states}
         if decoder_attention_mask is not None:
-            kw["decoder_attention_mask"] = decoder_attention_mask.to(dev)
-        if encoder_outputs is not None:
-            kw["encoder_outputs"] = (encoder_outputs.to(dev, dtype),)
-        else:
-            kw["input_features"] = input_features.to(dev, dtype)
-        with self._autocast():
-            out = self.model(**kw)
+            extra["decoder_attention_mask"] = decoder_attention_mask.to(self.device)
+        out = teacher_outputs(self.model, decoder_input_ids, input_features=input_features,
+                              encoder_outputs=encoder_outputs, autocast_dtype=self.autocast_dtype(), **extra)
 
         def back(t):
             return t.to(out_device, torch.float32)
 
-        enc_states = dec_states = None
-        if output_hidden_states:
-            if out.encoder_hidden_states is not None:
-                enc_states = tuple(back(t) for t in out.encoder_hidden_states)
-            dec_states = tuple(back(t) for t in out.decoder_hidden_states)
-        return TeacherOutput(back(out.encoder_last_hidden_state), back(out.logits),
-                             enc_states, dec_states)
+        return TeacherOutput(
+            back(out.encoder_hidden), back(out.logits),
+            tuple(back(t) for t in out.encoder_hidden_states) if out.encoder_hidden_states else None,
+            tuple(back(t) for t in out.decoder_hidden_states) if out.decoder_hidden_states else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -923,3 +1023,18 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if torch.is_tensor(v):
                 total += v.numel() * v.element_size()
     return total
+
+
+@dataclass
+class RunModels:
+    """What one stage trains and what it learns from."""
+
+    student: torch.nn.Module  # peft-wrapped WhisperForConditionalGeneration
+    teacher: Optional[torch.nn.Module]  # frozen; None in stage 0 (the teacher is the student)
+    projector: Optional[torch.nn.Module]
+    tokenizer: Any  # the student's: labels and decoding use it
+    feature_extractor: Any  # the student's
+    trainable: dict[str, list[str]] = field(default_factory=dict)
+    # A teacher that disagrees with the student (the thesis pair: large-v3 → small):
+    teacher_feature_extractor: Any = None  # its own log-mels (128 bins) when the mel bins differ
+    vocab_index: Optional[torch.Tensor] = None  # student id → teacher id (see models.vocab_index)

@@ -4,7 +4,7 @@ kept ones become a training folder (distil-whisper's data recipe, arXiv 2311.004
 Three steps, each a plain function with a file you can open:
 
 1. **label** (`pseudo_label`): the teacher (an offline name such as ``whisper-base``, or a local
-   Hugging Face folder, e.g. a stage-0 adapted teacher exported by `kdlib.train.export_merged`)
+   Hugging Face folder, e.g. a stage-0 adapted teacher exported by `kdlib.runs.export_merged`)
    decodes every clip of ``<data>/<split>``, batched, and appends one JSON line per clip to
    ``<out>/pseudo_labels.jsonl``::
 
@@ -13,10 +13,10 @@ Three steps, each a plain function with a file you can open:
         "speaker": "1001", "audio": "<source file>", "duration": 4.1}
 
    ``wer`` is the utterance's WER of the pseudo-label against the reference, both normalised
-   with Whisper's *basic* normaliser (`kdlib.evaluate.basic_normalize`); ``null`` without a
+   with Whisper's *basic* normaliser (`kdlib.decode.basic_normalize`); ``null`` without a
    reference (audio-only data) or when the reference is empty after normalisation.
    ``avg_logprob`` is the teacher's mean log-probability of its own tokens (see
-   `kdlib.evaluate.generate_with_logprobs`), a confidence that needs no reference.
+   `kdlib.decode.generate_with_logprobs`), a confidence that needs no reference.
    Each batch is appended, flushed and fsynced: a run killed halfway loses at most the batch in
    flight, and rerunning the same command skips every id already in the file (a truncated last
    line, the trace of a kill, is cut off first). ``<out>`` is itself an MLS-shaped folder:
@@ -66,14 +66,17 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from kdlib import data, evaluate
+from kdlib import data, decode, evaluate, files, models
+from kdlib.caches import EncoderCache
+from kdlib.data import MAX_SECONDS, parse_mls_id, scan_mls
+from kdlib.progress import progress_bar
+
 
 JSONL_NAME = "pseudo_labels.jsonl"
 CONFIG_NAME = "pseudo_config.json"
 TARGETS = ("pseudo", "references", "both")
 #: Settings that must match for a rerun to continue an existing pseudo-label folder.
 _RESUME_KEYS = ("model", "split", "language", "task", "num_beams", "max_new_tokens")
-_MLS_ID = re.compile(r"^([^_\s]+)_([^_\s]+)_([^_\s]+)$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,9 +145,9 @@ def source_utterances(data_dir: str | os.PathLike, split: str, *, language: str 
         if limit is not None and len(clips) >= limit:
             break
         rel = path.relative_to(audio_root)
-        m = _MLS_ID.match(path.stem)
-        if m:
-            speaker, book, _ = m.groups()
+        parts = parse_mls_id(path.stem)
+        if parts:
+            speaker, book, _ = parts
             uid = path.stem
         else:
             speaker = _id_part(rel.parts[0]) if len(rel.parts) > 1 else "0"
@@ -254,7 +257,7 @@ class PseudoLabelReport:
             lines.append(f"  [{reason}] {len(messages)}: {messages[0]}")
         if self.wer is not None:
             lines.append(f"  pseudo-label WER against the references: {100 * self.wer:.1f} % "
-                         f"over {self.n_scored} utterances (normaliser: {evaluate.NORMALIZER})")
+                         f"over {self.n_scored} utterances (normaliser: {decode.NORMALIZER})")
         return "\n".join(lines)
 
 
@@ -267,7 +270,7 @@ def _check_resume(out: Path, settings: dict[str, Any]) -> None:
             what = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
             raise ValueError(f"{out} holds pseudo-labels made with other settings ({what}); "
                              "choose another --out folder or delete it")
-    evaluate.write_text_atomic(path, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    files.atomic_write_text(path, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 def _utterance_wers(references: Sequence[str | None], hypotheses: Sequence[str]) -> list[float | None]:
@@ -276,7 +279,7 @@ def _utterance_wers(references: Sequence[str | None], hypotheses: Sequence[str])
     scored = [i for i, r in enumerate(references) if r is not None]
     if scored:
         ids = [str(i) for i in scored]
-        scores = evaluate.wer_cer([references[i] for i in scored], [hypotheses[i] for i in scored],
+        scores = decode.wer_cer([references[i] for i in scored], [hypotheses[i] for i in scored],
                                   ids=ids, speakers=["-"] * len(scored))
         for row in scores["per_utterance"]:
             out[int(row["id"])] = row["wer"]
@@ -286,7 +289,7 @@ def _utterance_wers(references: Sequence[str | None], hypotheses: Sequence[str])
 def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: str | os.PathLike,
                  *, language: str = "it", task: str = "transcribe", num_beams: int = 1,
                  batch_size: int = 8, limit: int | None = None,
-                 max_new_tokens: int = evaluate.DEFAULT_MAX_NEW_TOKENS, device=None,
+                 max_new_tokens: int = decode.DEFAULT_MAX_NEW_TOKENS, device=None,
                  link: str = "symlink", chunk_batches: int = 16,
                  progress: bool = True, reuse_encoder_states: bool = False) -> PseudoLabelReport:
     """Transcribe ``<data_dir>/<split>`` with a teacher and write the pseudo-label folder.
@@ -305,13 +308,12 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
         chunk_batches: audio is decoded this many batches at a time, so memory stays flat on
             a large split.
         reuse_encoder_states: read the teacher's encoder states from the disk store of
-            `kdlib.train.EncoderStore` (and add missing ones) instead of running the encoder.
+            `kdlib.caches.EncoderStore` (and add missing ones) instead of running the encoder.
             Right when the teacher's encoder is one that training already ran over these clips
             (a stage-0 teacher adapts its decoder only); the labels are those of a live decode.
 
     Returns a `PseudoLabelReport` (also the content of the printed summary).
     """
-    from kdlib.progress import progress_bar
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -322,7 +324,7 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
     model_name = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name", None)
     settings = dict(model=str(model_name), data_dir=str(data_dir), split=split,
                     language=language, task=task, num_beams=int(num_beams),
-                    max_new_tokens=int(max_new_tokens), normalizer=evaluate.NORMALIZER)
+                    max_new_tokens=int(max_new_tokens), normalizer=decode.NORMALIZER)
     _check_resume(out, settings)
     clips, skipped = source_utterances(data_dir, split, language=language, limit=limit)
     jsonl = out / JSONL_NAME
@@ -332,13 +334,11 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
 
     if pending:
         if isinstance(model, (str, os.PathLike)):
-            from kdlib import models
 
             model = models.load_whisper(model, device=device)
         hf_model, fe, tok, _ = evaluate._unpack_model(model)
         stored = None
         if reuse_encoder_states:
-            from kdlib.train import EncoderCache
 
             stored = EncoderCache.stored(hf_model, {c.id: Path(c.audio) for c in pending})
         bar = progress_bar(total=len(pending), desc=f"pseudo-label {split}", unit="clip",
@@ -357,7 +357,7 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
                         bar.update(1)
                 report.audio_seconds += sum(len(w) for w in waves) / data.SAMPLE_RATE
 
-                def write_batch(indices: list[int], hyps: list[evaluate.Hypothesis]) -> None:
+                def write_batch(indices: list[int], hyps: list[decode.Hypothesis]) -> None:
                     texts = [t.strip() for t in tok.batch_decode([h.token_ids for h in hyps],
                                                                  skip_special_tokens=True)]
                     batch_clips = [kept[i] for i in indices]
@@ -372,7 +372,7 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
                     bar.update(len(records))
 
                 encode = stored.encode_hook([c.id for c in kept]) if stored is not None else None
-                evaluate.generate_with_logprobs(
+                decode.generate_with_logprobs(
                     hf_model, fe, waves, language=language, task=task, num_beams=num_beams,
                     batch_size=batch_size, device=device, max_new_tokens=max_new_tokens,
                     on_batch=write_batch, encode=encode)
@@ -387,7 +387,7 @@ def pseudo_label(model: Any, data_dir: str | os.PathLike, split: str, out_dir: s
         shutil.copy2(Path(data_dir) / "speakers.tsv", out / "speakers.tsv")
     scored = [r for r in records if r.get("wer") is not None]
     if scored:
-        scores = evaluate.wer_cer([r["reference"] for r in scored], [r["text"] for r in scored])
+        scores = decode.wer_cer([r["reference"] for r in scored], [r["text"] for r in scored])
         report.wer, report.n_scored = scores["wer"], scores["n_utterances"]
     report.seconds = time.perf_counter() - t0
     return report
@@ -447,11 +447,11 @@ def write_split(records: Iterable[dict[str, Any]], out_dir: str | os.PathLike, s
         if not text:
             n_empty += 1
             continue
-        m = _MLS_ID.match(r["id"])
-        if m is None:
+        parts = parse_mls_id(r["id"])
+        if parts is None:
             raise ValueError(f"record {r['id']!r}: not an MLS id <speaker>_<book>_<utt>")
         source = Path(r["audio"]).absolute()
-        target = audio_dir / m.group(1) / m.group(2) / f"{r['id']}{source.suffix.lower()}"
+        target = audio_dir / parts[0] / parts[1] / f"{r['id']}{source.suffix.lower()}"
         _place_audio(source, target, link)
         placed.add(target)
         lines.append(f"{r['id']}\t{text}\n")
@@ -461,7 +461,7 @@ def write_split(records: Iterable[dict[str, Any]], out_dir: str | os.PathLike, s
                 path = Path(dirpath) / name
                 if path not in placed:
                     path.unlink()
-    evaluate.write_text_atomic(split_dir / "transcripts.txt", "".join(lines))
+    files.atomic_write_text(split_dir / "transcripts.txt", "".join(lines))
     return n_empty
 
 
@@ -499,7 +499,7 @@ class FilterResult:
     def report(self) -> str:
         lam = "no filter" if self.max_wer is None else f"λ = {self.max_wer:g} (WER < {100 * self.max_wer:g} %)"
         share = f" ({100 * len(self.kept) / self.n_total:.0f} %)" if self.n_total else ""
-        text = (f"WER filter {lam}, normaliser {evaluate.NORMALIZER}: kept {len(self.kept)} of "
+        text = (f"WER filter {lam}, normaliser {decode.NORMALIZER}: kept {len(self.kept)} of "
                 f"{self.n_total}{share}, dropped {len(self.dropped)}")
         by_reason = {k: v for k, v in self.counts().items()
                      if k not in ("total", "kept", "dropped", "kept without reference")}
@@ -620,7 +620,6 @@ def subset_folder(data_dir: str | os.PathLike, split: str, ids: Iterable[str], o
     Returns how many utterances it lists. Use it to keep two uses of one split apart, e.g. adapt
     a teacher on one half of the train split and pseudo-label the other half, so the labelling
     teacher has never seen the clips it labels. An id that is not in the split is an error."""
-    from kdlib.data import MAX_SECONDS, scan_mls
 
     data_dir, out = Path(data_dir), Path(out)
     if out.resolve() == data_dir.resolve():
@@ -683,8 +682,8 @@ def training_folder(data_dir: str | os.PathLike, pseudo_dir: str | os.PathLike, 
     n_refs = sum(1 for r in chosen if r["target"] == "references")
     summary = dict(data_dir=str(data_dir), pseudo_dir=str(pseudo_dir), split=split,
                    targets=targets, max_wer=max_wer, keep_unscored=keep_unscored,
-                   normalizer=evaluate.NORMALIZER, counts=verdict.counts(),
+                   normalizer=decode.NORMALIZER, counts=verdict.counts(),
                    n_pseudo=n_pseudo, n_references=n_refs)
-    evaluate.write_text_atomic(out / "training_folder.json",
+    files.atomic_write_text(out / "training_folder.json",
                                json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return TrainingFolder(out, split, targets, verdict, n_pseudo, n_refs)

@@ -50,11 +50,9 @@ refused with `StaleCacheError`, which says what differs.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -62,7 +60,12 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from kdlib import data, models
+from kdlib.files import fresh_tmp_dir, replace_dir
 from kdlib.losses import TopKLogits, kl_divergence, kl_divergence_topk
+from kdlib.models import decoder_inputs, tensor_digest
+from kdlib.progress import progress_bar
+
 
 FORMAT_VERSION = 1
 INDEX = "index.json"
@@ -80,7 +83,6 @@ class StaleCacheError(ValueError):
 
 def teacher_digest(model: torch.nn.Module) -> str:
     """SHA-256 over the state dict (`kdlib.models.tensor_digest`)."""
-    from kdlib.models import tensor_digest
 
     return tensor_digest(model.state_dict())
 
@@ -108,32 +110,15 @@ def _dataset_labels(dataset) -> list[list[int]]:
 # --------------------------------------------------------------------------------------------
 
 
-def _shift_right(labels: torch.Tensor, model_config) -> torch.Tensor:
-    """Teacher-forcing decoder inputs, exactly as `kdlib.train.decoder_inputs` builds them."""
-    from transformers.models.whisper.modeling_whisper import shift_tokens_right
-
-    return shift_tokens_right(labels, model_config.pad_token_id, model_config.decoder_start_token_id)
-
-
 @torch.no_grad()
 def teacher_outputs(teacher: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor,
                     autocast_dtype: Optional[torch.dtype] = None):
-    """One frozen-teacher forward, the way training runs it: ``(encoder states, logits)``.
-
-    ``features`` ``(batch, n_mels, 3000)``, ``labels`` ``(batch, tokens)`` with -100 at padding.
-    Returns float32 ``(batch, 1500, d)`` and ``(batch, tokens, vocab)`` on the teacher's device."""
-    param = next(teacher.parameters())
-    device = param.device
-    ctx = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
-    was_training = teacher.training
-    teacher.eval()
-    with ctx:
-        encoded = teacher.get_encoder()(features.to(device, param.dtype)).last_hidden_state
-        dec_in = _shift_right(labels.to(device), teacher.config)
-        logits = teacher(encoder_outputs=(encoded,), decoder_input_ids=dec_in, use_cache=False).logits
-    teacher.train(was_training)
-    return encoded.float(), logits.float()
+    """One frozen-teacher forward, the way training runs it (`kdlib.models.teacher_outputs` on
+    `kdlib.models.decoder_inputs`): float32 ``(encoder states (batch, 1500, d), logits (batch,
+    tokens, vocab))`` on the teacher's device. ``labels`` ``(batch, tokens)``, -100 at padding."""
+    out = models.teacher_outputs(teacher, decoder_inputs(labels, teacher.config), input_features=features,
+                                 autocast_dtype=autocast_dtype)
+    return out.encoder_hidden.float(), out.logits.float()
 
 
 def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLike, *, top_k: int = 64,
@@ -145,15 +130,12 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
     and write a cache folder at ``out`` (see the module docstring). Returns ``out``.
 
     ``autocast_dtype``: None for float32, or e.g. ``torch.float16`` on CUDA; use what training's
-    live teacher would use (``kdlib.train.amp_settings``), or the cache and the live teacher differ
+    live teacher would use (``kdlib.models.amp_settings``), or the cache and the live teacher differ
     by the autocast rounding. The folder is written under a temporary name and renamed at the end,
     so an interrupted build leaves no half cache behind. ``tail_samples``: tail tokens drawn per
     position and temperature for the unbiased KL (0: the lumped tail only; none when k = vocab);
     the draw is seeded, so a rebuild gives the same cache."""
     from torch.utils.data import DataLoader
-    from kdlib.progress import progress_bar
-
-    from kdlib import data
 
     out = Path(out)
     if (out / INDEX).exists() and not overwrite:
@@ -171,10 +153,7 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
     offsets = np.concatenate([[0], np.cumsum([len(l) for l in all_labels])]).astype(np.int64)
     total = int(offsets[-1])
     d_model, frames = teacher.config.d_model, teacher.config.max_source_positions
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp_dir(out)
     mm = np.lib.format.open_memmap
     hidden = (mm(tmp / "hidden.npy", "w+", HIDDEN_DTYPES[hidden_dtype], (len(utterances), frames, d_model))
               if store_hidden else None)
@@ -240,10 +219,7 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
         "note": note,
     }
     (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,9 +406,6 @@ def measure_topk_error(teacher: torch.nn.Module, students: dict[str, Any], datas
     `kl_divergence_topk`); ``sampled_*`` for the tail sampled with ``tail_samples`` tokens (signed:
     unbiased, so its error is sampling noise)."""
     from torch.utils.data import DataLoader
-    from kdlib.progress import progress_bar
-
-    from kdlib import data
 
     generator = torch.Generator().manual_seed(0)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=data.WhisperCollator())
@@ -449,7 +422,7 @@ def measure_topk_error(teacher: torch.nn.Module, students: dict[str, Any], datas
         teacher_logits = teacher_outputs(teacher, batch["input_features"], labels)[1].cpu()
         for name, student in students.items():
             if isinstance(student, torch.nn.Module):
-                dec_in = _shift_right(labels, student.config)
+                dec_in = decoder_inputs(labels, student.config)
                 param = next(student.parameters())
                 student_logits = student(input_features=batch["input_features"].to(param.device, param.dtype),
                                          decoder_input_ids=dec_in.to(param.device), use_cache=False).logits.float().cpu()

@@ -42,7 +42,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from kdlib.config import STAGE_TERMS, TERM_WEIGHTS, TrainConfig, make_config, replace
-from kdlib.evaluate import write_csv, write_text_atomic
+from kdlib.evaluate import evaluate_run_dir, write_csv
+from kdlib.files import atomic_write_json, atomic_write_text
+from kdlib.progress import progress_bar
+from kdlib.runs import load_history
+from kdlib.train import TrainingDiverged, run_stage as train_run_stage, train
+
 
 log = logging.getLogger("kdlib.tune")
 
@@ -105,14 +110,8 @@ def _config_key(config: TrainConfig, upstream: str | None) -> str:
 
 
 def _default_train() -> Callable:
-    from kdlib.train import train
 
     return train
-
-
-def _read_history(run_dir: Path) -> list[dict]:
-    path = run_dir / "training_history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def run_stage(config: TrainConfig, run_dir: str | Path, *, train_fn: Callable | None = None,
@@ -121,7 +120,6 @@ def run_stage(config: TrainConfig, run_dir: str | Path, *, train_fn: Callable | 
     ``<run_dir>/train.log``), no progress bar, and the folder fields (``run_dir``,
     ``init_from``) left out of the same-config check, since pipeline folders are keyed by their
     upstream. A folder holding another config raises (a `ValueError` naming the fields)."""
-    from kdlib.train import run_stage as train_run_stage
 
     return train_run_stage(config, run_dir, train_fn=train_fn or _default_train(), on_eval=on_eval,
                            quiet=quiet, progress=progress, ignore=LOCATION_FIELDS)
@@ -153,7 +151,7 @@ def run_pipeline(configs: Sequence[TrainConfig], root: str | Path, *, train_fn: 
         summary = run_stage(config, run_dir, train_fn=train_fn, quiet=quiet, progress=progress)
         if monitor is not None:
             monitor.reset()
-            monitor.observe_history(_read_history(run_dir), label=run_dir.name)
+            monitor.observe_history(load_history(run_dir, missing_ok=True), label=run_dir.name)
         results.append((run_dir, summary))
         upstream = run_dir
     return results
@@ -327,7 +325,6 @@ def _revive_stale_trials(study) -> list[int]:
 def write_best_params(study, path: str | Path, *, stages: Sequence[int] | None = None) -> Optional[dict]:
     """Write the best finished trial to ``best_params.json`` (atomically); returns what was
     written, or None while no trial has finished."""
-    from kdlib.train import atomic_write_json
 
     complete, pruned = _finished(study)
     if complete == 0:
@@ -404,8 +401,6 @@ def run_study(base: TrainConfig | Sequence[TrainConfig], study_dir: str | Path, 
     import optuna
     from optuna.trial import TrialState
 
-    from kdlib.train import TrainingDiverged
-
     configs = [base] if isinstance(base, TrainConfig) else list(base)
     if not configs:
         raise ValueError("run_study: base pipeline is empty")
@@ -452,7 +447,7 @@ def run_study(base: TrainConfig | Sequence[TrainConfig], study_dir: str | Path, 
                 on_eval = _eval_callback(trial, objective, offset, reported)
                 summary = run_stage(config, run_dir, train_fn=train_fn, on_eval=on_eval, quiet=quiet,
                                     progress=progress)
-                for record in _read_history(run_dir):  # what the callback did not see
+                for record in load_history(run_dir, missing_ok=True):  # what the callback did not see
                     on_eval(record["step"], record)
                 upstream = run_dir
             value = summary.get(objective)
@@ -622,7 +617,6 @@ def describe_diff(diff: dict[str, Any]) -> str:
 
 
 def _default_evaluate(run_dir, split, **kwargs) -> dict:
-    from kdlib.evaluate import evaluate_run_dir
 
     return evaluate_run_dir(run_dir, split, **kwargs)
 
@@ -637,7 +631,7 @@ def _evaluate_cached(evaluate_fn: Callable, run_dir: Path, split: str, kwargs: d
             return stored["metrics"]
     metrics = evaluate_fn(run_dir, split, **kwargs)
     keep = {k: metrics.get(k) for k in ("wer", "cer", "n_utterances", "n_skipped", "normalizer")}
-    write_text_atomic(cache, json.dumps({"kwargs": key, "metrics": keep}, indent=2) + "\n")
+    atomic_write_text(cache, json.dumps({"kwargs": key, "metrics": keep}, indent=2) + "\n")
     return keep
 
 
@@ -684,7 +678,7 @@ def _freeze(out_dir: Path, main: Sequence[TrainConfig]) -> None:
             raise ValueError(f"{path}: the main configuration is frozen for this folder and differs ("
                              + "; ".join(problems) + "); ablate a new main in a new folder")
         return
-    write_text_atomic(path, json.dumps({"main": frozen}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({"main": frozen}, indent=2) + "\n")
 
 
 def run_ablations(main: Sequence[TrainConfig], out_dir: str | Path, *,
@@ -708,7 +702,6 @@ def run_ablations(main: Sequence[TrainConfig], out_dir: str | Path, *,
     ``train_fn``/``evaluate_fn`` replace `kdlib.train.train`/`evaluate_run_dir` (same
     signatures), e.g. to submit jobs elsewhere.
     """
-    from kdlib.progress import progress_bar
 
     main = [replace(c, run_dir=None, init_from=None) for c in main]
     out_dir = Path(out_dir)
@@ -748,7 +741,7 @@ def run_ablations(main: Sequence[TrainConfig], out_dir: str | Path, *,
         flags = 0
         for run_dir, _ in results:
             monitor = OverfitMonitor(quiet=True)
-            monitor.observe_history(_read_history(run_dir))
+            monitor.observe_history(load_history(run_dir, missing_ok=True))
             flags += len(monitor.events)
         record["overfit_flags"] = flags
         runs.append(record)
@@ -874,7 +867,7 @@ def write_ablation_table(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str
     for r in runs:
         run_columns += [k for k in r if k not in run_columns]
     write_csv(paths["runs"], list(runs), run_columns or ["ablation"])
-    write_text_atomic(paths["markdown"], ablation_markdown(rows))
+    atomic_write_text(paths["markdown"], ablation_markdown(rows))
     fig = plot_ablations(rows, paths["figure"])
     plt.close(fig)
     return paths

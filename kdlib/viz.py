@@ -5,7 +5,7 @@ What this module owns:
 * `extract_states` — the last encoder layer of a Whisper model for a list of 16 kHz waveforms,
   with the valid-frame mask (a clip of ``n`` samples fills ``ceil(n / 160)`` log-mel frames and
   ``ceil(mel / 2)`` of the 1500 encoder frames; the rest is Whisper's zero padding), as an
-  `EncoderStates`. `same_encoder` tells when two models would give the same states (one
+  `EncoderStates`. `kdlib.models.same_encoder` tells when two models would give the same states (one
   forward then serves both). `project_states` sends student states through a projector into the teacher's
   space; `after_kd_student` loads a finished training run, or says why it cannot.
 * `pool_states` (masked mean per utterance) and `sample_frames` (evenly spaced valid frames, so a
@@ -25,7 +25,6 @@ the models. This module is the top layer: it may import every other part of kdli
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,11 @@ import numpy as np
 import torch
 
 from kdlib import frames as F
+from kdlib.config import TrainConfig
+from kdlib.models import encoder_of, merge_factor
+from kdlib.progress import progress_bar
+from kdlib.runs import load_trained
+
 
 METHODS = ("pca", "tsne", "umap")
 METHOD_TITLES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
@@ -92,19 +96,6 @@ class EncoderStates:
         return EncoderStates(name, self.hidden, self.mask, self.ids, self.speakers, self.frame_seconds)
 
 
-def _encoder(model):
-    """The encoder of a WhisperBundle, a (merged) WhisperForConditionalGeneration, or itself."""
-    model = getattr(model, "model", model) if hasattr(model, "feature_extractor") else model
-    return model.get_encoder() if hasattr(model, "get_encoder") else model
-
-
-def same_encoder(a, b) -> bool:
-    """True when two models' encoders hold identical weights, so their states are identical and
-    one forward serves both (``distil-base`` copies whisper-base's encoder layer for layer)."""
-    sa, sb = _encoder(a).state_dict(), _encoder(b).state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def _pad_cat(arrays: Sequence[np.ndarray], length: int) -> np.ndarray:
     """Concatenate ``(b, t_i, ...)`` arrays along batch after zero-padding ``t_i`` to ``length``."""
     out = []
@@ -122,7 +113,7 @@ def extract_states(model, feature_extractor, waves: Sequence[np.ndarray | torch.
     """Last encoder layer of ``model`` for 16 kHz mono ``waves``, with valid-frame masks.
 
     ``model``: a `kdlib.models.WhisperBundle`, a ``WhisperForConditionalGeneration`` (e.g. from
-    `kdlib.train.load_trained`) or its encoder; run in eval mode, batches of ``batch_size`` clips
+    `kdlib.runs.load_trained`) or its encoder; run in eval mode, batches of ``batch_size`` clips
     under ``torch.no_grad``, float32 out. ``frame_factor`` > 1: one state per that many 20 ms
     encoder frames (the thesis student's 3:1), the valid frames of each window averaged
     (`kdlib.frames.downsample`). A student that merges frames inside its encoder
@@ -130,11 +121,8 @@ def extract_states(model, feature_extractor, waves: Sequence[np.ndarray | torch.
     of the factor is applied, so its states and a teacher's pooled by the same factor line up
     frame for frame, as in the trainer (`kdlib.frames.teacher_on_student_frames`).
     """
-    from kdlib.models import merge_factor
 
-    from kdlib.progress import progress_bar
-
-    encoder = _encoder(model)
+    encoder = encoder_of(model)
     encoder.eval()
     inner = merge_factor(encoder.config)  # frames merged inside the encoder (1: none)
     if frame_factor % inner:
@@ -190,7 +178,7 @@ class AfterKD:
 
 
 def after_kd_student(run_dir: str | Path, teacher: str) -> AfterKD:
-    """Load the student of a finished run (`kdlib.train.load_trained`, LoRA merged).
+    """Load the student of a finished run (`kdlib.runs.load_trained`, LoRA merged).
 
     Returns ``AfterKD(model=None, reason=...)`` instead of raising when the folder has no
     ``training_config.json`` or ``adapter_final/``, or when the run was distilled from another
@@ -200,13 +188,11 @@ def after_kd_student(run_dir: str | Path, teacher: str) -> AfterKD:
     config_path = run / "training_config.json"
     if not config_path.is_file() or not (run / "adapter_final").is_dir():
         return AfterKD(reason=f"{run}: no finished run (training_config.json + adapter_final/)")
-    from kdlib.config import TrainConfig
 
     config = TrainConfig.from_json(config_path).to_dict()  # its paths resolved against the run folder
     if config.get("teacher") != teacher:
         return AfterKD(config=config, reason=f"{config_path}: distilled from teacher "
                                              f"{config.get('teacher')!r}, this chapter uses {teacher!r}")
-    from kdlib.train import load_trained
 
     model, _, feature_extractor, projector = load_trained(run, merge=True)
     reason = f"{run}: stage {config.get('stage')}, {config.get('max_steps')} steps"

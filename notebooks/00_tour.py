@@ -54,10 +54,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from IPython.display import Audio, display
 
-from kdlib import evaluate
+from kdlib import decode, evaluate
 from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio
-from kdlib.train import load_history, load_trained, run_stage, teacher_model, untrained_student
+from kdlib.runs import load_history, load_trained, teacher_model, untrained_student
+from kdlib.train import run_stage
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,7 @@ display(Audio(audios[0], rate=16000))
 
 
 def transcribe(model, tokenizer, feature_extractor):
-    return evaluate.transcribe(model, feature_extractor, tokenizer, audios, language=config.language,
+    return decode.transcribe(model, feature_extractor, tokenizer, audios, language=config.language,
                                max_new_tokens=config.eval_max_new_tokens)
 
 
@@ -131,7 +132,7 @@ def show(names):
         for name in names:
             print(f"  {name:<18} {hyps[name][i]!r}")
     for name in names:
-        score = evaluate.wer_cer(references, hyps[name])
+        score = decode.wer_cer(references, hyps[name])
         print(f"{name:<18} WER {score['wer']:.2f}  CER {score['cer']:.2f}  "
               f"(on these {len(references)} clips, {score['normalizer']} normaliser)")
 

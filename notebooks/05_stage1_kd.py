@@ -71,7 +71,8 @@ import matplotlib.pyplot as plt
 
 from kdlib import evaluate
 from kdlib.config import make_config
-from kdlib.train import load_history, run_stage, teacher_model, untrained_student
+from kdlib.runs import load_history, teacher_model, untrained_student
+from kdlib.train import run_stage
 
 out = Path(out_dir).expanduser().resolve()  # absolute: run folders record it, and it prints unambiguously
 out.mkdir(parents=True, exist_ok=True)
@@ -152,8 +153,12 @@ import torch
 from kdlib import data
 from kdlib.losses import DistillationLoss
 from kdlib.models import build_optimizer
-from kdlib.train import (amp_settings, build_caches, build_data, build_models, epoch_batches, forward_losses,
-                         lr_factor, resolve_device, seed_everything, stage_weights)
+from kdlib.caches import build_caches
+from kdlib.data import epoch_batches
+from kdlib.distill import forward_losses, stage_weights
+from kdlib.models import amp_settings, resolve_device
+from kdlib.runs import build_data, build_models, seed_everything
+from kdlib.train import lr_factor
 
 device = resolve_device(config1.device)
 seed_everything(config1.seed)

@@ -62,7 +62,9 @@ import matplotlib.pyplot as plt
 import torch
 
 from kdlib.config import TrainConfig, make_config
-from kdlib.train import finished_run, load_history, resolve_device, run_stage
+from kdlib.models import resolve_device
+from kdlib.runs import finished_run, load_history
+from kdlib.train import run_stage
 
 out = Path(out_dir).expanduser().resolve()  # absolute: run folders record it
 out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +138,7 @@ from kdlib.data import WhisperCollator, embedded_corpus, scan_mls, MLSDataset
 from kdlib.frames import teacher_on_student_frames
 from kdlib.losses import geodesic
 from kdlib.models import merge_factor
-from kdlib.train import load_trained, teacher_model
+from kdlib.runs import load_trained, teacher_model
 
 device = resolve_device(config2.device)  # the run's device: large-v3's encoder on the GPU at thesis scale
 teacher, _, teacher_fe = teacher_model(config2)

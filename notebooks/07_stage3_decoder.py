@@ -25,7 +25,7 @@
 # gradients during decoder optimization"). kdlib drops it: with the encoder frozen, the term's
 # gradient reaches only the projector, which nothing after stage III uses. This chapter measures
 # that before it trains. With the encoder frozen, its outputs are computed once per utterance
-# and reused every epoch (`kdlib.train.EncoderCache`).
+# and reused every epoch (`kdlib.caches.EncoderCache`).
 #
 # ## What this chapter teaches
 #
@@ -64,7 +64,8 @@ import matplotlib.pyplot as plt
 
 from kdlib import evaluate
 from kdlib.config import TrainConfig, make_config
-from kdlib.train import finished_run, load_history, run_stage, teacher_model, untrained_student
+from kdlib.runs import finished_run, load_history, teacher_model, untrained_student
+from kdlib.train import run_stage
 
 out = Path(out_dir).expanduser().resolve()  # absolute: run folders record it
 out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,9 @@ import torch
 from kdlib.config import replace
 from kdlib.data import WhisperCollator
 from kdlib.losses import DistillationLoss
-from kdlib.train import build_caches, build_data, build_models, forward_losses, stage_weights
+from kdlib.caches import build_caches
+from kdlib.distill import forward_losses, stage_weights
+from kdlib.runs import build_data, build_models
 
 
 def stage3_gradients(contrastive_weight):
@@ -238,7 +241,7 @@ import tempfile
 
 from kdlib import models
 from kdlib.data import embedded_corpus
-from kdlib.train import load_trained
+from kdlib.runs import load_trained
 
 root = Path(config3.data_root) if config3.data_root else embedded_corpus(config3.language)
 limit = eval_limit or config3.max_dev_utterances

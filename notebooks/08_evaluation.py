@@ -71,11 +71,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from kdlib import evaluate
+from kdlib import ct2, decode, evaluate
 from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio, read_speakers
 from kdlib.models import load_whisper, tiny_random_pair
-from kdlib.train import finished_run, run_stage, untrained_student
+from kdlib.runs import finished_run, untrained_student
+from kdlib.train import run_stage
 
 chapter_start = time.perf_counter()
 smoke = preset == "smoke"
@@ -94,7 +95,7 @@ print(f"preset {preset}, split {split}, limit {limit}, max_new_tokens {max_new_t
 # ## Text normalisation: what is compared
 #
 # A WER compares words, so both sides first pass through the same normaliser. For every
-# language but English, Whisper's authors use the **basic** normaliser (`evaluate.basic_normalize`):
+# language but English, Whisper's authors use the **basic** normaliser (`decode.basic_normalize`):
 # lower-case, spans in `[...]`, `<...>` and `(...)` dropped, punctuation and symbols turned into
 # spaces, whitespace collapsed; accents are kept. Three examples:
 
@@ -105,12 +106,12 @@ examples = [
     "perche\u0301 no",  # "perché" typed as e + combining accent (two code points)
 ]
 for text in examples:
-    print(f"{text!r:36} -> {evaluate.basic_normalize(text)!r}")
+    print(f"{text!r:36} -> {decode.basic_normalize(text)!r}")
 print("'perché' typed two ways, same after normalisation:",
-      evaluate.basic_normalize("perche\u0301") == evaluate.basic_normalize("perché"))
+      decode.basic_normalize("perche\u0301") == decode.basic_normalize("perché"))
 ref, hyp = "L'acqua è fredda.", "l'acqua è fredda"
-print(f"WER of {hyp!r} against {ref!r}: raw {evaluate.wer_cer([ref], [hyp], normalize=False)['wer']:.2f}, "
-      f"normalised {evaluate.wer_cer([ref], [hyp])['wer']:.2f}")
+print(f"WER of {hyp!r} against {ref!r}: raw {decode.wer_cer([ref], [hyp], normalize=False)['wer']:.2f}, "
+      f"normalised {decode.wer_cer([ref], [hyp])['wer']:.2f}")
 
 # %% [markdown]
 # Case and punctuation are not errors after normalisation; the apostrophe becomes a space on
@@ -239,7 +240,7 @@ n_teacher_parameters = rows[0]["n_parameters"]
 if smoke:
     print("smoke preset: CTranslate2 rows skipped")
 else:
-    ct2_dir = evaluate.offline_ct2_dir(config.teacher)
+    ct2_dir = ct2.offline_ct2_dir(config.teacher)
     for compute_type in ("float32", "int8"):
         t0 = time.perf_counter()
         metrics = evaluate.evaluate_ct2(
@@ -272,7 +273,7 @@ for row in rows:
         evaluate.write_metrics(out, f"{split}_{safe}", row)
 show = ("name", "status", "engine", "compute_type", "wer", "cer", "rtf", "n_parameters",
         "peak_memory_mb", "peak_memory_delta_mb", "n_utterances", "n_skipped")
-print(f"{data_root.name}/{split}, {len(clips)} clips, greedy, text normaliser: {evaluate.NORMALIZER}\n")
+print(f"{data_root.name}/{split}, {len(clips)} clips, greedy, text normaliser: {decode.NORMALIZER}\n")
 print(evaluate.markdown_table(rows, show))
 print("written:", ", ".join(str(p) for p in paths.values()))
 
@@ -400,7 +401,7 @@ plt.show()
 # output nothing. A made-up example with both:
 
 # %%
-bad = evaluate.wer_cer(
+bad = decode.wer_cer(
     references=["il gatto dorme sul divano", "", "...!?", "buongiorno a tutti"],
     hypotheses=["il gatto dorme sul divano", "qualcosa", "ciao", ""],
     ids=["ok", "empty_ref", "punctuation_only_ref", "empty_hyp"],
@@ -410,7 +411,7 @@ for u in bad["per_utterance"]:
     print(f"  {u['id']:<10} WER {u['wer']:.2f}  S {u['substitutions']} D {u['deletions']} I {u['insertions']}")
 print(f"corpus WER {bad['wer']:.3f} = (S+D+I) {bad['substitutions'] + bad['deletions'] + bad['insertions']}"
       f" / N {bad['n_words']} reference words")
-print("all references empty:", evaluate.wer_cer([""], ["qualcosa"])["wer"])
+print("all references empty:", decode.wer_cer([""], ["qualcosa"])["wer"])
 
 # %% [markdown]
 # A reference that is empty after normalisation (the empty line, and "...!?" which is only
@@ -439,7 +440,7 @@ print(f"chapter wall time: {time.perf_counter() - chapter_start:.0f} s")
 # ## Exercises
 #
 # 1. Rerun with `split = "test"` (the split nobody tuned on). Do the rows keep their order?
-# 2. Score the teacher with `normalize=False` (`evaluate.wer_cer` on its `per_utterance` refs and
+# 2. Score the teacher with `normalize=False` (`decode.wer_cer` on its `per_utterance` refs and
 #    hyps). How much of its WER was case and punctuation?
 # 3. Evaluate the teacher with beam search (`evaluate.evaluate_model(..., num_beams=5)`): what do
 #    WER and RTF do? The facts page measured beam 5 lowering the mixed-voice WER from 0.65 to 0.57.

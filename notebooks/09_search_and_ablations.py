@@ -79,7 +79,7 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import TrialState
 
 from kdlib import tune
-from kdlib.train import atomic_write_json
+from kdlib.files import atomic_write_json
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ import torch
 
 from kdlib import viz
 from kdlib.data import embedded_corpus, load_audio, read_speakers, scan_mls
-from kdlib.models import RiemannianProjector, load_student, load_whisper, tiny_random_pair
+from kdlib.models import RiemannianProjector, load_student, load_whisper, same_encoder, tiny_random_pair
 
 chapter_start = time.perf_counter()
 torch.manual_seed(seed)
@@ -147,7 +147,7 @@ results.update(after_kd=have_kd, after_kd_source=after.reason, frame_factor=fram
 # `viz.extract_states` runs each encoder once over the clips (batches, `torch.no_grad`), keeps the
 # last layer and the mask of valid frames: a clip of `n` samples gives `ceil(n / 160)` log-mel
 # frames and `ceil(mel / 2)` encoder frames. Two models whose encoders hold identical weights
-# (`viz.same_encoder`) give identical states, so the second one costs no forward; the projected
+# (`kdlib.models.same_encoder`) give identical states, so the second one costs no forward; the projected
 # students are the student states sent through a projector, so they cost none either.
 
 # %%
@@ -158,7 +158,7 @@ extracted = []  # (model, frame_factor, states) of every encoder run so far
 
 def encoder_states(model, feature_extractor, name, factor=1):
     for other, other_factor, states in extracted:
-        if other_factor == factor and viz.same_encoder(other, model):
+        if other_factor == factor and same_encoder(other, model):
             print(f"{name}: encoder weights equal to the {states.name}'s, so are its states (no second forward)")
             return states.renamed(name)
     states = viz.extract_states(model, feature_extractor, waves, name=name, frame_factor=factor, **kw)

@@ -77,11 +77,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from kdlib import evaluate, pseudo
+from kdlib import decode, evaluate, pseudo
+from kdlib.ct2 import offline_ct2_dir
 from kdlib.config import TrainConfig, make_config
 from kdlib.data import embedded_corpus, scan_mls
 from kdlib.models import tiny_random_pair
-from kdlib.train import export_merged, finished_run, load_history, run_stage, untrained_student
+from kdlib.runs import export_merged, finished_run, load_history, untrained_student
+from kdlib.train import run_stage
 
 chapter_start = time.perf_counter()
 smoke = preset == "smoke"
@@ -388,7 +390,7 @@ print(f"\nchapter wall time so far: {time.perf_counter() - chapter_start:.0f} s"
 # %%
 if ct2:
     n_params = {r["name"]: r.get("n_parameters") for r in rows}
-    sources = {f"teacher ({base.teacher})": evaluate.offline_ct2_dir(base.teacher),
+    sources = {f"teacher ({base.teacher})": offline_ct2_dir(base.teacher),
                **{name: merged[name] for name in main}}
     for name, src in sources.items():
         for q in ("float32", "int8"):
@@ -413,7 +415,7 @@ fig = evaluate.plot_comparison([r for r in rows if r["status"] == "measured"], o
                                title=f"distil recipe vs thesis method, {data_root.name}/{base.dev_split}")
 plt.show()
 n_clips = next(r["n_utterances"] for r in rows if r.get("n_utterances"))
-print(f"{data_root.name}/{base.dev_split}, {n_clips} clips, greedy, normaliser {evaluate.NORMALIZER}\n")
+print(f"{data_root.name}/{base.dev_split}, {n_clips} clips, greedy, normaliser {decode.NORMALIZER}\n")
 print(evaluate.markdown_table(rows, columns))
 print((out / "comparison_per_speaker.md").read_text() if "speakers_md" in paths else "no per-speaker table")
 

@@ -8,7 +8,7 @@ The teacher and student are built from `WhisperConfig`s equal to whisper-large-v
 12 heads, 80 mel bins, 51,865 tokens), with random weights, and the offline tokenizers in both
 token layouts (`kdlib.models.large_v3_tokenizer`). The training step goes through kdlib's own
 pieces: `kdlib.config.make_config("thesis", ...)`, `kdlib.models.apply_lora`, the projector,
-`kdlib.train.set_trainable`, `build_caches`, `forward_losses` (the trainer's forward and loss),
+`kdlib.runs.set_trainable`, `build_caches`, `forward_losses` (the trainer's forward and loss),
 `amp_settings` + `torch.amp.GradScaler`, `build_optimizer`, `save_checkpoint`; the data through
 `kdlib.data` (MLS folder scan, decode, both feature extractors, collate).
 
@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kdlib
 
-from kdlib import data, models as M, train as T  # noqa: E402
+from kdlib import caches as C, data, decode, distill as DL, models as M, runs as R, train as T  # noqa: E402
 from kdlib.config import make_config  # noqa: E402
 from kdlib.losses import DistillationLoss  # noqa: E402
 
@@ -132,8 +132,8 @@ def thesis_pair(tiny: bool, device):
     return bundles[0], bundles[1]
 
 
-def run_models(config, teacher, student, device) -> T.RunModels:
-    """What `kdlib.train.build_models` returns, from bundles built here instead of the hub."""
+def run_models(config, teacher, student, device) -> M.RunModels:
+    """What `kdlib.runs.build_models` returns, from bundles built here instead of the hub."""
     import copy
 
     teacher_model = M.freeze_teacher(teacher.model).to(device)
@@ -153,9 +153,9 @@ def run_models(config, teacher, student, device) -> T.RunModels:
     lora.to(device)
     projector = M.RiemannianProjector(student.config.d_model, teacher.config.d_model).to(device) \
         if config.projector else None
-    trainable = T.set_trainable(lora, projector, config)
+    trainable = R.set_trainable(lora, projector, config)
     vocab = M.vocab_index(student.tokenizer, teacher.tokenizer, student.config.vocab_size)
-    return T.RunModels(student=lora, teacher=teacher_model, projector=projector, tokenizer=student.tokenizer,
+    return M.RunModels(student=lora, teacher=teacher_model, projector=projector, tokenizer=student.tokenizer,
                        feature_extractor=student.feature_extractor, trainable=trainable,
                        teacher_feature_extractor=teacher.feature_extractor,
                        vocab_index=None if vocab is None else vocab.to(device))
@@ -184,9 +184,9 @@ class Trainer:
     scaled backward, unscale, clip, scaler step/update, schedule. A non-finite step is skipped
     the way the trainer skips it (no optimizer step)."""
 
-    def __init__(self, config, models: T.RunModels, device):
+    def __init__(self, config, models: M.RunModels, device):
         self.config, self.models, self.device = config, models, device
-        self.autocast_on, self.dtype, use_scaler = T.amp_settings(config, device)
+        self.autocast_on, self.dtype, use_scaler = M.amp_settings(config, device)
         modules = [models.student] + ([models.projector] if models.projector is not None else [])
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
         self.optimizer = M.build_optimizer(modules, lr=config.lr, weight_decay=config.weight_decay,
@@ -194,8 +194,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: T.lr_factor(
             s, warmup_steps=config.warmup_steps, max_steps=config.max_steps, lr=config.lr, min_lr=config.min_lr))
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        self.caches = T.build_caches(models, config)
-        self.loss_fn = DistillationLoss(T.stage_weights(config, config.warmup_steps))
+        self.caches = C.build_caches(models, config)
+        self.loss_fn = DistillationLoss(DL.stage_weights(config, config.warmup_steps))
         models.student.train()
 
     def step(self, batch: dict, *, force: str | None = None) -> dict:
@@ -203,7 +203,7 @@ class Trainer:
         gradient is made infinite after the scaled backward (an fp16 overflow: the GradScaler's
         inf check finds it, the step is skipped and the scale lowered)."""
         self.optimizer.zero_grad(set_to_none=True)
-        parts = T.forward_losses(self.models, self.loss_fn, batch, self.device, (self.autocast_on, self.dtype),
+        parts = DL.forward_losses(self.models, self.loss_fn, batch, self.device, (self.autocast_on, self.dtype),
                                  caches=self.caches)
         total = parts["total"] * float("inf") if force == "loss" else parts["total"]
         grad_norm = float("nan")
@@ -257,7 +257,6 @@ def check_step(stage, seconds, batch, steps, pair, device, tiny):
 
 
 def check_decode(batch, seconds, max_new_tokens, pair, device):
-    from kdlib import evaluate
 
     teacher, student = pair
     audio = [np.random.default_rng(i).standard_normal(int(16000 * seconds)).astype("float32") * 0.1
@@ -270,7 +269,7 @@ def check_decode(batch, seconds, max_new_tokens, pair, device):
         reset_peak(device)
         sync(device)
         started = time.perf_counter()
-        evaluate.transcribe(model, bundle.feature_extractor, bundle.tokenizer, audio, language="it",
+        decode.transcribe(model, bundle.feature_extractor, bundle.tokenizer, audio, language="it",
                             batch_size=batch, device=device, max_new_tokens=max_new_tokens, progress=False)
         sync(device)
         spent = time.perf_counter() - started
@@ -336,26 +335,26 @@ def check_resume(pair, device, batch, seconds):
     with tempfile.TemporaryDirectory(prefix="kdlib-gpu-check-") as tmp:
         run_dir = Path(tmp)
         started = time.perf_counter()
-        T.save_checkpoint(run_dir, models, trainer.optimizer, trainer.scheduler, trainer.scaler,
+        R.save_checkpoint(run_dir, models, trainer.optimizer, trainer.scheduler, trainer.scaler,
                           {"step": 1, "epoch": 0, "position": 1})
         save_s = time.perf_counter() - started
-        size_mb = (run_dir / T.CHECKPOINT).stat().st_size / 2**20
-        before = M.tensor_digest(T.trainable_state(models))
+        size_mb = (run_dir / R.CHECKPOINT).stat().st_size / 2**20
+        before = M.tensor_digest(R.trainable_state(models))
         fresh = run_models(config, teacher, student, device)
         resumed = Trainer(config, fresh, device)
         started = time.perf_counter()
         try:  # the trainer's own resume reads these keys; weights_only where the checkpoint allows it
-            payload = torch.load(run_dir / T.CHECKPOINT, map_location="cpu", weights_only=True)
+            payload = torch.load(run_dir / R.CHECKPOINT, map_location="cpu", weights_only=True)
             weights_only = True
         except Exception:  # noqa: BLE001
-            payload = torch.load(run_dir / T.CHECKPOINT, map_location="cpu", weights_only=False)
+            payload = torch.load(run_dir / R.CHECKPOINT, map_location="cpu", weights_only=False)
             weights_only = False
-        T.load_trainable_state(fresh, payload["trainable"])
+        R.load_trainable_state(fresh, payload["trainable"])
         resumed.optimizer.load_state_dict(payload["optimizer"])
         resumed.scheduler.load_state_dict(payload["scheduler"])
         resumed.scaler.load_state_dict(payload["scaler"])
         load_s = time.perf_counter() - started
-        same = M.tensor_digest(T.trainable_state(fresh)) == before
+        same = M.tensor_digest(R.trainable_state(fresh)) == before
         nxt = resumed.step(data_batch)
     if not same:
         raise AssertionError("the resumed trainable weights differ from the saved ones")
@@ -372,10 +371,10 @@ def check_nonfinite(pair, device, batch, seconds):
     trainer.step(data_batch)  # one normal step first: the scaler has recorded inf checks before
     result = {"grad_scaler": trainer.scaler.is_enabled(), "autocast": str(trainer.dtype)}
     for kind in ("loss", "grad"):
-        before = M.tensor_digest(T.trainable_state(models))
+        before = M.tensor_digest(R.trainable_state(models))
         scale = trainer.scaler.get_scale()
         skipped = trainer.step(data_batch, force=kind)
-        unchanged = M.tensor_digest(T.trainable_state(models)) == before
+        unchanged = M.tensor_digest(R.trainable_state(models)) == before
         after = trainer.step(data_batch)
         if skipped["finite"] or not unchanged or not after["finite"]:
             raise AssertionError(f"non-finite {kind} not skipped cleanly: {skipped}, unchanged={unchanged}, next={after}")
@@ -396,7 +395,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], help="checks to leave out, e.g. dataloader")
     args = parser.parse_args(argv)
     tiny = args.tiny
-    device = T.resolve_device(args.device)
+    device = M.resolve_device(args.device)
     batch = args.batch or (2 if tiny else 64)
     steps = args.steps or (1 if tiny else 3)
     clips = (1.0, 2.0) if tiny else (15.0, 30.0)

@@ -6,7 +6,7 @@ Trains the `smoke` preset into RUN_DIR and writes, outside it, ``OUT/rank<r>.jso
 - ``summary``: the summary this rank returned (with the exact digest of its trained weights);
 - ``writes``: every path under RUN_DIR that this process opened for writing, created, renamed or
   removed (recorded by an audit hook);
-- ``global_batches``: every epoch's global batches as `kdlib.train.epoch_batches` made them
+- ``global_batches``: every epoch's global batches as `kdlib.data.epoch_batches` made them
   (utterance ids), and ``steps``: for every batch this rank trained on, its epoch, position and
   the utterance ids and real-token count of the slice it took;
 
@@ -53,7 +53,7 @@ sys.addaudithook(audit)
 import torch  # noqa: E402
 
 from kdlib import distributed  # noqa: E402
-from kdlib import train as T  # noqa: E402
+from kdlib import data, train as T  # noqa: E402
 from kdlib.config import make_config  # noqa: E402
 
 global_batches: dict[int, list[list[str]]] = {}
@@ -74,7 +74,7 @@ def _even_first(dataset, batches: list[list[int]]) -> list[list[int]]:
     raise SystemExit("no batch of the epoch splits into two slices with equal token counts")
 
 
-real_epoch_batches = T.epoch_batches
+real_epoch_batches = data.epoch_batches
 
 
 def epoch_batches(dataset, config, epoch):
@@ -85,7 +85,7 @@ def epoch_batches(dataset, config, epoch):
     return batches
 
 
-real_batch_stream = T.batch_stream
+real_batch_stream = data.batch_stream
 
 
 def batch_stream(dataset, collate, config, epoch, position, ctx=None):
@@ -105,7 +105,7 @@ def average_gradients(params, ctx):
         grads.extend(p.grad.detach().clone() for p in params)
 
 
-T.epoch_batches, T.batch_stream, distributed.average_gradients = epoch_batches, batch_stream, average_gradients
+data.epoch_batches, data.batch_stream, distributed.average_gradients = epoch_batches, batch_stream, average_gradients
 
 sets = ["max_steps=6", "batch_size=4", "eval_every=3", "save_every=3", "eval_wer=true",
         "max_train_utterances=8", "max_dev_utterances=4", *extra]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdlib import train as T
+from kdlib import caches as C, distill as DL, models as M, runs as R, train as T
 from kdlib.config import ConfigError, make_config
 
 
@@ -29,11 +29,11 @@ def test_distil_preset_is_the_papers_recipe():
 
 
 def test_decoder_all_lora_leaves_the_encoder_untouched():
-    models = T.build_models(distil_smoke(), torch.device("cpu"))
+    models = R.build_models(distil_smoke(), torch.device("cpu"))
     lora = [n for n, _ in models.student.named_parameters() if "lora_" in n]
     assert lora and not any(".encoder." in n for n in lora)
     assert any(".fc1." in n for n in lora) and any("encoder_attn" in n for n in lora)
-    assert T.same_encoder(models.student, models.teacher)
+    assert C.same_encoder(models.student, models.teacher)
 
 
 def _count_encoder_calls(*modules):
@@ -48,23 +48,23 @@ def test_shared_encoder_runs_once_per_batch_and_matches_a_separate_teacher(encod
     from kdlib.losses import DistillationLoss
 
     config = distil_smoke(encoder_cache=encoder_cache)
-    models = T.build_models(config, torch.device("cpu"))
-    caches = T.build_caches(models, config)
+    models = R.build_models(config, torch.device("cpu"))
+    caches = C.build_caches(models, config)
     assert caches.shared
-    train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+    train_set, _, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
     batch = data.WhisperCollator()([train_set[i] for i in range(3)])
     loss_fn = DistillationLoss()
-    loss_fn.weights = T.stage_weights(config, 0)
+    loss_fn.weights = DL.stage_weights(config, 0)
 
     calls, handles = _count_encoder_calls(models.student, models.teacher)
-    shared = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=caches)
+    shared = DL.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=caches)
     for h in handles:
         h.remove()
     assert len(calls) == 1, f"{len(calls)} encoder forwards for one batch"
 
     # The same batch with no sharing and no caches: student and teacher each run their encoder.
     calls, handles = _count_encoder_calls(models.student, models.teacher)
-    separate = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=T.EncoderCaches())
+    separate = DL.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=C.EncoderCaches())
     for h in handles:
         h.remove()
     assert len(calls) == 2
@@ -77,16 +77,16 @@ def test_teacher_logits_from_the_shared_states_equal_a_full_teacher_forward():
     from kdlib import data
 
     config = distil_smoke(encoder_cache="off")
-    models = T.build_models(config, torch.device("cpu"))
-    caches = T.build_caches(models, config)
-    train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+    models = R.build_models(config, torch.device("cpu"))
+    caches = C.build_caches(models, config)
+    train_set, _, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
     batch = data.WhisperCollator()([train_set[i] for i in range(2)])
     labels = batch["labels"]
-    dec_in = T.decoder_inputs(labels, models.teacher.config)
+    dec_in = M.decoder_inputs(labels, models.teacher.config)
     with torch.no_grad():
         student_states = models.student.get_encoder()(batch["input_features"]).last_hidden_state
         full = models.teacher(input_features=batch["input_features"], decoder_input_ids=dec_in, use_cache=False).logits
-    logits, states = T.teacher_forward(models.teacher, caches, batch["ids"], batch["input_features"], dec_in,
+    logits, states = DL.teacher_forward(models.teacher, caches, batch["ids"], batch["input_features"], dec_in,
                                        labels, True, torch.device("cpu"), encoded=student_states)
     torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
     assert torch.equal(states, student_states)

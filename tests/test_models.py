@@ -672,20 +672,20 @@ def test_decoding_from_encoder_states_equals_live_even_when_the_model_emits_time
     pairs of timestamp tokens in no-timestamp mode on a dev clip; transformers then decodes the
     rest of that window again from the log-mels, which it lacks when given encoder states (it
     crashed in chapter 05). Decoding from encoder states must give the live transcripts."""
-    from kdlib import evaluate
+    from kdlib import decode
     from kdlib.config import make_config
-    from kdlib.train import untrained_student
+    from kdlib.runs import untrained_student
 
     # the 2-decoder-layer, 30 s student the demo used before issue 18 (its window student does not
     # emit timestamps): the case stays covered
     model, _, fe = untrained_student(make_config("demo", stage=1, overrides={
         "student_decoder_layers": 2, "student_window_seconds": None}))
     waves = [a for a, _ in _dev_clips()]
-    live = evaluate.generate_token_ids(model, fe, waves, max_new_tokens=64)
+    live = decode.generate_token_ids(model, fe, waves, max_new_tokens=64)
     timestamp_begin = model.generation_config.no_timestamps_token_id + 1
     assert any(t >= timestamp_begin for row in live for t in row)  # the case this test is about
 
     def encode(features, positions):
         return model.get_encoder()(features).last_hidden_state
 
-    assert evaluate.generate_token_ids(model, fe, waves, max_new_tokens=64, encode=encode) == live
+    assert decode.generate_token_ids(model, fe, waves, max_new_tokens=64, encode=encode) == live

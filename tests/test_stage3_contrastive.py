@@ -10,18 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdlib import data, train as T
+from kdlib import caches as C, data, distill as DL, runs as R
 from kdlib.config import make_config
 from kdlib.losses import DistillationLoss
 
 
 def _grads(config, batch):
     torch.manual_seed(0)
-    models = T.build_models(config, torch.device("cpu"))
+    models = R.build_models(config, torch.device("cpu"))
     models.student.eval()  # no dropout: the two forwards must be comparable
-    caches = T.build_caches(models, config)
-    loss_fn = DistillationLoss(T.stage_weights(config, 0))
-    parts = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=caches)
+    caches = C.build_caches(models, config)
+    loss_fn = DistillationLoss(DL.stage_weights(config, 0))
+    parts = DL.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=caches)
     parts["total"].backward()
     student = {n: p.grad.clone() for n, p in models.student.named_parameters() if p.requires_grad}
     projector = {n: p.grad for n, p in models.projector.named_parameters() if p.requires_grad}
@@ -31,8 +31,8 @@ def _grads(config, batch):
 @pytest.fixture(scope="module")
 def batch():
     config = make_config("smoke", stage=3)
-    models = T.build_models(config, torch.device("cpu"))
-    train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+    models = R.build_models(config, torch.device("cpu"))
+    train_set, _, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
     return data.WhisperCollator()([train_set[i] for i in range(4)])
 
 

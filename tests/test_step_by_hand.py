@@ -15,9 +15,12 @@ from kdlib import data
 from kdlib.config import make_config
 from kdlib.models import build_optimizer
 from kdlib.losses import DistillationLoss
-from kdlib.train import (CHECKPOINT, amp_settings, build_caches, build_data, build_models, epoch_batches,
-                         forward_losses, load_history, lr_factor, resolve_device, run_stage, seed_everything,
-                         stage_weights, trainable_state)
+from kdlib.caches import build_caches
+from kdlib.data import epoch_batches
+from kdlib.distill import forward_losses, stage_weights
+from kdlib.models import amp_settings, resolve_device
+from kdlib.runs import CHECKPOINT, build_data, build_models, load_history, seed_everything, trainable_state
+from kdlib.train import lr_factor, run_stage
 
 
 def one_step_by_hand(config, draw_before_forward: bool = False):

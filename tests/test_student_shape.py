@@ -104,11 +104,11 @@ def test_merging_inside_the_encoder_shortens_what_the_decoder_reads(tmp_path):
 
 @needs_offline
 def test_window_and_merge_from_config_through_the_trainer_builder():
-    from kdlib import train as T
+    from kdlib import runs as R
 
     cfg = C.make_config("smoke", 2, overrides=dict(student_window_seconds=10, student_frame_factor=2,
                                                  student_merge_layer=0))
-    _, student = T._load_pair(cfg)
+    _, student = R.load_pair(cfg)
     assert student.model.config.max_source_positions == 500
     assert models.encoder_output_frames(student.model.config) == 250
     assert student.feature_extractor.n_samples == 160000
@@ -208,10 +208,10 @@ def test_window_student_through_the_transformers_pipeline(student, tmp_path):
 def test_alignment_stage_trains_a_shaped_student_against_the_30s_teacher(shape, tmp_path, monkeypatch):
     """Stage II with a window or a merged student: the hidden terms see the teacher on the
     student's frame grid (same frame count, same mask), and the losses are finite."""
-    from kdlib import train as T
+    from kdlib import distill as DL, train as T
 
     seen = []
-    real = T.forward_losses
+    real = DL.forward_losses
 
     def spy(models_, loss_fn, batch, *args, **kwargs):
         out = real(models_, loss_fn, batch, *args, **kwargs)

@@ -15,6 +15,7 @@ import torch
 
 from kdlib import teacher_cache as TC
 from kdlib.losses import DistillationLoss, LossWeights, TopKLogits, kl_divergence, kl_divergence_topk
+from kdlib.models import decoder_inputs
 
 VOCAB = 51865
 
@@ -125,7 +126,7 @@ def smoke():
     """The smoke teacher and its first 6 training utterances (embedded corpus)."""
     from kdlib import data, models
     from kdlib.config import make_config
-    from kdlib.train import build_data
+    from kdlib.runs import build_data
 
     config = make_config("smoke", stage=1)
     teacher, _ = models.tiny_random_pair(seed=config.seed)
@@ -149,7 +150,7 @@ def test_stored_values_match_a_live_teacher_forward(smoke, built):
     teacher, dataset = smoke
     batch = data.collate([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():  # the whole teacher in one call, as training's live path runs it
-        dec_in = TC._shift_right(batch["labels"], teacher.model.config)
+        dec_in = decoder_inputs(batch["labels"], teacher.model.config)
         live = teacher.model(input_features=batch["input_features"], decoder_input_ids=dec_in, use_cache=False)
     cache = TC.TeacherCache(built).verify(teacher=teacher.model, feature_extractor=dataset.feature_extractor,
                                           dataset=dataset, temperature=2.0, need_hidden=True)
@@ -253,14 +254,14 @@ def test_cli_builds_a_cache(tmp_path, capsys):
 def test_training_from_a_full_vocab_cache_gives_the_live_losses(tmp_path):
     """k = vocab: the top-k KL is the exact KL, so every step's losses match the live teacher's
     (float32 rounding of batched vs cached forwards: relative 1e-5)."""
-    from kdlib import train as T
+    from kdlib import runs as R, train as T
     from kdlib.config import make_config
 
     overrides = {"max_train_utterances": 4, "max_dev_utterances": 2, "batch_size": 2, "max_steps": 2,
                  "eval_every": 100, "save_every": 100}
     live_config = make_config("smoke", stage=1, overrides=overrides)
-    models = T.build_models(live_config, torch.device("cpu"))
-    train_set, _, _ = T.build_data(live_config, models.feature_extractor, models.tokenizer)
+    models = R.build_models(live_config, torch.device("cpu"))
+    train_set, _, _ = R.build_data(live_config, models.feature_extractor, models.tokenizer)
     cache_dir = tmp_path / "full"
     TC.build_teacher_cache(models.teacher, train_set, cache_dir, top_k=VOCAB, store_hidden=False, progress=False)
 
@@ -286,50 +287,50 @@ def test_uncached_encoder_runs_once_per_batch_for_student_and_teacher():
     states to the teacher's decoder; the encoder must run once per step, and again for the next
     batch (nothing is kept)."""
     from kdlib import data
-    from kdlib import train as T
+    from kdlib import caches as C, distill as DL, runs as R
     from kdlib.config import make_config
 
     config = make_config("smoke", stage=1, overrides=dict(
         student="from-teacher", student_decoder_layers=1, train_encoder=False, projector=False,
         encoder_cache="off", lora_dropout=0.0))
-    run = T.build_models(config, torch.device("cpu"))
-    caches = T.build_caches(run, config)
+    run = R.build_models(config, torch.device("cpu"))
+    caches = C.build_caches(run, config)
     assert caches.shared
-    train_set, _, _ = T.build_data(config, run.feature_extractor, run.tokenizer)
+    train_set, _, _ = R.build_data(config, run.feature_extractor, run.tokenizer)
     loss_fn = DistillationLoss()
-    loss_fn.weights = T.stage_weights(config, 0)
+    loss_fn.weights = DL.stage_weights(config, 0)
     calls = []
     run.teacher.get_encoder().register_forward_hook(lambda *a: calls.append(1))
     first = data.WhisperCollator()([train_set[i] for i in range(2)])
     second = data.WhisperCollator()([train_set[i] for i in range(2, 4)])
-    T.forward_losses(run, loss_fn, first, torch.device("cpu"), (False, None), caches=caches)
+    DL.forward_losses(run, loss_fn, first, torch.device("cpu"), (False, None), caches=caches)
     assert len(calls) == 1
-    T.forward_losses(run, loss_fn, second, torch.device("cpu"), (False, None), caches=caches)
+    DL.forward_losses(run, loss_fn, second, torch.device("cpu"), (False, None), caches=caches)
     assert len(calls) == 2 and caches.teacher.store == {}
 
 
 def test_stage3_reads_teacher_encoder_states_from_the_cache(smoke, built):
     """Stage III (contrastive on the teacher's encoder states, KL on its logits): the states come
     from the cache (float32 here, so identical), the teacher's encoder does not run."""
-    from kdlib import data, train as T
+    from kdlib import caches as C, data, distill as DL, runs as R
     from kdlib.config import make_config
 
     teacher, dataset = smoke
     config = make_config("smoke", stage=3, overrides={"teacher_cache": str(built), "max_train_utterances": 6,
                                                       "contrastive_weight": 0.5})
-    models = T.build_models(config, torch.device("cpu"))
+    models = R.build_models(config, torch.device("cpu"))
     models.student.eval()  # no dropout: the two forwards must be comparable
-    caches = T.build_caches(models, config, dataset)
+    caches = C.build_caches(models, config, dataset)
     assert caches.disk is not None and caches.teacher.disk is not None
-    live_caches = T.build_caches(models, make_config("smoke", stage=3, overrides={"contrastive_weight": 0.5}), dataset)
+    live_caches = C.build_caches(models, make_config("smoke", stage=3, overrides={"contrastive_weight": 0.5}), dataset)
     batch = data.collate([dataset[i] for i in range(3)])
-    loss_fn = DistillationLoss(T.stage_weights(config, 0))
+    loss_fn = DistillationLoss(DL.stage_weights(config, 0))
     calls = []
     hook = models.teacher.get_encoder().register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        cached = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=caches)
+        cached = DL.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=caches)
         assert calls == [], "the teacher's encoder ran although the cache holds its states"
-        live = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=live_caches)
+        live = DL.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=live_caches)
     hook.remove()
     assert float(cached["contrastive"]) == pytest.approx(float(live["contrastive"]), rel=1e-5)
     assert float(cached["ce"]) == pytest.approx(float(live["ce"]), rel=1e-6)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdlib import data, models
-from kdlib import train as T
+from kdlib import caches as C, distill as DL, runs as R, train as T
 from kdlib.config import make_config
 
 
@@ -97,23 +97,23 @@ def _v3_config(stage=1, **overrides):
 
 def test_teacher_gets_its_own_mels_and_token_ids(pair):
     config = _v3_config()
-    run = T.build_models(config, torch.device("cpu"))
+    run = R.build_models(config, torch.device("cpu"))
     assert run.teacher.config.num_mel_bins == 128 and run.teacher_feature_extractor is not None
     assert run.vocab_index is not None and run.tokenizer is not None
-    train_set, _, _ = T.build_data(config, run.feature_extractor, run.tokenizer, run.teacher_feature_extractor)
+    train_set, _, _ = R.build_data(config, run.feature_extractor, run.tokenizer, run.teacher_feature_extractor)
     batch = data.WhisperCollator()([train_set[i] for i in range(2)])
     assert batch["input_features"].shape[1] == 80 and batch["teacher_input_features"].shape[1] == 128
 
     # The student's decoder inputs, translated, read the same text in the teacher's vocabulary.
-    dec_in = T.decoder_inputs(batch["labels"], run.student.base_model.model.config)
+    dec_in = models.decoder_inputs(batch["labels"], run.student.base_model.model.config)
     mapped = run.vocab_index[dec_in]
     teacher_tok, student_tok = pair[0].tokenizer, pair[1].tokenizer
     assert teacher_tok.decode(mapped[0]) == student_tok.decode(dec_in[0])
     assert not torch.equal(mapped, dec_in)  # <|transcribe|> and <|notimestamps|> moved
 
     # The logits the losses see: the teacher's own forward, at the student's tokens.
-    caches = T.EncoderCaches()
-    logits, hidden = T.teacher_forward(run.teacher, caches, batch["ids"], batch["teacher_input_features"], dec_in,
+    caches = C.EncoderCaches()
+    logits, hidden = DL.teacher_forward(run.teacher, caches, batch["ids"], batch["teacher_input_features"], dec_in,
                                        batch["labels"], True, torch.device("cpu"), vocab_index=run.vocab_index)
     with torch.no_grad():
         full = run.teacher(input_features=batch["teacher_input_features"], decoder_input_ids=mapped,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kdlib import models as M, train as T
+from kdlib import caches as C, models as M, runs as R
 from kdlib.config import PRESETS, make_config
 
 
@@ -19,14 +19,14 @@ def test_thesis_tiny_keeps_the_thesis_structure_and_machinery():
     assert config.teacher == "tiny-random-v3" and config.student == "tiny-random"
     assert config.amp == "fp16" and config.grad_checkpointing and config.early_stopping_patience
     assert config.num_workers >= 2 and config.pin_memory and thesis.pin_memory
-    on, dtype, scaler = T.amp_settings(config, torch.device("cpu"))
+    on, dtype, scaler = M.amp_settings(config, torch.device("cpu"))
     assert on and scaler and dtype in (torch.float16, torch.bfloat16)  # the CPU GradScaler path
     assert set(PRESETS["thesis-tiny"]) >= {"teacher", "student", "amp", "grad_checkpointing", "num_workers"}
 
 
 def test_thesis_tiny_models_differ_like_large_v3_and_small():
     config = make_config("thesis-tiny", stage=1)
-    run = T.build_models(config, torch.device("cpu"))
+    run = R.build_models(config, torch.device("cpu"))
     assert run.teacher.config.num_mel_bins == 128 and run.teacher.config.vocab_size == 51866
     assert run.student.base_model.model.config.num_mel_bins == 80
     assert run.student.base_model.model.config.vocab_size == 51865
@@ -50,7 +50,7 @@ def test_thesis_stage0_adapts_the_teacher_decoder_only():
     for preset in ("thesis", "thesis-tiny"):
         config = make_config(preset, stage=0)
         assert config.train_encoder is False and config.lora_preset == "decoder_all"
-    run = T.build_models(make_config("thesis-tiny", stage=0), torch.device("cpu"))
+    run = R.build_models(make_config("thesis-tiny", stage=0), torch.device("cpu"))
     assert run.trainable["student"] and not any(".encoder." in n for n in run.trainable["student"])
 
 
@@ -59,10 +59,10 @@ def test_encoder_cache_off_keeps_states_on_device_in_their_dtype():
     a float32 copy on the CPU and back (the thesis: every step, 64 x 1500 x 1280)."""
     teacher, _ = M.tiny_random_pair(teacher_like_v3=True)
     model = teacher.model.to(torch.bfloat16)
-    cache = T.EncoderCache(model, keep=False)
+    cache = C.EncoderCache(model, keep=False)
     states = cache(torch.randn(2, 128, 3000), ["a", "b"], torch.device("cpu"))
     assert states.dtype == torch.bfloat16 and cache.store == {}
-    kept = T.EncoderCache(model, keep=True)(torch.randn(2, 128, 3000), ["a", "b"], torch.device("cpu"))
+    kept = C.EncoderCache(model, keep=True)(torch.randn(2, 128, 3000), ["a", "b"], torch.device("cpu"))
     assert kept.dtype == torch.float32  # stored states are float32, as before
 
 
@@ -102,7 +102,7 @@ def test_one_dataloader_for_the_whole_run_replays_the_epoch_batches(monkeypatch)
 
     config = make_config("thesis-tiny", stage=1, overrides={"max_train_utterances": 6, "batch_size": 4})
     _, student = M.tiny_random_pair()
-    train_set, _, _ = T.build_data(config, student.feature_extractor, student.tokenizer)
+    train_set, _, _ = R.build_data(config, student.feature_extractor, student.tokenizer)
     made = []
     real = torch.utils.data.DataLoader
 
@@ -113,9 +113,9 @@ def test_one_dataloader_for_the_whole_run_replays_the_epoch_batches(monkeypatch)
 
     monkeypatch.setattr(torch.utils.data, "DataLoader", Counting)
     expected = [(e, i + 1, [train_set.utterances[j].id for j in b])
-                for e in range(4) for i, b in enumerate(T.epoch_batches(train_set, config, e))]
+                for e in range(4) for i, b in enumerate(data.epoch_batches(train_set, config, e))]
     start = 1  # resume after the first batch of epoch 0
-    stream = T.batch_stream(train_set, data.WhisperCollator(), config, 0, start)
+    stream = data.batch_stream(train_set, data.WhisperCollator(), config, 0, start)
     got = [(e, p, batch["ids"]) for e, p, batch in itertools.islice(stream, len(expected) - start - 2)]
     assert got == expected[start:len(expected) - 2]
     assert made == [config.num_workers] and config.num_workers >= 2

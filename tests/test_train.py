@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlib import train as T
+from kdlib import caches as C, distill as DL, models as M, runs as R, train as T
 from kdlib.config import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,17 +39,17 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 
 
 def test_kl_ramp_and_contrastive_decay():
-    assert [T.ramp(s, 4, 2.0) for s in (0, 2, 4, 8)] == [0.0, 1.0, 2.0, 2.0]
-    assert T.linear_decay(0, 11, 0.5, 0.1) == pytest.approx(0.5)
-    assert T.linear_decay(10, 11, 0.5, 0.1) == pytest.approx(0.1)
-    weights = T.stage_weights(smoke(stage=3, max_steps=11, train_encoder=True), 10)
+    assert [DL.ramp(s, 4, 2.0) for s in (0, 2, 4, 8)] == [0.0, 1.0, 2.0, 2.0]
+    assert DL.linear_decay(0, 11, 0.5, 0.1) == pytest.approx(0.5)
+    assert DL.linear_decay(10, 11, 0.5, 0.1) == pytest.approx(0.1)
+    weights = DL.stage_weights(smoke(stage=3, max_steps=11, train_encoder=True), 10)
     assert weights.contrastive == pytest.approx(0.1)
 
 
 def test_stage_weights_switch_kd_and_alignment_kind():
-    w = T.stage_weights(smoke(stage=1, kd_kind="taid"), 0)
+    w = DL.stage_weights(smoke(stage=1, kd_kind="taid"), 0)
     assert w.taid > 0 and w.kl == 0
-    w = T.stage_weights(smoke(stage=2, alignment="curve"), 0)
+    w = DL.stage_weights(smoke(stage=2, alignment="curve"), 0)
     assert w.curve > 0 and w.geo == 0
 
 
@@ -59,7 +59,7 @@ def test_stage_weights_switch_kd_and_alignment_kind():
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_trainable_parameters_per_stage(stage):
     config = smoke(stage=stage)
-    models = T.build_models(config, torch.device("cpu"))
+    models = R.build_models(config, torch.device("cpu"))
     student = models.trainable["student"]
     assert student and all("lora_" in n for n in student)
     encoder = [n for n in student if ".encoder." in n]
@@ -93,7 +93,7 @@ def _lora_grads(checkpointing: bool) -> dict:
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        models = T.build_models(config, torch.device("cpu"))
+        models = R.build_models(config, torch.device("cpu"))
     assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]
     base = models.student.base_model.model
     assert all(layer.gradient_checkpointing == checkpointing for layer in (base.model.encoder, base.model.decoder))
@@ -101,12 +101,12 @@ def _lora_grads(checkpointing: bool) -> dict:
         for name, p in models.student.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.01)
-    train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer, models.teacher_feature_extractor)
+    train_set, _, _ = R.build_data(config, models.feature_extractor, models.tokenizer, models.teacher_feature_extractor)
     batch = data.WhisperCollator()([train_set[i] for i in range(2)])
     loss_fn = DistillationLoss()
-    loss_fn.weights = T.stage_weights(config, 0)
+    loss_fn.weights = DL.stage_weights(config, 0)
     models.student.train()
-    T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None))["total"].backward()
+    DL.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None))["total"].backward()
     return {n: p.grad for n, p in models.student.named_parameters() if "lora_" in n}
 
 
@@ -144,7 +144,7 @@ def test_run_folder_layout(stage1_run):
 def test_stage2_starts_from_stage1_adapter(stage1_run, tmp_path):
     run_dir, _ = stage1_run
     config = smoke(stage=2, init_from=str(run_dir))
-    models = T.build_models(config, torch.device("cpu"))
+    models = R.build_models(config, torch.device("cpu"))
     finished = torch.load(run_dir / "checkpoint.pt", weights_only=True)["trainable"]
     now = dict(models.student.named_parameters())
     lora = [k for k in finished if k.startswith("student.") and "lora_B" in k]
@@ -160,7 +160,7 @@ def test_export_merged_loads_in_pipeline(stage1_run, tmp_path):
     from kdlib.data import embedded_corpus, load_audio, scan_mls
 
     run_dir, _ = stage1_run
-    out = T.export_merged(run_dir, tmp_path / "merged")
+    out = R.export_merged(run_dir, tmp_path / "merged")
     assert (out / "config.json").exists() and (out / "preprocessor_config.json").exists()
     asr = pipeline("automatic-speech-recognition", model=str(out), device="cpu")
     clip = scan_mls(embedded_corpus("it"), "dev").utterances[0]
@@ -171,13 +171,13 @@ def test_export_merged_loads_in_pipeline(stage1_run, tmp_path):
     from transformers import WhisperForConditionalGeneration
 
     merged = WhisperForConditionalGeneration.from_pretrained(str(out))
-    _, base = T._load_pair(smoke(stage=1))
+    _, base = R.load_pair(smoke(stage=1))
     name = "model.decoder.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(merged.state_dict()[name], base.model.state_dict()[name])
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
-    real = T.forward_losses
+    real = DL.forward_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -199,9 +199,9 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
 def test_fp16_grad_scaler_skips_nonfinite_steps_and_goes_on(tmp_path, monkeypatch):
     # amp="fp16" on CPU: float16 autocast with torch's CPU GradScaler, the CUDA fp16 path.
     # (bf16 autocast on a CPU that emulates fp16 matmuls; the GradScaler path is the same)
-    dtype = torch.bfloat16 if T.cpu_fp16_is_slow() else torch.float16
-    assert T.amp_settings(smoke(amp="fp16"), torch.device("cpu")) == (True, dtype, True)
-    real = T.forward_losses
+    dtype = torch.bfloat16 if M.cpu_fp16_is_slow() else torch.float16
+    assert M.amp_settings(smoke(amp="fp16"), torch.device("cpu")) == (True, dtype, True)
+    real = DL.forward_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -225,11 +225,11 @@ def test_early_stopping_exports_the_best_adapter(tmp_path, monkeypatch):
     scripted = iter([5.0, 3.0, 4.0, 6.0])  # dev loss per evaluation: best at step 2, stop at step 4
     snapshots = {}
 
-    def fake_dev_loss(models, *args, **kwargs):
-        snapshots[len(snapshots) + 1] = T.trainable_state(models)
-        return next(scripted)
+    def fake_dev_scores(models, *args, **kwargs):
+        snapshots[len(snapshots) + 1] = R.trainable_state(models)
+        return {"dev_loss": next(scripted)}
 
-    monkeypatch.setattr(T, "dev_loss", fake_dev_loss)
+    monkeypatch.setattr(T, "dev_scores", fake_dev_scores)
     config = smoke(stage=2, max_steps=8, eval_every=1, save_every=100, early_stopping_patience=2)
     summary = T.train(config, tmp_path, progress=False)
     assert summary["stopped_early"] and summary["steps"] == 4
@@ -242,14 +242,14 @@ def test_early_stopping_exports_the_best_adapter(tmp_path, monkeypatch):
         return state
 
     for adapter, step in ((None, 2), ("adapter_final", 4)):
-        model, _, _, projector = T.load_trained(tmp_path, merge=False, adapter=adapter)
+        model, _, _, projector = R.load_trained(tmp_path, merge=False, adapter=adapter)
         assert model.kdlib_adapter["folder"] == ("adapter_best" if step == 2 else "adapter_final")
         got = loaded(model, projector)
         assert got.keys() == snapshots[step].keys()
         for key, value in snapshots[step].items():
             assert torch.equal(got[key].detach(), value), (adapter, key)
     assert any(not torch.equal(snapshots[2][k], snapshots[4][k]) for k in snapshots[2])
-    out = T.export_merged(tmp_path, tmp_path / "merged")
+    out = R.export_merged(tmp_path, tmp_path / "merged")
     assert json.loads((out / "kdlib_export.json").read_text())["folder"] == "adapter_best"
 
 
@@ -375,16 +375,16 @@ def test_cached_teacher_and_encoder_give_the_live_losses(stage, train_encoder):
     from kdlib import data
 
     config = smoke(stage=stage, train_encoder=train_encoder, lora_dropout=0.0)
-    models = T.build_models(config, torch.device("cpu"))
-    train_set, _, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+    models = R.build_models(config, torch.device("cpu"))
+    train_set, _, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
     batch = data.WhisperCollator()([train_set[i] for i in range(3)])
     loss_fn = __import__("kdlib.losses", fromlist=["DistillationLoss"]).DistillationLoss()
-    loss_fn.weights = T.stage_weights(config, 10)
-    caches = T.build_caches(models, config)
+    loss_fn.weights = DL.stage_weights(config, 10)
+    caches = C.build_caches(models, config)
     assert (caches.student is None) == train_encoder
-    live = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None))
+    live = DL.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None))
     for _ in range(2):
-        cached = T.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=caches)
+        cached = DL.forward_losses(models, loss_fn, batch, torch.device("cpu"), (False, None), caches=caches)
         for key, value in live.items():
             if value is None:
                 assert cached[key] is None, key
@@ -411,10 +411,10 @@ def test_run_stage_reuses_a_finished_run_and_refuses_another_config(tmp_path):
     assert T.run_stage(smoke(max_steps=3, eval_every=7, save_every=5, encoder_cache="disk"), run,
                        train_fn=fake_train)["steps"] == 3
     assert len(calls) == 1
-    with pytest.raises(T.RunFolderConflict, match=r"max_steps: 3 there, 4 now") as err:
+    with pytest.raises(R.RunFolderConflict, match=r"max_steps: 3 there, 4 now") as err:
         T.run_stage(smoke(max_steps=4), run, train_fn=fake_train)
     assert isinstance(err.value, FileExistsError) and isinstance(err.value, ValueError)
-    with pytest.raises(T.RunFolderConflict, match="init_from"):
+    with pytest.raises(R.RunFolderConflict, match="init_from"):
         T.run_stage(smoke(max_steps=3, init_from="elsewhere"), run, train_fn=fake_train)
     assert T.run_stage(smoke(max_steps=3, init_from="elsewhere"), run, train_fn=fake_train,
                        ignore=("init_from",))["steps"] == 3
@@ -429,18 +429,18 @@ def test_encoder_store_is_shared_by_identical_encoders_and_equals_live(tmp_path,
     monkeypatch.setenv("KDLIB_CACHE", str(tmp_path / "cache"))
     config = smoke(stage=1, student="from-teacher", student_decoder_layers=1, train_encoder=False,
                    encoder_cache="disk", lora_dropout=0.0)
-    models = T.build_models(config, torch.device("cpu"))
-    train_set, dev_set, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
+    models = R.build_models(config, torch.device("cpu"))
+    train_set, dev_set, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
     batch = data.WhisperCollator()([train_set[i] for i in range(3)])
-    caches = T.build_caches(models, config, train_set, dev_set)
+    caches = C.build_caches(models, config, train_set, dev_set)
     assert caches.shared and caches.teacher.persistent is not None
     first = caches.teacher(batch["input_features"], batch["ids"], torch.device("cpu"))
     files = list((tmp_path / "cache" / "encoder_states").rglob("*.pt"))
     assert len(files) == 3
 
     # A new run (stage 0 on the same teacher: its encoder carries zero-B LoRA) reuses the store.
-    models0 = T.build_models(smoke(stage=0, train_encoder=False, encoder_cache="disk"), torch.device("cpu"))
-    caches0 = T.build_caches(models0, config, train_set, dev_set)
+    models0 = R.build_models(smoke(stage=0, train_encoder=False, encoder_cache="disk"), torch.device("cpu"))
+    caches0 = C.build_caches(models0, config, train_set, dev_set)
     calls = []
     hook = models0.student.get_encoder().register_forward_hook(lambda *a: calls.append(1))
     again = caches0.student(batch["input_features"], batch["ids"], torch.device("cpu"))
@@ -453,7 +453,7 @@ def test_encoder_store_is_shared_by_identical_encoders_and_equals_live(tmp_path,
     # Another encoder (other weights) has its own folder: nothing is read across.
     with torch.no_grad():
         next(models0.student.get_encoder().parameters()).add_(1.0)
-    other = T.EncoderStore(models0.student.get_encoder(), {u.id: u.audio for u in train_set.utterances})
+    other = C.EncoderStore(models0.student.get_encoder(), {u.id: u.audio for u in train_set.utterances})
     assert other.load(batch["ids"]) == {}
 
 
@@ -481,40 +481,67 @@ def test_run_folders_load_from_any_folder_and_after_being_moved(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     config = TrainConfig.from_json(moved / "stage2" / "training_config.json")
     assert (config.teacher_from, config.init_from) == (str(moved / "stage0"), str(moved / "stage1"))
-    model, *_ = T.load_trained(moved / "stage2")
-    assert (T.export_merged(moved / "stage2") / "config.json").is_file()
+    model, *_ = R.load_trained(moved / "stage2")
+    assert (R.export_merged(moved / "stage2") / "config.json").is_file()
 
     shutil.rmtree(moved / "stage0")  # the run it was built on, truly gone
     with pytest.raises(FileNotFoundError, match=r"stage2: .*teacher_from = .*old_runs/stage0 .*does not exist"):
-        T.load_trained(moved / "stage2")
+        R.load_trained(moved / "stage2")
 
 
 def test_final_dev_scores_read_the_summary(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"dev_wer": 0.5, "dev_cer": 0.2, "dev_utterances": 20}))
-    assert T.final_dev_scores(tmp_path) == {"wer": 0.5, "cer": 0.2, "n": 20}
+    assert R.final_dev_scores(tmp_path) == {"wer": 0.5, "cer": 0.2, "n": 20}
     (tmp_path / "summary.json").write_text(json.dumps({"dev_wer": None, "dev_cer": None}))
-    assert T.final_dev_scores(tmp_path) is None
+    assert R.final_dev_scores(tmp_path) is None
 
 
 def test_dev_wer_decodes_from_the_frozen_encoders_cached_states():
-    """A frozen student encoder's dev states, computed once by dev_loss, feed generate: the
-    encoder does not run again, and the transcripts (hence WER/CER) equal a live decode."""
+    """A frozen student encoder's dev states, computed once per clip, feed the dev loss and
+    generate: on a second dev pass the encoder does not run at all, and the scores (loss,
+    transcripts, hence WER/CER) equal a live pass."""
     from kdlib import data
 
-    config = smoke(stage=1, train_encoder=False, lora_dropout=0.0, eval_max_new_tokens=8)
+    config = smoke(stage=1, train_encoder=False, lora_dropout=0.0, eval_max_new_tokens=8, eval_wer=True)
     cpu = torch.device("cpu")
-    models = T.build_models(config, cpu)
-    train_set, dev_set, _ = T.build_data(config, models.feature_extractor, models.tokenizer)
-    caches = T.build_caches(models, config, train_set, dev_set)
+    models = R.build_models(config, cpu)
+    train_set, dev_set, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
+    caches = C.build_caches(models, config, train_set, dev_set)
     assert caches.student is not None
-    T.dev_loss(models, dev_set, data.WhisperCollator(), config, cpu, caches)
+    collate = data.WhisperCollator()
+    DL.dev_scores(models, dev_set, collate, config, cpu, caches)
     calls = []
     hook = models.student.get_encoder().register_forward_hook(lambda *a: calls.append(1))
-    cached = T.dev_wer(models, dev_set, config, cpu, caches=caches)
+    cached = DL.dev_scores(models, dev_set, collate, config, cpu, caches)
     assert calls == []
-    live = T.dev_wer(models, dev_set, config, cpu)
+    live = DL.dev_scores(models, dev_set, collate, config, cpu)
     hook.remove()
-    assert calls and cached == live and cached["dev_utterances"] == len(dev_set)
+    assert calls and cached["dev_utterances"] == len(dev_set)
+    assert cached["dev_wer"] == live["dev_wer"] and cached["dev_cer"] == live["dev_cer"]
+    assert abs(cached["dev_loss"] - live["dev_loss"]) < 1e-5
+
+
+def test_dev_scores_decode_each_clip_once_under_the_runs_autocast(monkeypatch):
+    """Issue 16 (waste at scale): the dev pass reads each clip's audio once for the dev loss and
+    the dev WER together, and runs the student under the run's autocast, as training does."""
+    from kdlib import data
+
+    config = smoke(stage=1, eval_max_new_tokens=4, eval_wer=True)
+    cpu = torch.device("cpu")
+    models = R.build_models(config, cpu)
+    _, dev_set, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
+    reads = []
+    real_load = data.load_audio
+    monkeypatch.setattr(data, "load_audio", lambda path, *a, **k: reads.append(str(path)) or real_load(path, *a, **k))
+    seen = []
+    hook = models.student.base_model.model.model.decoder.register_forward_hook(
+        lambda *a: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+    scores = DL.dev_scores(models, dev_set, data.WhisperCollator(), config, cpu, autocast=(True, torch.bfloat16))
+    hook.remove()
+    assert sorted(reads) == sorted(str(u.audio) for u in dev_set.utterances), "each dev clip read exactly once"
+    assert scores["dev_utterances"] == len(dev_set) and 0 <= scores["dev_wer"]
+    # teacher forcing and every generate step ran under bf16 autocast
+    assert seen and all(on and dtype == torch.bfloat16 for on, dtype in seen)
 
 
 def test_a_zero_lora_merged_into_the_teacher_keeps_its_encoder_store():
@@ -528,11 +555,11 @@ def test_a_zero_lora_merged_into_the_teacher_keeps_its_encoder_store():
     encoder = teacher.model.get_encoder()
     with torch.no_grad():
         encoder.layers[0].self_attn.k_proj.weight[0, :3] = -0.0
-    before = T.EncoderStore(encoder, {}).folder
+    before = C.EncoderStore(encoder, {}).folder
     merged = models.apply_lora(teacher.model, "qkvo_all", r=4, alpha=8).merge_and_unload()
     weight = merged.get_encoder().layers[0].self_attn.k_proj.weight
     assert not torch.signbit(weight[0, :3]).any()  # the merge wrote +0.0 where -0.0 was
-    assert T.EncoderStore(merged.get_encoder(), {}).folder == before
+    assert C.EncoderStore(merged.get_encoder(), {}).folder == before
 
 
 @pytest.mark.models

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlib import viz
+from kdlib import models, viz
 
 
 def _states(name="teacher", n=3, frames=12, dim=8, lengths=(12, 7, 3), seed=0) -> viz.EncoderStates:
@@ -212,11 +212,11 @@ def test_same_encoder_sees_weight_changes():
 
     teacher, student = tiny_random_pair()
     again, _ = tiny_random_pair()
-    assert viz.same_encoder(teacher, again.model)
-    assert not viz.same_encoder(teacher, student)
+    assert models.same_encoder(teacher, again.model)
+    assert not models.same_encoder(teacher, student)
     with torch.no_grad():
         again.model.model.encoder.layers[0].fc1.weight[0, 0] += 1e-3
-    assert not viz.same_encoder(teacher, again)
+    assert not models.same_encoder(teacher, again)
 
 
 def test_after_kd_student_explains_why_not(tmp_path):

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from kdlib import train as T
+from kdlib import data, distill as DL, runs as R
 from kdlib.__main__ import main
 
 
@@ -30,7 +30,7 @@ def _kill(message: str) -> None:
 
 trace = os.environ.get("KDLIB_TEST_TRACE")
 if trace:
-    real_stream = T.batch_stream
+    real_stream = data.batch_stream
 
     def batch_stream(dataset, collate, config, epoch, position, ctx=None):
         for epoch_, position_, batch in real_stream(dataset, collate, config, epoch, position, ctx):
@@ -39,11 +39,11 @@ if trace:
                                       "ids": None if batch is None else list(batch["ids"])}) + "\n")
             yield epoch_, position_, batch
 
-    T.batch_stream = batch_stream
+    data.batch_stream = batch_stream
 
 kill_at = int(os.environ.get("KDLIB_TEST_KILL_AT_FORWARD", "0"))
 if kill_at:
-    real_forward, forwards = T.forward_losses, [0]
+    real_forward, forwards = DL.forward_losses, [0]
 
     def forward_losses(*args, **kwargs):
         forwards[0] += 1
@@ -51,7 +51,7 @@ if kill_at:
             _kill(f"train_worker: SIGKILL at training forward {kill_at}")
         return real_forward(*args, **kwargs)
 
-    T.forward_losses = forward_losses
+    DL.forward_losses = forward_losses
 
 kill_in_save = int(os.environ.get("KDLIB_TEST_KILL_IN_CHECKPOINT", "0"))
 if kill_in_save:
@@ -59,7 +59,7 @@ if kill_in_save:
 
     def save(obj, f, *args, **kwargs):
         name = str(getattr(f, "name", f))
-        if T.CHECKPOINT in os.path.basename(name):
+        if R.CHECKPOINT in os.path.basename(name):
             saves[0] += 1
             if saves[0] == kill_in_save:
                 buffer = io.BytesIO()

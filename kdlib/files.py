@@ -1,0 +1,78 @@
+"""Files that are never seen half written: the one implementation of atomic writes in kdlib.
+
+A long run is killed at any moment (a pre-empted GPU, a Ctrl-C, a full disk). Whatever it was
+writing then must leave the previous version readable: a checkpoint, a summary, a cache index,
+an exported model folder. Every writer in kdlib goes through these three functions:
+
+* `atomic_write_bytes` / `atomic_write_json` / `atomic_write_text`: a file is written into a
+  temporary sibling, flushed and fsynced, then renamed over its name (``os.replace`` is atomic on
+  POSIX and Windows within one filesystem);
+* `replace_dir`: a folder written whole under a temporary name is moved into place, replacing
+  an older one (peft adapters, merged models, caches).
+
+This module sits at the bottom of the house with `kdlib.config`: it imports nothing of kdlib.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, IO
+
+
+def atomic_write_bytes(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call ``write(handle)`` on a temporary file in ``path``'s folder, fsync, rename over ``path``.
+
+    An interrupted save leaves the previous file intact, and no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` as UTF-8, atomically (see `atomic_write_bytes`)."""
+    atomic_write_bytes(path, lambda h: h.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any, **dumps: Any) -> None:
+    """``value`` as indented JSON plus a newline, atomically; ``dumps`` go to `json.dumps`."""
+    atomic_write_text(path, json.dumps(value, **{"indent": 2, **dumps}) + "\n")
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the fully written folder ``tmp`` to ``target``, replacing an older ``target``.
+
+    The old folder is first renamed aside and then deleted, so a reader sees the old folder or the
+    new one, and a kill in between leaves a complete folder at ``tmp`` or at ``target``."""
+    tmp, target = Path(tmp), Path(target)
+    if target.exists():
+        stale = target.with_name(f".{target.name}.stale-{os.getpid()}-{time.time_ns()}")
+        os.replace(target, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def fresh_tmp_dir(target: str | os.PathLike) -> Path:
+    """An empty temporary sibling folder of ``target`` (a leftover of a killed writer is removed)."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    return tmp
