@@ -143,7 +143,9 @@ print("CE only:", {k: summary_ce[k] for k in ("final_ce", "final_kl", "dev_loss"
 # ## One step by hand
 #
 # `run_stage` trained stage I in 60 steps. Here is its first step written out with the pieces the
-# trainer uses (`kdlib.train`), so a reader sees what the loop does and where each piece lives.
+# trainer uses, so a reader sees what the loop does and where each piece lives: `kdlib.runs`
+# builds a stage's models and data, `kdlib.caches` its frozen-encoder caches, `kdlib.distill` the
+# distillation forward, and `kdlib.train` is the loop around them.
 # First the setup, as `train` does it: seed, then teacher and student, data, encoder caches.
 # The seed comes first because it decides LoRA's initial weights and the dropout masks.
 
@@ -151,12 +153,11 @@ print("CE only:", {k: summary_ce[k] for k in ("final_ce", "final_kl", "dev_loss"
 import torch
 
 from kdlib import data
-from kdlib.losses import DistillationLoss
-from kdlib.models import build_optimizer
 from kdlib.caches import build_caches
 from kdlib.data import epoch_batches
 from kdlib.distill import forward_losses, stage_weights
-from kdlib.models import amp_settings, resolve_device
+from kdlib.losses import DistillationLoss
+from kdlib.models import amp_settings, build_optimizer, resolve_device
 from kdlib.runs import build_data, build_models, seed_everything
 from kdlib.train import lr_factor
 
