@@ -3,8 +3,9 @@
 On the demo: the real whisper-base teacher, teacher-forced on the embedded Italian dev set, against
 two students:
 
-* the **untrained distil-base student** (whisper-base's encoder, its first and last decoder
-  layers, no training): where distillation starts, KL large;
+* the preset's **untrained student** built from the teacher (demo: whisper-base's encoder on a
+  10 s window, all 6 decoder layers; the teacher reads its own 30 s log-mels), no training: where
+  distillation starts;
 * the **teacher plus Gaussian logit noise** (``--noise``, std in logit units): a student close to
   the teacher, as late in training, KL small, so a fixed absolute error weighs more.
 
