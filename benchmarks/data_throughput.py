@@ -15,7 +15,8 @@ on two copies of the embedded Italian corpus: the shipped 16 kHz mono OPUS (like
 resampling needed) and a 44.1 kHz stereo FLAC copy (like a user's own recordings, resampled).
 Prints a table and the speed-up ratios; it never passes or fails on time.
 
-Run: .venv/bin/python benchmarks/data_throughput.py [--repeat 1] [--batch-size 8]
+Run: .venv/bin/python benchmarks/data_throughput.py [--repeat 1] [--batch-size 8] [--clips N]
+``--quick``: the same table on the first 6 clips, batch 2 (seconds; tests/test_benchmarks.py).
 """
 from __future__ import annotations
 
@@ -92,13 +93,17 @@ def flac_copy(utterances, folder: Path) -> list:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=1, help="pass over the corpus this many times")
     parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
+    parser.add_argument("--clips", type=int, default=None, help="only the first N clips (default: all 136)")
+    parser.add_argument("--quick", action="store_true", help="6 clips, batch 2: the same table in seconds (tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clips, args.batch_size, args.repeat = 6, 2, 1
     root = data.embedded_corpus("it")
-    utts = [u for s in ("train", "dev", "test") for u in data.scan_mls(root, s).utterances] * args.repeat
+    utts = [u for s in ("train", "dev", "test") for u in data.scan_mls(root, s).utterances][:args.clips] * args.repeat
     fe = WhisperFeatureExtractor(feature_size=80)
     audio_s = sum(u.duration for u in utts)
     print(f"{len(utts)} clips, {audio_s:.0f} s of audio; torch threads {torch.get_num_threads()}, "

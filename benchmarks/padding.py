@@ -16,6 +16,8 @@ tokens ~ 4.4 per second + 4 special tokens, with noise). Batches come from
 waste is `kdlib.data.padding_waste`.
 
     .venv/bin/python benchmarks/padding.py [--batch 8 64] [--synthetic 20000] [--epochs 3]
+
+``--quick``: the same table with 1,000 synthetic clips and one epoch (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -86,12 +88,15 @@ def report(name: str, durations, tokens, batch_sizes, epochs: int) -> None:
             print(f"  {bs:>5}  {sampler:<15} {mean['frames']:>11.1%} {mean['tokens']:>11.1%} {mean['pad_tokens']:>20,.0f}")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--synthetic", type=int, default=20000, help="clips in the synthetic MLS-like set")
     parser.add_argument("--epochs", type=int, default=3, help="epochs averaged (different shuffles)")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="1,000 synthetic clips, one epoch (tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.synthetic, args.epochs = 1000, 1
     durations, tokens = embedded_lengths()
     report("embedded Italian train split", durations, tokens, args.batch, args.epochs)
     durations, tokens = synthetic_lengths(args.synthetic)

@@ -6,6 +6,10 @@ speed and how much the teacher's outputs move. `kdlib.models.TeacherWrapper` use
 CPUs with bfloat16 instructions (`kdlib.models.cpu_has_fast_bf16`); this script is the evidence.
 
     .venv/bin/python benchmarks/teacher_autocast_cpu.py [--batch 4] [--repeats 3]
+
+``--quick``: the same printout for the tiny random teacher (`kdlib.models.tiny_random_pair`),
+batch 1, 4 tokens, one repeat: seconds (tests/test_benchmarks.py). ``--model tiny-random`` picks
+that teacher at any size.
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ import torch
 from kdlib import models
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="whisper-base")
+    parser.add_argument("--model", default="whisper-base", help="a load_whisper name or tiny-random")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="tiny random teacher, batch 1, 4 tokens, 1 repeat (tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.batch, args.tokens, args.repeats = "tiny-random", 1, 4, 1
 
-    bundle = models.load_whisper(args.model)
+    bundle = models.tiny_random_pair()[0] if args.model == "tiny-random" else models.load_whisper(args.model)
     model = models.freeze_teacher(bundle.model)
     torch.manual_seed(0)
     feats = torch.randn(args.batch, model.config.num_mel_bins, 3000)

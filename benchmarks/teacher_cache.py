@@ -21,7 +21,10 @@ Then a FLOP projection of the same ratios for whisper-large-v3 → whisper-small
 student's encoder training vs frozen (stage III: `EncoderCache`, no graph).
 
     .venv/bin/python benchmarks/teacher_cache.py [--batch 2] [--steps 2] [--setups frozen trains]
-        [--top-k 64] [--memory]
+        [--top-k 64] [--memory] [--preset demo]
+
+``--quick``: the same printout (both set-ups, the projection and ``--memory``) on the smoke preset
+(tiny random pair), batch 1, one timed step, top-k 16: seconds (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ from kdlib.losses import DistillationLoss
 from kdlib.models import build_optimizer
 from kdlib.teacher_cache import build_teacher_cache, teacher_outputs
 
+
+# The student measured here is the distil-base of benchmarks/README.md's figures: whisper-base's
+# whole encoder (Whisper's 30 s window, so the frozen encoder *is* the teacher's and is shared)
+# and decoder layers 0 and 5. The demo preset's student now reads a 10 s window and keeps all 6
+# decoder layers; its encoder is then not the teacher's, and the teacher needs its own 30 s
+# log-mels, which this script's batches (and `build_teacher_cache`'s dataset) do not carry.
+STUDENT = {"student_window_seconds": None, "student_decoder_layers": 2}
 
 # --------------------------------------------------------------------------------------------
 # FLOPs of Whisper, analytically (multiply-add = 2 FLOPs; layer norms, softmax, GELU left out)
@@ -112,7 +122,7 @@ def step_seconds(models, config, paths: dict, batches, device, steps: int) -> di
 def run_setup(name: str, args, cache_root: str) -> dict:
     train_encoder = name == "trains"
     n = args.batch * (args.steps + 1)
-    config = make_config("demo", stage=1, overrides={
+    config = make_config(args.preset, stage=1, overrides={**STUDENT,
         "train_encoder": train_encoder, "batch_size": args.batch, "max_train_utterances": n,
         "max_dev_utterances": 1, "encoder_cache": "off", "device": "cpu"})
     device = torch.device("cpu")
@@ -135,7 +145,7 @@ def run_setup(name: str, args, cache_root: str) -> dict:
     build_teacher_cache(models.teacher, train_set, folder, top_k=args.top_k, batch_size=args.batch,
                         store_hidden=not train_encoder, progress=False)
     build_s = time.perf_counter() - start
-    cached_config = make_config("demo", stage=1, overrides={**{k: getattr(config, k) for k in (
+    cached_config = make_config(args.preset, stage=1, overrides={**STUDENT, **{k: getattr(config, k) for k in (
         "train_encoder", "batch_size", "max_train_utterances", "max_dev_utterances", "encoder_cache", "device")},
         "teacher_cache": folder})
     cached_caches = C.build_caches(models, cached_config, train_set)
@@ -169,7 +179,7 @@ def memory(args) -> None:
     device = torch.device("cpu")
     results = {}
     for train_encoder in (True, False):
-        config = make_config("demo", stage=1, overrides={
+        config = make_config(args.preset, stage=1, overrides={**STUDENT,
             "train_encoder": train_encoder, "batch_size": args.batch, "max_train_utterances": args.batch,
             "max_dev_utterances": 1, "device": "cpu"})
         torch.manual_seed(0)
@@ -187,14 +197,14 @@ def memory(args) -> None:
         loss_fn.weights = DL.stage_weights(config, 0)
         results[train_encoder] = saved_bytes(
             lambda: DL.forward_losses(models, loss_fn, batch, device, (False, None), caches=caches)["total"])
-    print(f"\nautograd saved tensors, student forward + losses, batch {args.batch} (demo, CPU, float32):")
+    print(f"\nautograd saved tensors, student forward + losses, batch {args.batch} ({args.preset}, CPU, float32):")
     print(f"  encoder LoRA trains (stages I-II)            {results[True] / 2**20:8.1f} MiB")
     print(f"  encoder frozen, EncoderCache (stage III)     {results[False] / 2**20:8.1f} MiB")
     print(f"  saved: {(results[True] - results[False]) / 2**20:.1f} MiB "
           f"({1 - results[False] / results[True]:.0%}) per batch of {args.batch}")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per path (after one warm-up)")
@@ -202,8 +212,15 @@ def main() -> None:
     parser.add_argument("--setups", nargs="+", default=["frozen", "trains"], choices=["frozen", "trains"])
     parser.add_argument("--tokens", type=int, default=50, help="decoder tokens per clip in the FLOP projection")
     parser.add_argument("--memory", action="store_true", help="also measure autograd memory (frozen encoder)")
-    args = parser.parse_args()
-    print(f"demo pair: whisper-base teacher -> distil-base student; batch {args.batch}, {args.steps} timed steps, "
+    parser.add_argument("--preset", default="demo", choices=["smoke", "demo"])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke preset, batch 1, 1 timed step, top-k 16, --memory: seconds (tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.batch, args.steps, args.top_k, args.memory = "smoke", 1, 1, 16, True
+    config = make_config(args.preset, stage=1, overrides=STUDENT)
+    shape = f" ({config.student_decoder_layers} decoder layers, 30 s window)" if config.student == "distil-base" else ""
+    print(f"{args.preset} pair: {config.teacher} teacher -> {config.student} student{shape}; batch {args.batch}, {args.steps} timed steps, "
           f"top-k {args.top_k}, {torch.get_num_threads()} threads, float32 CPU")
     with tempfile.TemporaryDirectory() as root:
         for name in args.setups:

@@ -3,8 +3,9 @@
 On the demo: the real whisper-base teacher, teacher-forced on the embedded Italian dev set, against
 two students:
 
-* the **untrained distil-base student** (whisper-base's encoder, its first and last decoder
-  layers, no training): where distillation starts, KL large;
+* the preset's **untrained student** built from the teacher (demo: whisper-base's encoder on a
+  10 s window, all 6 decoder layers; the teacher reads its own 30 s log-mels), no training: where
+  distillation starts;
 * the **teacher plus Gaussian logit noise** (``--noise``, std in logit units): a student close to
   the teacher, as late in training, KL small, so a fixed absolute error weighs more.
 
@@ -15,6 +16,9 @@ negative: biased low by ``p_tail * KL(p(.|tail) || q(.|tail))``); the same top-k
 noise); and the teacher's mass outside the top k.
 
     .venv/bin/python benchmarks/topk_kl.py [--limit 20] [--noise 1.0] [--ks 8 32 64] [--temperatures 2]
+
+``--quick``: the same tables on the smoke preset (tiny random pair), 2 dev clips, 16 tail samples:
+seconds (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from kdlib.teacher_cache import measure_topk_error
 from kdlib.runs import load_pair as _load_pair, build_data
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 32, 64])
@@ -36,11 +40,16 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=1.0, help="logit noise std of the second student")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tail-samples", type=int, default=64, help="m of the sampled-tail estimator")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="smoke preset, 2 dev clips, 16 tail samples (tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.limit, args.batch, args.tail_samples = "smoke", 2, 2, 16
     config = make_config(args.preset, stage=1, overrides={"max_dev_utterances": args.limit, "max_train_utterances": 1})
     teacher, student = _load_pair(config)
-    _, dev_set, _ = build_data(config, teacher.feature_extractor, teacher.tokenizer)
-    students = {"untrained distil-base student": student.eval(),
+    # the student reads its own window's log-mels (demo: 10 s), the teacher Whisper's 30 s ones
+    own = teacher.feature_extractor if teacher.feature_extractor.n_samples != student.feature_extractor.n_samples else None
+    _, dev_set, _ = build_data(config, student.feature_extractor, student.tokenizer, own)
+    students = {f"untrained {config.student} student": student.model.eval(),
                 f"teacher + N(0, {args.noise:g}^2) logit noise": args.noise}
     start = time.perf_counter()
     r = measure_topk_error(teacher.model.eval(), students, dev_set, ks=args.ks, temperatures=args.temperatures,

@@ -14,6 +14,9 @@ To compare steps and not data loading, both see the same batch: the training set
 this script only), so each of kdlib's epochs is that one batch.
 
     .venv/bin/python benchmarks/train_step.py [--preset smoke|demo] [--steps 8] [--batch 4]
+
+``--quick``: the same printout on the smoke pair, batch 2, 4 steps, once: seconds
+(tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class InMemory(torch.utils.data.Dataset):
 
 
 def kdlib_steps(config) -> list[float]:
-    build_data, forward_losses = R.build_data, DL.forward_losses
+    # the trainer's own references (kdlib.train imports them at its top) are the ones to wrap
+    build_data, forward_losses = T.build_data, T.forward_losses
     stamps: list[float] = []
 
     def in_memory(*args, **kwargs):
@@ -57,12 +61,12 @@ def kdlib_steps(config) -> list[float]:
         stamps.append(time.perf_counter())
         return forward_losses(*args, **kwargs)
 
-    R.build_data, DL.forward_losses = in_memory, timed
+    T.build_data, T.forward_losses = in_memory, timed
     try:
         with tempfile.TemporaryDirectory() as run_dir:
             T.train(config, run_dir, progress=False)
     finally:
-        R.build_data, DL.forward_losses = build_data, forward_losses
+        T.build_data, T.forward_losses = build_data, forward_losses
     return [b - a for a, b in zip(stamps, stamps[1:])][1:]  # first interval: warm-up
 
 
@@ -70,7 +74,8 @@ def bare_steps(config) -> list[float]:
     R.seed_everything(config.seed)
     device = M.resolve_device(config.device)
     models = R.build_models(config, device)
-    train_set, _, _ = R.build_data(config, models.feature_extractor, models.tokenizer)
+    # as kdlib.train.train builds it: the teacher's own log-mels when the student's window is shorter
+    train_set, _, _ = R.build_data(config, models.feature_extractor, models.tokenizer, models.teacher_feature_extractor)
     batch = data.collate([train_set[i] for i in range(len(train_set))])
     caches = C.build_caches(models, config, train_set)
     loss_fn = DistillationLoss(DL.stage_weights(config, 0))
@@ -88,13 +93,16 @@ def bare_steps(config) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])][2:]  # skip the warm-up steps (caches fill)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smoke", choices=["smoke", "demo"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="alternate kdlib/bare this many times")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="smoke pair, batch 2, 4 steps, one repeat (tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.batch, args.steps, args.repeats = "smoke", 2, 4, 1
     config = make_config(args.preset, stage=1, overrides={
         "batch_size": args.batch, "max_train_utterances": args.batch, "max_dev_utterances": 1,
         "max_steps": args.steps, "warmup_steps": 1, "eval_every": 10**6, "save_every": 10**6,

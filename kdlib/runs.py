@@ -342,6 +342,20 @@ def _training_folder_info(config: TrainConfig) -> Optional[dict]:
         return {"error": f"{info}: not valid JSON ({err})"}
 
 
+def note_evaluation(state: dict, evaluation: dict) -> bool:
+    """Record a dev evaluation in the run's progress ``state`` (saved in the checkpoint): the best
+    so far (dev WER, else dev loss: ``best_wer``, ``best_step``, ``best_metric``) and the
+    evaluations in a row without improvement (``bad_evals``, early stopping's count). True when
+    this evaluation is the new best."""
+    metric = "dev_wer" if evaluation.get("dev_wer") is not None else "dev_loss"
+    value = evaluation[metric]
+    if state["best_wer"] is not None and not value < state["best_wer"]:
+        state["bad_evals"] += 1
+        return False
+    state.update(best_wer=value, bad_evals=0, best_step=evaluation["step"], best_metric=metric)
+    return True
+
+
 def exported_info(config: TrainConfig, state: dict, last_eval: dict) -> dict:
     if config.early_stopping_patience and state.get("best_step") is not None:
         return {"folder": BEST_ADAPTER_DIR, "step": state["best_step"], "metric": state["best_metric"],

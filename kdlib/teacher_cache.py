@@ -396,7 +396,9 @@ def measure_topk_error(teacher: torch.nn.Module, students: dict[str, Any], datas
 
     ``students`` maps a name to a Whisper model (its own forward on the same features and labels)
     or to a float ``s``: that "student" is the teacher's logits plus Gaussian noise of std ``s``
-    (a student close to the teacher, where the KL is small). The teacher runs once per batch.
+    (a student close to the teacher, where the KL is small). The teacher runs once per batch, on
+    ``teacher_input_features`` when the items carry them (a student with a shorter window reads
+    ``input_features``), else on ``input_features`` like the students.
     Returns per-token means::
 
         {"tokens": n, "students": {name: {T: {"exact_kl", "k": {k: {"topk_kl", "relative_error",
@@ -419,7 +421,9 @@ def measure_topk_error(teacher: torch.nn.Module, students: dict[str, Any], datas
         labels = batch["labels"]
         mask = labels != -100
         tokens += int(mask.sum())
-        teacher_logits = teacher_outputs(teacher, batch["input_features"], labels)[1].cpu()
+        # the teacher's own log-mels when the dataset carries them (a student with a shorter window)
+        teacher_features = batch.get("teacher_input_features", batch["input_features"])
+        teacher_logits = teacher_outputs(teacher, teacher_features, labels)[1].cpu()
         for name, student in students.items():
             if isinstance(student, torch.nn.Module):
                 dec_in = decoder_inputs(labels, student.config)

@@ -42,8 +42,9 @@ from kdlib.files import atomic_write_json
 from kdlib.losses import TERMS, DistillationLoss, TAIDSchedule
 from kdlib.models import amp_settings, build_optimizer, resolve_device, tensor_digest, trainable_report
 from kdlib.progress import progress_bar
-from kdlib.runs import (BEST_ADAPTER_DIR, CHECKPOINT, HISTORY, build_data, build_models, load_checkpoint, reusable_run,
-                        rng_state, run_summary, save_adapter, save_checkpoint, seed_everything, trainable_state)
+from kdlib.runs import (BEST_ADAPTER_DIR, CHECKPOINT, HISTORY, build_data, build_models, load_checkpoint,
+                        note_evaluation, reusable_run, rng_state, run_summary, save_adapter, save_checkpoint,
+                        seed_everything, trainable_state)
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,6 +59,30 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, lr: float, min_lr
     progress = min(1.0, (step - warmup_steps) / span)
     floor = min_lr / lr
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip(scaler, optimizer, params, max_norm: float) -> float:
+    """Unscale the gradients (the GradScaler's inf check) and clip their norm; returns the norm
+    before clipping (not finite: an overflow, the step is skipped)."""
+    scaler.unscale_(optimizer)
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def skip_step(optimizer, scaler, *, unscaled: bool) -> None:
+    """A non-finite step: gradients dropped, no update, no schedule advance. After an unscale_
+    (overflowing gradients) the scaler lowers its scale; without one it must not be updated."""
+    optimizer.zero_grad(set_to_none=True)
+    if unscaled:
+        scaler.update()
+
+
+def add_scalars(writer, prefix: str, values: dict, step: int) -> None:
+    """TensorBoard scalars ``<prefix>/<key>`` (rank 0 only: other ranks have no writer)."""
+    if writer is None:
+        return
+    for key, value in values.items():
+        if key not in ("step", "dev_utterances") and value is not None:
+            writer.add_scalar(f"{prefix}/{key}", value, step)
 
 
 def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: bool = True,
@@ -151,8 +176,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
             if batch is None or not finite:  # an undecodable slice (distributed), or a step already lost
                 continue
             # forward + loss
-            parts = forward_losses(models, loss_fn, batch, device, (autocast_on, autocast_dtype),
-                                   taid_t=taid_t, caches=caches)
+            parts = forward_losses(models, loss_fn, batch, device, (autocast_on, autocast_dtype), taid_t=taid_t, caches=caches)
             if not torch.isfinite(parts["total"]):
                 finite = False  # the rest of this step's micro-batches are drawn and left unused
                 continue
@@ -165,27 +189,15 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
         finite = distributed.all_true(finite, ctx)
         if finite:
             distributed.average_gradients(params, ctx)
-        # clip
-        grad_norm = float("nan")
-        unscaled = False  # GradScaler.update() may only follow an unscale_ (its inf checks)
-        if finite:
-            scaler.unscale_(optimizer)
-            unscaled = True
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-            finite = math.isfinite(grad_norm)
-        if not finite:
-            # Skip the step: no update, no schedule advance; counted, and bounded in a row.
-            optimizer.zero_grad(set_to_none=True)
-            if unscaled:  # overflowing gradients: the scaler lowers its scale
-                scaler.update()
-            nonfinite_in_row += 1
-            state["nonfinite_total"] += 1
+        # clip (unscaled first: GradScaler.update() may only follow an unscale_)
+        grad_norm = clip(scaler, optimizer, params, config.grad_clip) if finite else None
+        if grad_norm is None or not math.isfinite(grad_norm):
+            skip_step(optimizer, scaler, unscaled=grad_norm is not None)  # no update; the scale drops
+            nonfinite_in_row, state["nonfinite_total"] = nonfinite_in_row + 1, state["nonfinite_total"] + 1
             state["epoch"], state["position"] = epoch, position
             if nonfinite_in_row >= config.max_nonfinite_in_row:
-                raise TrainingDiverged(
-                    f"{nonfinite_in_row} non-finite steps in a row at step {step}: stopping. "
-                    f"The last good checkpoint ({checkpoint}) is intact; lower lr or check the data."
-                )
+                raise TrainingDiverged(f"{nonfinite_in_row} non-finite steps in a row at step {step}: stopping. The "
+                                       f"last good checkpoint ({checkpoint}) is intact; lower lr or check the data.")
             continue
         nonfinite_in_row = 0
         # step + schedule
@@ -196,47 +208,30 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
             taid.update(distributed.sum_over_ranks([parts_sum["taid"]], ctx)[0] / ctx.world)
             state["taid"] = taid.state_dict()
         state.update(step=step + 1, epoch=epoch, position=position)
-
         # log
-        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                  "seconds": time.perf_counter() - started,
-                  **{f"w_{k}": getattr(loss_fn.weights, k) for k in TERMS}}
-        if taid_t is not None:
-            record["taid_t"] = taid_t
-        record.update(parts_sum)
-        history.append(record)
-        if main and (step + 1) % config.log_every == 0:
-            for key, value in record.items():
-                if key != "step" and value is not None:
-                    writer.add_scalar(f"train/{key}", value, step + 1)
+        history.append({"step": step + 1, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                        "seconds": time.perf_counter() - started, **({"taid_t": taid_t} if taid_t is not None else {}),
+                        **{f"w_{k}": getattr(loss_fn.weights, k) for k in TERMS}, **parts_sum})
+        if (step + 1) % config.log_every == 0:
+            add_scalars(writer, "train", history[-1], step + 1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in parts_sum.items() if k in ("total", "ce", "kl", "geo", "contrastive")})
         bar.update(1)
-
         # evaluate
         if (step + 1) % config.eval_every == 0 or step + 1 == config.max_steps:
             last_eval = {"step": step + 1, **dev_scores(models, dev_set, collate, config, device, caches, ctx,
                                                         autocast=(autocast_on, autocast_dtype))}
             history[-1].update({k: v for k, v in last_eval.items() if k != "step"})
-            for key, value in last_eval.items():
-                if main and key != "step" and value is not None:
-                    writer.add_scalar(f"dev/{key}", value, step + 1)
+            add_scalars(writer, "dev", last_eval, step + 1)
             if main:
-                bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k not in ("step", "dev_utterances") and v is not None))
-            metric = last_eval.get("dev_wer") if last_eval.get("dev_wer") is not None else last_eval["dev_loss"]
-            if state["best_wer"] is None or metric < state["best_wer"]:
-                state["best_wer"], state["bad_evals"] = metric, 0
-                state["best_step"] = step + 1
-                state["best_metric"] = "dev_wer" if last_eval.get("dev_wer") is not None else "dev_loss"
-                if main and config.early_stopping_patience:  # the adapter early stopping hands on
-                    save_adapter(run_dir, models, BEST_ADAPTER_DIR)
-            else:
-                state["bad_evals"] += 1
+                bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()
+                                                           if k not in ("step", "dev_utterances") and v is not None))
+            if note_evaluation(state, last_eval) and main and config.early_stopping_patience:
+                save_adapter(run_dir, models, BEST_ADAPTER_DIR)  # the adapter early stopping hands on
             if on_eval is not None:
                 on_eval(step + 1, dict(last_eval))
             if config.early_stopping_patience and state["bad_evals"] >= config.early_stopping_patience:
                 log(f"early stopping: no dev improvement in {state['bad_evals']} evaluations")
                 stopped_early = True
-
         # checkpoint
         if (step + 1) % config.save_every == 0 or step + 1 == config.max_steps or stopped_early:
             rng_per_rank = distributed.gather_objects(rng_state(), ctx) if ctx.enabled else None

@@ -338,3 +338,78 @@ def test_stage3_reads_teacher_encoder_states_from_the_cache(smoke, built):
     # teacher, whose KL (0.04) is small next to the sampling noise: only check it is there; its
     # accuracy is tested above and measured in benchmarks/topk_kl.py.
     assert cached["kl"] is not None and torch.isfinite(cached["kl"])
+
+
+# ---- measure_topk_error: the numbers behind benchmarks/topk_kl.py's table --------------------
+
+
+def _hand_kl(teacher, student, batch, temperature, ks):
+    """Exact KL·T² per token, and the teacher's mean tail mass outside its top k, from one
+    whole-model forward of each (no teacher_outputs, no kl_divergence_topk)."""
+    labels = batch["labels"]
+    mask = labels != -100
+    with torch.no_grad():
+        t_in = batch.get("teacher_input_features", batch["input_features"])
+        t = teacher(input_features=t_in, decoder_input_ids=TC._shift_right(labels, teacher.config), use_cache=False).logits
+        s = student(input_features=batch["input_features"], decoder_input_ids=TC._shift_right(labels, student.config),
+                    use_cache=False).logits
+    log_p, log_q = torch.log_softmax(t[mask].double() / temperature, -1), torch.log_softmax(s[mask].double() / temperature, -1)
+    exact = float((log_p.exp() * (log_p - log_q)).sum(-1).mean()) * temperature**2
+    p_tail = {k: float((1 - log_p.exp().topk(k, -1).values.sum(-1)).mean()) for k in ks}
+    return int(mask.sum()), exact, p_tail
+
+
+def test_measure_topk_error_matches_a_hand_computed_kl(smoke):
+    """Batches of 3 over 4 clips (padding differs per batch) give the whole-set exact KL and tail
+    mass; the lumped top-k KL rises with k towards the exact one (a finer partition of the
+    vocabulary: data processing), its relative error is (exact - top-k) / exact; a "student" equal
+    to the teacher has KL 0 at every k; the sampled tail is closer than the lumped one."""
+    from kdlib import data, models
+
+    teacher, dataset = smoke
+    dataset = data.MLSDataset(dataset.utterances[:4], dataset.feature_extractor, dataset.tokenizer)
+    _, student = models.tiny_random_pair(seed=1)
+    student.model.eval()
+    ks = (8, 256)
+    r = TC.measure_topk_error(teacher.model.eval(), {"student": student.model, "teacher": 0.0, "noisy": 1.0}, dataset,
+                              ks=ks, temperatures=(1.0, 2.0), tail_samples=64, batch_size=3, progress=False)
+    batch = data.collate([dataset[i] for i in range(len(dataset))])
+    for t in (1.0, 2.0):
+        tokens, exact, p_tail = _hand_kl(teacher.model, student.model, batch, t, ks)
+        assert r["tokens"] == tokens
+        row = r["students"]["student"][t]
+        assert row["exact_kl"] == pytest.approx(exact, rel=1e-4)
+        lumped = [row["k"][k]["topk_kl"] for k in ks]
+        assert lumped == sorted(lumped) and 0 < lumped[0] and lumped[-1] <= exact * (1 + 1e-5)
+        for k in ks:
+            c = row["k"][k]
+            assert c["p_tail"] == pytest.approx(p_tail[k], abs=1e-5)
+            e = row["exact_kl"]
+            assert c["relative_error"] == pytest.approx((e - c["topk_kl"]) / e, rel=1e-6)
+            assert c["sampled_relative_error"] == pytest.approx((e - c["sampled_kl"]) / e, rel=1e-6)
+        same = r["students"]["teacher"][t]
+        assert same["exact_kl"] == pytest.approx(0.0, abs=1e-6)
+        assert all(abs(c["topk_kl"]) < 1e-6 and c["relative_error"] == 0.0 for c in same["k"].values())
+    noisy = r["students"]["noisy"][2.0]
+    assert noisy["exact_kl"] > 0
+    for k in ks:  # at T = 2 the random teacher's mass is almost all in the tail: lumping loses most of the KL
+        assert abs(noisy["k"][k]["sampled_relative_error"]) < noisy["k"][k]["relative_error"]
+
+
+def test_measure_topk_error_feeds_the_teacher_its_own_window(smoke):
+    """A student with a 10 s window reads 1000 log-mel frames; the teacher reads its own 3000
+    (``teacher_input_features``), as training does (benchmarks/topk_kl.py on the demo)."""
+    from kdlib import data, models
+
+    teacher, dataset = smoke
+    _, student = models.tiny_random_pair(seed=1)
+    student = models.shape_student(student, window_seconds=10)
+    windowed = data.MLSDataset(dataset.utterances[:3], student.feature_extractor, student.tokenizer,
+                               teacher_feature_extractor=teacher.feature_extractor)
+    batch = data.collate([windowed[i] for i in range(len(windowed))])
+    assert batch["input_features"].shape[-1] == 1000 and batch["teacher_input_features"].shape[-1] == 3000
+    r = TC.measure_topk_error(teacher.model.eval(), {"window": student.model.eval()}, windowed, ks=(8,),
+                              temperatures=(2.0,), tail_samples=0, batch_size=2, progress=False)
+    tokens, exact, _ = _hand_kl(teacher.model, student.model, batch, 2.0, (8,))
+    assert r["tokens"] == tokens
+    assert r["students"]["window"][2.0]["exact_kl"] == pytest.approx(exact, rel=1e-4)
