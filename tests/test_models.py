@@ -196,11 +196,8 @@ def test_teacher_wrapper_is_frozen_and_returns_states(tiny_pair):
 def test_teacher_wrapper_autocast_choice(tiny_pair):
     teacher, _ = tiny_pair
     auto = models.TeacherWrapper(teacher.model)
-    ctx = auto._autocast()
-    if models.cpu_has_fast_bf16():
-        assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
-    else:
-        assert not isinstance(ctx, torch.autocast)
+    assert auto.autocast_dtype() == (torch.bfloat16 if models.cpu_has_fast_bf16() else None)
+    assert models.TeacherWrapper(teacher.model, autocast=None).autocast_dtype() is None
     ids = torch.tensor([[50258, 50274, 50359, 50363]])
     out = auto(torch.randn(1, 80, 3000), ids)
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()

@@ -15,6 +15,7 @@ from kdlib import frames as F
 
 models = pytest.importorskip("kdlib.models")
 ev = pytest.importorskip("kdlib.evaluate")
+from kdlib import decode as dec  # noqa: E402
 
 try:
     models.real_tokenizer()
@@ -72,11 +73,11 @@ def test_window_keeps_the_first_position_rows_and_reads_1000_mel_frames(student)
 
 @needs_offline
 def test_window_student_decodes_and_refuses_a_clip_longer_than_its_window(student):
-    texts = ev.transcribe(student.model, student.feature_extractor, student.tokenizer, _clips(3), max_new_tokens=6)
+    texts = dec.transcribe(student.model, student.feature_extractor, student.tokenizer, _clips(3), max_new_tokens=6)
     assert len(texts) == 3
     long_clip = np.zeros(16000 * 12, dtype=np.float32)
     with pytest.raises(ValueError, match="longer than the model's 10 s encoder window"):
-        ev.transcribe(student.model, student.feature_extractor, student.tokenizer, [long_clip])
+        dec.transcribe(student.model, student.feature_extractor, student.tokenizer, [long_clip])
 
 
 @needs_offline
@@ -175,7 +176,7 @@ def test_window_student_in_ctranslate2_gives_transformers_tokens(student, tmp_pa
     student.tokenizer.save_pretrained(hf)
     student.feature_extractor.save_pretrained(hf)
     clips = _clips(5)
-    ref = ev.generate_token_ids(student.model, student.feature_extractor, clips, max_new_tokens=10, batch_size=1)
+    ref = dec.generate_token_ids(student.model, student.feature_extractor, clips, max_new_tokens=10, batch_size=1)
     assert len({tuple(r) for r in ref}) > 1, "the model must give different tokens for different clips"
     out = ev.export_ct2(hf, tmp_path / "ct2", quantization="float32")
     engine = ev.CT2Whisper(out, compute_type="float32", threads=1)
@@ -194,7 +195,7 @@ def test_window_student_through_the_transformers_pipeline(student, tmp_path):
     student.feature_extractor.save_pretrained(tmp_path)
     asr = pipeline("automatic-speech-recognition", model=str(tmp_path), device="cpu")
     clips = _clips(3)
-    ref = ev.transcribe(student.model, student.feature_extractor, student.tokenizer, clips, max_new_tokens=10,
+    ref = dec.transcribe(student.model, student.feature_extractor, student.tokenizer, clips, max_new_tokens=10,
                         batch_size=1)
     got = [asr({"raw": c, "sampling_rate": 16000},
                generate_kwargs={"language": "it", "task": "transcribe", "max_new_tokens": 10,

@@ -350,8 +350,8 @@ def _hand_kl(teacher, student, batch, temperature, ks):
     mask = labels != -100
     with torch.no_grad():
         t_in = batch.get("teacher_input_features", batch["input_features"])
-        t = teacher(input_features=t_in, decoder_input_ids=TC._shift_right(labels, teacher.config), use_cache=False).logits
-        s = student(input_features=batch["input_features"], decoder_input_ids=TC._shift_right(labels, student.config),
+        t = teacher(input_features=t_in, decoder_input_ids=decoder_inputs(labels, teacher.config), use_cache=False).logits
+        s = student(input_features=batch["input_features"], decoder_input_ids=decoder_inputs(labels, student.config),
                     use_cache=False).logits
     log_p, log_q = torch.log_softmax(t[mask].double() / temperature, -1), torch.log_softmax(s[mask].double() / temperature, -1)
     exact = float((log_p.exp() * (log_p - log_q)).sum(-1).mean()) * temperature**2

@@ -111,7 +111,7 @@ def test_one_dataloader_for_the_whole_run_replays_the_epoch_batches(monkeypatch)
             made.append(kwargs.get("num_workers"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(torch.utils.data, "DataLoader", Counting)
+    monkeypatch.setattr(data, "DataLoader", Counting)  # the loader kdlib.data.batch_stream builds
     expected = [(e, i + 1, [train_set.utterances[j].id for j in b])
                 for e in range(4) for i, b in enumerate(data.epoch_batches(train_set, config, e))]
     start = 1  # resume after the first batch of epoch 0
