@@ -182,3 +182,33 @@ def test_chapter_results_catches_a_deleted_key_and_a_range(tmp_path):
     path.write_text(json.dumps(broken))
     with pytest.raises(AssertionError, match="monitor.factors.1"):
         chapter_results.assert_results(nb, path)
+
+
+def test_build_book_checks_the_stated_numbers_after_the_chapters_ran(tmp_path, capsys):
+    """scripts/build_book.py: after executing, every chapter's marked numbers are compared with
+    its out_dir's results.json; a disagreement stops the build (SystemExit) naming both. At a
+    preset other than demo only the keys are checked."""
+    import nbformat
+
+    import build_book
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('out_dir = "runs/99_fixture"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_markdown_cell("The dev WER fell to 0.39<!-- results: rows.stage1.wer -->.")]
+    path = tmp_path / "notebooks" / "99_fixture.ipynb"
+    path.parent.mkdir()
+    nbformat.write(nb, str(path))
+    out = build_book.chapter_out_dir(path, {})
+    assert out == tmp_path / "notebooks" / "runs" / "99_fixture"
+    assert build_book.chapter_out_dir(path, {"out_dir": str(tmp_path / "elsewhere")}) == tmp_path / "elsewhere"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"rows": {"stage1": {"wer": 0.392}}}))
+    build_book.check_stated_numbers([(path, out)], None)
+    assert "1 stated numbers agree" in capsys.readouterr().out
+    (out / "results.json").write_text(json.dumps({"rows": {"stage1": {"wer": 0.45}}}))
+    with pytest.raises(SystemExit, match=r"99_fixture: the prose says 0.39 but results.json has rows.stage1.wer = 0.45"):
+        build_book.check_stated_numbers([(path, out)], "demo")
+    build_book.check_stated_numbers([(path, out)], "smoke")  # other sizes: keys only
+    (out / "results.json").write_text(json.dumps({"rows": {}}))
+    with pytest.raises(SystemExit, match="does not have"):
+        build_book.check_stated_numbers([(path, out)], "smoke")
