@@ -127,7 +127,7 @@ plt.show()
 # %% [markdown]
 # The geodesic term is a mean angle in radians between projected student frames and teacher
 # frames: 0 is perfect alignment, π/2 orthogonal. With a batch of 4 the contrastive term is at
-# most log 4 ≈ 1.39 nats (chance).
+# most log 4 ≈ 1.39<!-- cited --> nats (chance).
 #
 # ## How aligned are the encoders now?
 

@@ -206,6 +206,10 @@ for s in (before_states, after_states, projected_before, projected_after):
 results["cosine"] = {key: same_frame_cosine(teacher_states, s) for key, s in (
     ("before", before_states), ("after", after_states), ("projected_before", projected_before),
     ("projected_after", projected_after))}
+if results["cosine"]["after"] is not None:
+    results["cosine_drop_percent"] = 100 * (1 - results["cosine"]["after"])
+else:  # other widths or frame rates: no frame-by-frame cosine
+    results["cosine_drop_percent"] = None
 
 # %% [markdown]
 # The demo student copies whisper-base's encoder layer for layer (distil-whisper's recipe: the
@@ -253,7 +257,7 @@ plt.show()
 #   axes).
 # * **t-SNE** also draws identical points on top of each other, but it *magnifies* small
 #   differences: each clip's teacher and after-KD states are each other's nearest neighbours, and
-#   t-SNE spreads every neighbourhood to a visible size, so a cosine of 0.99 looks like a clear gap.
+#   t-SNE spreads every neighbourhood to a visible size, so a cosine of 0.99<!-- results: cosine.after --> looks like a clear gap.
 # * **UMAP** does not even keep identical points together: the teacher's circle and the identical
 #   student-before-KD square of a clip land apart (UMAP moves every point on its own, with random
 #   pushes away from other points). Distances *within* a small group on a UMAP map mean nothing.
@@ -289,7 +293,7 @@ results["map_seconds"] = {m.method: round(m.seconds, 1) for m in frame_maps}
 # %% [markdown]
 # With thirty frames per clip the picture changes. The teacher's and the students' markers sit
 # inside each other on all three maps: at the scale of the frame structure, the change that KD made
-# (cosine 0.99) is invisible, and only the utterance maps and the numbers show it. The three methods
+# (cosine 0.99<!-- results: cosine.after -->) is invisible, and only the utterance maps and the numbers show it. The three methods
 # draw the same frames very differently: PCA a bent band with two dense ends (its two axes now hold
 # only about a fifth of the variance, so most frames overlap); t-SNE an evenly filled disc of small
 # groups with a few detached islands; UMAP thin strands and compact islands with wide empty gaps
@@ -422,7 +426,7 @@ print(f"figures and latent_space.json in {out.resolve()}; chapter ran in {result
 # * **DTW** compares frame sequences in order and allows different lengths (a 3:1 student); on the
 #   demo its path stays on the diagonal: KD changed the frames, not their timing.
 # * The `distil-base` student copies its teacher's encoder: before KD its states equal the
-#   teacher's (cosine 1, DTW 0), so on the demo KD can only move the encoder away, by about 1 % in
+#   teacher's (cosine 1, DTW 0), so on the demo KD can only move the encoder away, by about 1<!-- results: cosine_drop_percent ~0.5 --> % in
 #   cosine; these pictures become a real before/after with a student that has its own encoder.
 #
 # ## Exercises

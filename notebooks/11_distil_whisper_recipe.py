@@ -430,10 +430,10 @@ row_keys = {f"teacher ({base.teacher})": "teacher", "teacher, adapted (stage 0)"
             "distil, unfiltered": "distil_unfiltered", thesis_name: "thesis_stage1"}
 by_name = {r["name"]: r for r in rows}
 results["dev_clips"] = n_clips
-results["rows"] = {key: ({k: by_name[name].get(k) for k in ("wer", "cer", "insertion_rate", "rtf", "n_utterances")}
-                         if by_name.get(name, {}).get("status") == "measured" else None)
+measured = {name: row for name, row in by_name.items() if row.get("status") == "measured"}
+results["rows"] = {key: {k: measured.get(name, {}).get(k) for k in ("wer", "cer", "insertion_rate", "rtf", "n_utterances")}
                    for name, key in row_keys.items()}
-distil_wers = [results["rows"][k]["wer"] for k in ("distil_filtered", "distil_unfiltered") if results["rows"][k]]
+distil_wers = [results["rows"][k]["wer"] for k in ("distil_filtered", "distil_unfiltered") if results["rows"][k]["wer"] is not None]
 results["distil_behind_thesis"] = min(distil_wers) - results["rows"]["thesis_stage1"]["wer"]
 # int8 against float32 in CTranslate2, over the models converted (null when ct2 is off)
 pairs = [(by_name.get(f"{name}, ct2 float32"), by_name.get(f"{name}, ct2 int8")) for name in sources] if ct2 else []

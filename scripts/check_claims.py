@@ -22,9 +22,9 @@ its key (a dotted path into results.json; list items by index)::
 - Thousands may be written ``51,865`` or ``51 865``.
 
 A measured-looking number without a marker is an error too (`unmarked`): a decimal number or a
-percentage in a sentence about WER or CER, outside code and math. Numbers that are not this
-run's measurements (the facts page, a paper, an earlier version of the book) say so with
-``<!-- cited -->`` after the number, or are written in words.
+percentage in a sentence about WER, CER, RTF, a loss, nats, radians or a cosine, outside code
+and math. Numbers that are not this run's measurements (the facts page, a paper, plain
+arithmetic) say so with ``<!-- cited -->`` after the number, or are written in words.
 
 `make book` (scripts/build_book.py) runs `check` after every executed chapter, at demo size, and
 stops naming the chapter, the prose and the result; the tests run `missing_keys` at smoke size,
@@ -50,7 +50,7 @@ ANY_MARKER = re.compile(r"<!--\s*results:\s*(?P<spec>[^>]*?)\s*-->")
 CITED = re.compile(r"<!--\s*cited[^>]*-->")
 # Measured-looking: a decimal number or a percentage (not a version like 1.2.1, not part of a word).
 _LOOKS_MEASURED = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.]*\d)(?:\s*%)?|(?<![\w.])\d+\s*%")
-_MEASURE_WORDS = re.compile(r"\b(WER|CER)\b")
+_MEASURE_WORDS = re.compile(r"\b(WER|CER|RTF|loss|nats?|rad|cosine)\b")
 # What a setting looks like just before its number: "λ = ", "T = ", "weight 0.5", "lr 3e-4".
 _SETTING = re.compile(r"(=|λ|\b(weight|lr|rate|threshold|factor|floor))\s*$")
 
@@ -222,7 +222,8 @@ def _strip_code_and_math(text: str) -> str:
 
 def unmarked(notebook: Path) -> list[str]:
     """Measured-looking numbers with no marker: a decimal number or a percentage in a sentence
-    (or table row) that mentions WER or CER, neither marked ``results:`` nor ``cited``. A
+    (or table row) that mentions WER, CER, RTF, a loss, nats, rad or a cosine (`_MEASURE_WORDS`),
+    neither marked ``results:`` nor ``cited``. A
     setting is not a measurement: a number right after "=", "λ", "weight", "lr", "rate",
     "threshold", "factor" or "floor", or right before "·" (0.8·CE), is left alone."""
     problems = []
