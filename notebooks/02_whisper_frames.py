@@ -94,6 +94,7 @@ root = Path(data_root) if data_root else data.embedded_corpus("it")
 scan = data.scan_mls(root, split)
 print(scan.report())
 utt = scan.utterances[clip_index % len(scan.utterances)]
+longest = max(scan.utterances, key=lambda u: u.duration)  # the split's longest clip (results.json)
 wave = data.load_audio(utt.audio).numpy()  # (samples,) float32 at 16 kHz
 print(f"clip {utt.id} ({utt.duration:.2f} s, speaker {utt.speaker}): {utt.text!r}")
 
@@ -141,7 +142,7 @@ print("receptive field of Whisper's two convolutions:", frames.encoder_receptive
 
 # %% [markdown]
 # For clips of a few seconds most of the 1500 encoder frames are padding (89<!-- results: padding_percent --> % for the default
-# clip of 3.3<!-- results: seconds --> s; still 69 % for the corpus' longest, 9.3 s): Whisper pays for 30 s whatever it
+# clip of 3.3<!-- results: seconds --> s; still 69<!-- results: longest.padding_percent --> % for the split's longest, 9.3<!-- results: longest.seconds --> s): Whisper pays for 30 s whatever it
 # hears. A 3:1 student keeps the 30 s window but does a third of the
 # frame work after downsampling. Each encoder frame's convolutions see 65 ms of audio on a
 # 20 ms grid: neighbouring frames already overlap before attention mixes everything.
@@ -493,6 +494,8 @@ else:
                 student_total=stu_total, mel_total=frames.N_MEL_FRAMES, encoder_total=frames.N_ENCODER_FRAMES),
     padding_percent=100 * (1 - enc_valid / frames.N_ENCODER_FRAMES),
     embedding_params_M=round(math.prod(measured[0]["embed_tokens"]) / 1e6, 3),
+    longest=dict(seconds=longest.duration, padding_percent=100 * (1 - frames.mel_to_encoder_frames(
+        frames.samples_to_mel_frames(round(longest.duration * frames.SAMPLE_RATE))) / frames.N_ENCODER_FRAMES)),
     leakage=leak, encoder_layer_seconds=timing,
     sizes=[{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in table],
 ), indent=2))
