@@ -69,7 +69,10 @@ EXACT: dict[str, dict[str, float]] = {
     # the embedded corpus is the same at every size: the default clip and the dev split's longest
     "02_whisper_frames": {"frames.mel_total": 3000, "frames.encoder_total": 1500, "frames.student_total": 500,
                           "seconds": 3.27, "frames.encoder_valid": 164, "longest.padding_percent": 68.8},
-    "04_lora": {"thesis_trainable_r32.whisper-large-v3.qkv_all": 23_592_960},
+    # LoRA counts are architecture arithmetic: the tiny random pair's at smoke, large-v3's always
+    "04_lora": {"thesis_trainable_r32.whisper-large-v3.qkv_all": 23_592_960,
+                "trainable_counts.teacher.dec_self_qv": 8192, "trainable_counts.student.dec_self_qv": 2048,
+                "trainable_counts.student.ffn": 9216, "trainable_counts.student.qkvo_all": 16384},
     "09_search_and_ablations": {"monitor.flags.0": 900, "monitor.factors.0": 0.5, "monitor.factors.1": 0.25,
                                 "monitor.factors.2": 0.125},
 }
