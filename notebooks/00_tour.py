@@ -150,7 +150,7 @@ show(["teacher", "student before KD"])
 # distilling from it. The untrained student is far worse: cutting four of the six decoder layers
 # out of the teacher leaves a decoder that has never worked with only the first and the last
 # layer. On the demo its transcripts are empty (it emits only special tokens, which are dropped
-# from the text), so its WER is 1<!-- results: wer.student_before_KD -->. That gap is what distillation has to close. Every WER here
+# from the text), so its WER is 1.00<!-- results: wer.student_before_KD -->. That gap is what distillation has to close. Every WER here
 # uses Whisper's basic normaliser (lower case, punctuation removed; chapter 08).
 #
 # ## A few steps of knowledge distillation
