@@ -48,6 +48,7 @@ max_steps = 8  # stage-I optimizer steps; thesis: 8000 (chapter 05 runs the full
 out_dir = "../runs/00_tour"  # run folder of the tour; thesis: the same
 
 # %%
+import json
 import time
 from pathlib import Path
 
@@ -125,6 +126,9 @@ del teacher, student
 # ## Before distillation
 
 # %%
+results = {"preset": preset, "clips": len(references), "wer": {}, "cer": {}}
+
+
 def show(names):
     for i, ref in enumerate(references):
         print(f"[{utterances[i].id}]")
@@ -133,6 +137,8 @@ def show(names):
             print(f"  {name:<18} {hyps[name][i]!r}")
     for name in names:
         score = decode.wer_cer(references, hyps[name])
+        key = name.replace(" ", "_")
+        results["wer"][key], results["cer"][key] = score["wer"], score["cer"]
         print(f"{name:<18} WER {score['wer']:.2f}  CER {score['cer']:.2f}  "
               f"(on these {len(references)} clips, {score['normalizer']} normaliser)")
 
@@ -140,12 +146,12 @@ def show(names):
 show(["teacher", "student before KD"])
 
 # %% [markdown]
-# The teacher gets most words but not all (on the demo, WER about 0.4 on these three clips):
+# The teacher gets most words but not all (on the demo, WER about 0.4<!-- results: wer.teacher --> on these three clips):
 # whisper-base is weak on synthetic voices, and chapter 05 adapts it to the domain before
 # distilling from it. The untrained student is far worse: cutting four of the six decoder layers
 # out of the teacher leaves a decoder that has never worked with only the first and the last
 # layer. On the demo its transcripts are empty (it emits only special tokens, which are dropped
-# from the text), so its WER is 1. That gap is what distillation has to close. Every WER here
+# from the text), so its WER is 1.00<!-- results: wer.student_before_KD -->. That gap is what distillation has to close. Every WER here
 # uses Whisper's basic normaliser (lower case, punctuation removed; chapter 08).
 #
 # ## A few steps of knowledge distillation
@@ -154,6 +160,7 @@ show(["teacher", "student before KD"])
 summary = run_stage(config, out / "stage1", progress=False)
 print({k: summary[k] for k in ("steps", "final_total", "final_ce", "final_kl", "dev_loss")})
 print("trainable:", summary["trainable_report"])
+results["trainable_percent"] = float(summary["trainable_report"].rsplit("trainable%:", 1)[1])
 print("run folder:", sorted(p.name for p in (out / "stage1").iterdir()))
 
 # %% [markdown]
@@ -161,7 +168,7 @@ print("run folder:", sorted(p.name for p in (out / "stage1").iterdir()))
 # (`training_config.json`), the loss of every step (`training_history.json`), TensorBoard
 # scalars, a checkpoint to resume from and the trained adapter (`adapter_final/`). Rerunning the
 # cell reuses the finished run instead of training again. Only the LoRA adapters train: under one
-# percent of the student's parameters (0.9 % on the demo).
+# percent of the student's parameters (0.9<!-- results: trainable_percent --> % on the demo).
 #
 # ## The loss components
 
@@ -178,13 +185,15 @@ ax.set(title=f"Stage I loss components, {len(steps)} steps ({preset})", xlabel="
 ax.legend()
 fig.tight_layout()
 fig.savefig(out / "tour_losses.png", dpi=120)
+results["steps"] = len(steps)
+results["loss"] = {term: {"first": history[0][term], "last": history[-1][term]} for term in ("ce", "kl")}
 plt.show()
 
 # %% [markdown]
 # Both terms are averaged over the real (non-padding) tokens of the batch. CE says how surprised
 # the student is by the reference transcript; KL·T² how far its softened distribution (T = 2) is
-# from the teacher's. On the demo both fall over the eight steps (CE from about 10 to 6.6 nats per
-# token, KL·T² from 6 to 4), with a spike at step 4: every step sees another batch, and the
+# from the teacher's. On the demo both fall over the eight steps (CE from about 10<!-- results: loss.ce.first ~1 --> to 6.6<!-- results: loss.ce.last --> nats per
+# token, KL·T² from 6<!-- results: loss.kl.first --> to 4<!-- results: loss.kl.last -->), with a spike at step 4: every step sees another batch, and the
 # first steps run near the peak learning rate (3e-3, warmed up over 2 steps, then a cosine to 0).
 # Eight steps on 64 clips are the very beginning of a run, not a result.
 #
@@ -196,6 +205,7 @@ hyps["student after KD"] = transcribe(student_kd, tokenizer, feature_extractor)
 del student_kd
 show(["teacher", "student before KD", "student after KD"])
 print(f"\nthe whole tour took {time.perf_counter() - started:.0f} s")
+(out / "results.json").write_text(json.dumps(results, indent=2))
 
 # %% [markdown]
 # Be honest about what we just saw: after eight steps the student is still bad, by WER even worse

@@ -54,6 +54,7 @@ out_dir = "../runs/02_whisper_frames"  # figures, tables and runs of this chapte
 
 # %%
 import json
+import math
 import time
 from pathlib import Path
 
@@ -93,6 +94,7 @@ root = Path(data_root) if data_root else data.embedded_corpus("it")
 scan = data.scan_mls(root, split)
 print(scan.report())
 utt = scan.utterances[clip_index % len(scan.utterances)]
+longest = max(scan.utterances, key=lambda u: u.duration)  # the split's longest clip (results.json)
 wave = data.load_audio(utt.audio).numpy()  # (samples,) float32 at 16 kHz
 print(f"clip {utt.id} ({utt.duration:.2f} s, speaker {utt.speaker}): {utt.text!r}")
 
@@ -139,8 +141,8 @@ print(f"share of the encoder's work spent on padding: {1 - enc_valid / frames.N_
 print("receptive field of Whisper's two convolutions:", frames.encoder_receptive_field())
 
 # %% [markdown]
-# For clips of a few seconds most of the 1500 encoder frames are padding (89 % for the default
-# clip of 3.3 s; still 69 % for the corpus' longest, 9.3 s): Whisper pays for 30 s whatever it
+# For clips of a few seconds most of the 1500 encoder frames are padding (89<!-- results: padding_percent --> % for the default
+# clip of 3.3<!-- results: seconds --> s; still 69<!-- results: longest.padding_percent --> % for the split's longest, 9.3<!-- results: longest.seconds --> s): Whisper pays for 30 s whatever it
 # hears. A 3:1 student keeps the 30 s window but does a third of the
 # frame work after downsampling. Each encoder frame's convolutions see 65 ms of audio on a
 # 20 ms grid: neighbouring frames already overlap before attention mixes everything.
@@ -450,11 +452,11 @@ for row in measured:
           f"embed_tokens {row['embed_tokens']}")
 
 # %% [markdown]
-# The offline teacher measures 72.6 M parameters: the published "74 M" of base is a rounded
+# The offline teacher measures 72.6<!-- results: sizes.0.params_M --> M parameters: the published "74 M" of base is a rounded
 # figure (it counts the tied output projection once, as we do). `distil-base` keeps the whole
 # encoder and 2 of 6 decoder layers: it drops about a quarter of the parameters, but, as the
 # next cell shows, not much of the time, which the encoder dominates. The 51,865 × d_model token
-# embedding is a large share of the small models: 26.6 M of base's 72.6 M.
+# embedding is a large share of the small models: 26.6<!-- results: embedding_params_M --> M of base's 72.6<!-- results: sizes.0.params_M --> M.
 
 # %%
 if smoke:
@@ -486,10 +488,14 @@ else:
 # CPU speed-up comes from the encoder side; removing decoder layers alone gains little.
 
 # %%
-(out / "summary.json").write_text(json.dumps(dict(
+(out / "results.json").write_text(json.dumps(dict(
     preset=preset, clip=utt.id, seconds=round(utt.duration, 3),
     frames=dict(samples=n, mel_valid=mel_valid, encoder_valid=enc_valid, student_valid=stu_valid,
-                student_total=stu_total),
+                student_total=stu_total, mel_total=frames.N_MEL_FRAMES, encoder_total=frames.N_ENCODER_FRAMES),
+    padding_percent=100 * (1 - enc_valid / frames.N_ENCODER_FRAMES),
+    embedding_params_M=round(math.prod(measured[0]["embed_tokens"]) / 1e6, 3),
+    longest=dict(seconds=longest.duration, padding_percent=100 * (1 - frames.mel_to_encoder_frames(
+        frames.samples_to_mel_frames(round(longest.duration * frames.SAMPLE_RATE))) / frames.N_ENCODER_FRAMES)),
     leakage=leak, encoder_layer_seconds=timing,
     sizes=[{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in table],
 ), indent=2))

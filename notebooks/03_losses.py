@@ -94,7 +94,7 @@ print("teacher greedy:", greedy)
 
 # %% [markdown]
 # The teacher's greedy transcript next to the reference: whisper-base is weak on synthetic Italian speech
-# (see FACTS: about 0.5–0.7 WER on this corpus), which is why the book adapts the teacher before
+# (see FACTS: about 0.5–0.7<!-- cited --> WER on this corpus), which is why the book adapts the teacher before
 # distilling it.
 
 # %%
@@ -114,8 +114,9 @@ teacher_hidden = teacher_out.encoder_last_hidden_state.float()  # (1, 1500, d_te
 mask = labels != -100  # (1, tokens): real (predicted) tokens
 print("logits", tuple(teacher_logits.shape), "| real tokens", int(mask.sum()),
       "| teacher encoder states", tuple(teacher_hidden.shape))
-print(f"hard-label CE: teacher {cross_entropy(teacher_logits, labels).item():.3f}, "
-      f"student {cross_entropy(student_logits, labels).item():.3f} nats/token")
+hard_ce = {"teacher": cross_entropy(teacher_logits, labels).item(),
+           "student": cross_entropy(student_logits, labels).item()}
+print(f"hard-label CE: teacher {hard_ce['teacher']:.3f}, student {hard_ce['student']:.3f} nats/token")
 
 # %% [markdown]
 # Cross-entropy against the reference tokens, in nats per token: the untrained 2-layer student is far
@@ -147,7 +148,9 @@ for rank, (p, token) in enumerate(zip(top.values, top.indices), start=1):
           f"{soft[4][token]:9.3f}  {'1' if token == hard else '0'}")
 print(f"mass outside the top {top_k}: " + ", ".join(
     f"T={T}: {1 - float(soft[T][top.indices].sum()):.3f}" for T in soft))
+results["hard_ce"] = hard_ce
 results["hard_vs_soft"] = {"step": step, "reference": tokenizer.decode([hard]), "top": rows,
+                           "outside_top": {T: 1 - float(soft[T][top.indices].sum()) for T in soft},
                            "entropy_nats": float(entropy[step])}
 
 # %%
@@ -170,12 +173,12 @@ fig.savefig(out / "hard_vs_soft.png", dpi=120)
 # %% [markdown]
 # The hard label puts all its mass on one token. The teacher spreads it over tokens a listener could
 # confuse: in the demo run, after "servono il" the reference continues with " pes" (pesce), while the
-# teacher prefers " pe" (0.27, its greedy transcript says "pece") over " pes" (0.18), then " pi" and
+# teacher prefers " pe" (0.27<!-- results: hard_vs_soft.top.0.p.1 -->, its greedy transcript says "pece") over " pes" (0.18<!-- results: hard_vs_soft.top.1.p.1 -->), then " pi" and
 # " p". That ranking is the "dark knowledge" the KL term transfers, and it includes the teacher's
 # mistake: on this corpus the teacher is often wrong, which is why the book adapts it first.
 #
 # Temperature has a side effect that small-vocabulary examples hide. Dividing by T flattens the
-# distribution over *all* 51 865 tokens: at T = 2 about 98 % of the mass at this step is outside the
+# distribution over *all* 51 865 tokens: at T = 2 about 98<!-- results: hard_vs_soft.outside_top.2 *100 ~1 --> % of the mass at this step is outside the
 # top 5, at T = 4 almost all of it. The top-5 keep their order, but each carries a tiny share.
 #
 # ## KL against temperature, with and without T²
@@ -236,7 +239,7 @@ fig.savefig(out / "kl_vs_temperature.png", dpi=120)
 # above), so at T = 1–2 the distributions are still peaked and the gradient is concentrated on a
 # handful of tokens; by T = 4 both are nearly flat over 51 865 tokens and the gradient is spread thinly
 # over all of them, so its norm is much smaller. In the demo run the scaled gradient at T = 2 is about
-# a third, at T = 4 about 2 % of the one at T = 1; from T = 4 to T = 8 it changes by about 25 %, where
+# a third, at T = 4 about 2<!-- results: kl_vs_T.grad_ratio_T2.4 *100 ~1 --> % of the one at T = 1; from T = 4 to T = 8 it changes by about 25 %, where
 # the unscaled one shrinks five-fold. So T² keeps temperatures within the flat regime comparable, not
 # across the peaked-to-flat transition. (On unit-variance random logits over 100 tokens, the unit
 # test's case, T = 1 is already flat and the ratio at T = 4 is about 0.8.) In practice: when you tune
@@ -332,7 +335,7 @@ results["point_vs_curve"] = table
 
 # %% [markdown]
 # Read the table column by column (angles in radians, curve losses in squared chord units). The
-# smallest angle float32 can report is about 0.0005 rad (arccos at the clamp 1 − 10⁻⁷), which is what
+# smallest angle float32 can report is about 0.0005<!-- cited --> rad (arccos at the clamp 1 − 10⁻⁷), which is what
 # "copy" shows. The pooled point loss is blind to order: reversing or shuffling the frames leaves the
 # mean vector, and so the loss, exactly where the copy is. The curve loss is zero for the copy and for per-frame
 # rescaling (normalisation removes norms), and clearly nonzero for the reversed and shuffled
@@ -419,7 +422,7 @@ ax3.set_ylabel("simulated loss (nats per token)", color="gray")
 ax.legend(fontsize=8, loc="lower right")
 fig.tight_layout()
 fig.savefig(out / "taid_schedule.png", dpi=120)
-(out / "summary.json").write_text(json.dumps(results, indent=2, default=float))
+(out / "results.json").write_text(json.dumps(results, indent=2, default=float))
 print("wrote", sorted(p.name for p in out.iterdir()))
 
 # %% [markdown]

@@ -191,6 +191,8 @@ for role, bundle in (("teacher", teacher_bundle), ("student", student_bundle)):
         model = wrapped.unload()  # back to the plain model (same object, adapters removed)
     model.requires_grad_(True)  # peft froze the base; leave it as we found it
 results["presets"] = rows
+results["trainable_counts"] = {role: {r["preset"]: r["trainable"] for r in rows if r["role"] == role}
+                              for role in ("teacher", "student")}
 
 # %%
 print(f"LoRA r = {lora_r}, alpha = {lora_alpha}\n")
@@ -205,11 +207,11 @@ for name in LORA_PRESETS:
 # %% [markdown]
 # Read the demo table (whisper-base: 6 + 6 layers; distil-base: 6 + 2) column by column. Every preset
 # trains well under 1 % of either model. The two decoder presets adapt 2 linear layers per decoder
-# layer and touch nothing in the encoder: 98 304 parameters on the teacher, 32 768 on the student
+# layer and touch nothing in the encoder: 98 304<!-- results: trainable_counts.teacher.dec_self_qv --> parameters on the teacher, 32 768<!-- results: trainable_counts.student.dec_self_qv --> on the student
 # (a third, since it has a third of the decoder layers). The other three presets reach into the
 # encoder: a third to a half of their parameters on the teacher, 60–75 % on the student, whose 6
 # encoder layers face only 2 decoder layers. `ffn` adapts fewer layers than `qkvo_all` (2 against 4 per attention block) but
-# wider ones (512 → 2048), so on the student both train 327 680 parameters.
+# wider ones (512 → 2048), so on the student both train 327 680<!-- results: trainable_counts.student.ffn --><!-- results: trainable_counts.student.qkvo_all --> parameters.
 #
 # Which one to use is a choice about *what* should change. The encoder presets let the student's
 # audio representation move (stage II aligns it with the teacher's); the decoder presets keep the
@@ -281,10 +283,13 @@ for name in LORA_PRESETS:
     print(f"| `{name}` | " + " | ".join(cells) + " |")
 print("base sizes:", {n: f"{count_parameters(m):,}" for n, m in thesis_models.items()})
 results["thesis_scale_r32"] = thesis_rows
+results["thesis_trainable_r32"] = {r["model"].split("/")[1]: {} for r in thesis_rows}
+for r in thesis_rows:
+    results["thesis_trainable_r32"][r["model"].split("/")[1]][r["preset"]] = r["trainable"]
 
 # %% [markdown]
 # At thesis scale the shares stay small: 0.5–2.8 % of whisper-small, 0.3–2 % of large-v3. Adapting
-# the 1.5 B-parameter teacher (stage 0) with `qkv_all` at r = 32 trains 23.6 M parameters, about a
+# the 1.5 B-parameter teacher (stage 0) with `qkv_all` at r = 32 trains 23.6<!-- results: thesis_trainable_r32.whisper-large-v3.qkv_all *1e-6 --> M parameters, about a
 # tenth of whisper-small's total.
 #
 # ## What is trainable: adapters and the projector
@@ -526,7 +531,7 @@ assert count_parameters(merged) == count_parameters(student_model), "merged mode
 results["merge"] = {"adapter_bytes": adapter_bytes, "adapted_vs_base_max_abs": adapter_effect,
                     "merged_vs_adapted_max_abs": merge_err, "same_argmax": same_argmax,
                     "merged_params": count_parameters(merged)}
-(out / "summary.json").write_text(json.dumps(results, indent=2, default=float))
+(out / "results.json").write_text(json.dumps(results, indent=2, default=float))
 print("wrote", sorted(p.name for p in out.iterdir()))
 
 # %% [markdown]

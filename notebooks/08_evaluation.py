@@ -256,7 +256,7 @@ else:
 # %% [markdown]
 # Same weights, same greedy search: the float32 row's WER should equal the transformers
 # teacher's (tiny differences would come from the numerics), at about half its RTF or less. The
-# facts page measured this engine at an RTF of about 0.33 on this 2-core CPU when the machine
+# facts page measured this engine at an RTF of about 0.33<!-- cited --> on this 2-core CPU when the machine
 # was otherwise idle; when other jobs share the cores every row's RTF grows together, so compare
 # rows of one run, never numbers from different runs. int8 stores the weights in 8 bits: a
 # quarter of the memory traffic, faster on a CPU, at a small cost in accuracy that the WER
@@ -276,6 +276,13 @@ show = ("name", "status", "engine", "compute_type", "wer", "cer", "rtf", "n_para
 print(f"{data_root.name}/{split}, {len(clips)} clips, greedy, text normaliser: {decode.NORMALIZER}\n")
 print(evaluate.markdown_table(rows, show))
 print("written:", ", ".join(str(p) for p in paths.values()))
+# results.json: the measured rows by key (what the prose's markers name), and how many clips.
+row_keys = ["teacher", "teacher_adapted", "student_untrained", "ce_only", "stage1", "stage3"]
+results = {"preset": preset, "split": split, "clips": len(clips), "rows": {}}
+for i, row in enumerate(r for r in rows if r["status"] == "measured"):
+    key = row_keys[i] if i < len(row_keys) else re.sub(r"[^A-Za-z0-9_-]+", "_", row["name"]).strip("_")
+    results["rows"][key] = {k: row.get(k) for k in ("name", "wer", "cer", "rtf", "n_parameters", "n_utterances", "n_skipped")}
+(out / "results.json").write_text(json.dumps(results, indent=2))
 
 # %% [markdown]
 # The table is saved as JSON and CSV (raw values: rates as fractions, parameters as counts,
@@ -300,12 +307,12 @@ fig = evaluate.plot_comparison(rows, out / "comparison.png",
 plt.show()
 
 # %% [markdown]
-# The students have about a quarter fewer
-# parameters than the teacher (56 M against 73 M: 4 decoder layers fewer), yet a trained student
-# cannot be much faster on a CPU: the encoder, which the demo student copies whole, is most of
-# the decoding time (chapter 02 and the facts page: about 76 % for whisper-base), so cutting
-# decoder layers gives at most about 1.3x. On a CPU, speed comes from the encoder side (fewer
-# frames or layers), or from the engine: the CTranslate2 bars.
+# The students keep every layer of the teacher and drop only the encoder position rows beyond
+# their 10 s window (72.1<!-- results: rows.stage3.n_parameters *1e-6 --> M parameters against the teacher's 72.6<!-- results: rows.teacher.n_parameters *1e-6 --> M). Their speed comes
+# from the encoder reading 500 frames instead of 1500: the encoder is most of the decoding time
+# (chapter 02 and the facts page: about 76 % for whisper-base), so cutting decoder layers alone
+# would give at most about 1.3x. On a CPU, speed comes from the encoder side (fewer frames or
+# layers), or from the engine: the CTranslate2 bars.
 #
 # ## The real-time factor
 #
@@ -362,7 +369,7 @@ for uid in picked:
 # ## WER per voice
 #
 # The embedded corpus has one espeak-ng voice per speaker. The facts page measured the teacher
-# from about 0.5 WER (default voice) to 0.9 (`+f4`): a single corpus WER averages over very
+# from about 0.5<!-- cited --> WER (default voice) to 0.9<!-- cited --> (`+f4`): a single corpus WER averages over very
 # different difficulties, so we report it per voice, for the teacher and the final student.
 
 # %%
@@ -443,4 +450,4 @@ print(f"chapter wall time: {time.perf_counter() - chapter_start:.0f} s")
 # 2. Score the teacher with `normalize=False` (`decode.wer_cer` on its `per_utterance` refs and
 #    hyps). How much of its WER was case and punctuation?
 # 3. Evaluate the teacher with beam search (`evaluate.evaluate_model(..., num_beams=5)`): what do
-#    WER and RTF do? The facts page measured beam 5 lowering the mixed-voice WER from 0.65 to 0.57.
+#    WER and RTF do? The facts page measured beam 5 lowering the mixed-voice WER from 0.65<!-- cited --> to 0.57<!-- cited -->.

@@ -119,7 +119,7 @@ print(f"\nobjective: {objective} (minimised); trials train stages {search_stages
 # The objective is **dev loss** (student token cross-entropy on the dev clips, teacher forcing) at
 # smoke and demo size, and dev WER at thesis size (`tune.default_objective`). After two steps
 # every student still decodes mostly wrong words; WER on four synthetic clips takes a handful of
-# values, often above 100 % from repetitions, and ties between trials, so neither TPE nor the
+# values, often above 1 from repetitions, and ties between trials, so neither TPE nor the
 # pruner could rank trials on it. Dev loss moves smoothly from the first step and needs no
 # decoding. On thousands of MLS dev clips WER is fine-grained, and it is the number we report, so
 # the thesis selects on it.
@@ -181,9 +181,9 @@ plt.show()
 # %% [markdown]
 # Each curve is one trial's dev loss over its steps (with `steps = 2`, one evaluation at step 1 and
 # one at step 2). In our demo run trial 1 was pruned at its first evaluation: its dev loss at step
-# 1 (9.59) was above the median of the finished trials at that step (trial 0 alone: 9.53), so its
-# second step was never trained. Trial 2, with the largest learning rate (9e-4) and KL weight
-# (1.3), ended lowest (9.33 against 9.44) and is the best trial. Two steps are far too few to
+# 1 (9.59<!-- results: trials.1.first_eval -->) was above the median of the finished trials at that step (trial 0 alone: 9.53<!-- results: trials.0.first_eval -->), so its
+# second step was never trained. Trial 2<!-- results: best_trial -->, with the largest learning rate (9e-4) and KL weight
+# (1.3<!-- results: trials.2.params.kl_weight -->), ended lowest (9.33<!-- results: trials.2.value --> against 9.44<!-- results: trials.0.value -->) and is the best trial. Two steps are far too few to
 # trust such a ranking; the point is that the pruner acts on every evaluation, which at thesis
 # scale (one evaluation every 500 steps) stops a bad trial thousands of steps early.
 #
@@ -261,13 +261,13 @@ display(Markdown(result.markdown()))
 # WER and CER are in %, Δ is the row minus main (percentage points; for the dev loss, nats per
 # token), and with several seeds each cell reads mean ± std. At this size, two steps per stage on
 # eight clips, the table says nothing about the components. In our demo run every row decodes at
-# 100 % WER: the barely trained `distil-base` student (two decoder layers taken from the teacher)
+# 100<!-- results: ablations.main.dev_wer *100 --><!-- results: ablations.no_geodesic.dev_wer *100 --><!-- results: ablations.no_stage_2.dev_wer *100 --> % WER: the barely trained `distil-base` student (two decoder layers taken from the teacher)
 # repeats the language token `<|it|>` until the `max_new_tokens` cap, so every transcript is empty
 # once the prompt tokens are stripped, and every word is a deletion. (Decoding therefore runs to
 # the cap on every clip: that cap, not the clip count, sets the evaluation time here.) The dev loss
-# does move: "no geodesic" ends 0.01 nats below main (noise at this size), and "no stage II" ends
-# 0.56 higher, simply because its pipeline stops after stage I, two steps earlier. Its dev loss,
-# 9.329, is also exactly the best trial's: same config, seed and data give the same run. What the
+# does move: "no geodesic" ends 0.01<!-- results: ablations.no_geodesic.delta_dev_loss *-1 --> nats below main (noise at this size), and "no stage II" ends
+# 0.56<!-- results: ablations.no_stage_2.delta_dev_loss --> higher, simply because its pipeline stops after stage I, two steps earlier. Its dev loss,
+# 9.329<!-- results: ablations.no_stage_2.dev_loss --><!-- results: trials.2.value ~0.0005 -->, is also exactly the best trial's: same config, seed and data give the same run. What the
 # table shows is the protocol: same seed, data and steps per stage in every row, one declared
 # change per row, Δ against the frozen main. The chart draws the same numbers:
 
@@ -310,11 +310,12 @@ fig.tight_layout()
 fig.savefig(out / "overfit_monitor.png", dpi=120)
 plt.show()
 print(f"flagged at steps {flags}; suggested auxiliary weight factor {monitor.factor}")
+monitor_result = {"flags": flags, "factors": [e["factor"] for e in events if e], "floor": monitor.min_factor}
 
 # %% [markdown]
 # Dev WER stops improving at step 600 while the auxiliary losses keep falling: the monitor flags
-# three evaluations later (step 900) and again every three evaluations while this goes on; the
-# suggested factor halves each time, 1 → 0.5 → 0.25 → 0.125, down to its floor of 0.1.
+# three evaluations later (step 900<!-- results: monitor.flags.0 -->) and again every three evaluations while this goes on; the
+# suggested factor halves each time, 1 → 0.5<!-- results: monitor.factors.0 --> → 0.25<!-- results: monitor.factors.1 --> → 0.125<!-- results: monitor.factors.2 -->, down to its floor of 0.1<!-- results: monitor.floor -->.
 # `tune.run_pipeline(..., monitor=monitor)` applies it to the stages that follow
 # (`monitor.decayed(config)`), which is the stage-wise reweighting the thesis proposes; the
 # ablation runner never does, because its configs are frozen, but it replays every run's
@@ -325,6 +326,18 @@ print(f"flagged at steps {flags}; suggested auxiliary weight factor {monitor.fac
 timings["total_s"] = round(timings["study_s"] + timings["ablations_s"], 1)
 atomic_write_json(out / f"timings_{preset}.json", timings)
 print(timings)
+# results.json: the study's trials and the ablation rows, what the prose above states.
+results = {
+    "preset": preset, "steps": steps, "seeds": seeds,
+    "trials": {str(t.number): {"state": t.state.name.lower(), "value": t.value, "params": t.params,
+                               "first_eval": t.intermediate_values[min(t.intermediate_values)] if t.intermediate_values else None}
+               for t in study.trials},
+    "best_trial": study.best_trial.number,
+    "ablations": {row["ablation"]: {k: v for k, v in row.items() if k not in ("ablation", "change")} for row in result.rows},
+    "dev_clips": eval_limit,
+    "monitor": monitor_result,
+}
+atomic_write_json(out / "results.json", results)
 
 # %% [markdown]
 # ## Summary

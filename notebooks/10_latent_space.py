@@ -99,9 +99,11 @@ waves = [load_audio(u.audio).numpy() for u in utterances]
 seconds = np.array([len(w) / 16000 for w in waves])
 print(f"{len(utterances)} of {scan.n_kept} clips in {root.name}/{split}; {len(set(speakers))} speakers; "
       f"{seconds.min():.1f}-{seconds.max():.1f} s, {seconds.sum():.0f} s in all")
+results["clips"] = len(utterances)
+results["clip_seconds"] = {"min": float(seconds.min()), "max": float(seconds.max())}
 
 # %% [markdown]
-# Clips of a few seconds (1.6 to 9.3 s in the demo): at 20 ms per encoder frame a 5 s clip fills
+# Clips of a few seconds (1.6<!-- results: clip_seconds.min --> to 9.3<!-- results: clip_seconds.max --> s in the demo): at 20 ms per encoder frame a 5 s clip fills
 # 250 of Whisper's 1500 frames, the rest sees padding. The valid-frame masks below keep the
 # padding out of every mean, map and alignment.
 #
@@ -201,13 +203,20 @@ for s in (before_states, after_states, projected_before, projected_after):
     c = same_frame_cosine(teacher_states, s)
     print(f"teacher vs {s.name:52s} " + (f"mean cosine {c:.4f}" if c is not None else "not comparable frame by frame"))
     results[f"cosine_teacher_vs_{s.name}"] = c
+results["cosine"] = {key: same_frame_cosine(teacher_states, s) for key, s in (
+    ("before", before_states), ("after", after_states), ("projected_before", projected_before),
+    ("projected_after", projected_after))}
+if results["cosine"]["after"] is not None:
+    results["cosine_drop_percent"] = 100 * (1 - results["cosine"]["after"])
+else:  # other widths or frame rates: no frame-by-frame cosine
+    results["cosine_drop_percent"] = None
 
 # %% [markdown]
 # The demo student copies whisper-base's encoder layer for layer (distil-whisper's recipe: the
 # encoder is kept, only the decoder shrinks), so before KD its states *are* the teacher's: cosine
-# 1.0000, and the extraction above did not even run its encoder. Whatever differs after KD is what
-# training moved. With the 12-step stage-II demo run we used to write this chapter as `run_dir`,
-# the mean cosine fell to 0.990 for the raw student and 0.992 through the trained projector: the
+# 1.0000<!-- results: cosine.before -->, and the extraction above did not even run its encoder. Whatever differs after KD is what
+# training moved. On the demo (chapter 07's runs as `run_dir`),
+# the mean cosine fell to 0.990<!-- results: cosine.after --> for the raw student and 0.992<!-- results: cosine.projected_after --> through the trained projector: the
 # projector turns the student's states back towards the teacher's a little. With the thesis student
 # (whisper-small under whisper-large-v3, widths 768 and 1280) nothing lines up before the projector
 # is trained, and the comparisons below start from a real gap.
@@ -248,7 +257,7 @@ plt.show()
 #   axes).
 # * **t-SNE** also draws identical points on top of each other, but it *magnifies* small
 #   differences: each clip's teacher and after-KD states are each other's nearest neighbours, and
-#   t-SNE spreads every neighbourhood to a visible size, so a cosine of 0.99 looks like a clear gap.
+#   t-SNE spreads every neighbourhood to a visible size, so a cosine of 0.99<!-- results: cosine.after --> looks like a clear gap.
 # * **UMAP** does not even keep identical points together: the teacher's circle and the identical
 #   student-before-KD square of a clip land apart (UMAP moves every point on its own, with random
 #   pushes away from other points). Distances *within* a small group on a UMAP map mean nothing.
@@ -284,7 +293,7 @@ results["map_seconds"] = {m.method: round(m.seconds, 1) for m in frame_maps}
 # %% [markdown]
 # With thirty frames per clip the picture changes. The teacher's and the students' markers sit
 # inside each other on all three maps: at the scale of the frame structure, the change that KD made
-# (cosine 0.99) is invisible, and only the utterance maps and the numbers show it. The three methods
+# (cosine 0.99<!-- results: cosine.after -->) is invisible, and only the utterance maps and the numbers show it. The three methods
 # draw the same frames very differently: PCA a bent band with two dense ends (its two axes now hold
 # only about a fifth of the variance, so most frames overlap); t-SNE an evenly filled disc of small
 # groups with a few detached islands; UMAP thin strands and compact islands with wide empty gaps
@@ -310,12 +319,13 @@ for title, knn, dc in rows:
     print(f"{title:8s} {knn:24.2f} {dc:30.2f}")
 print(f"(chance level of the 10-NN overlap: {10 / (len(stacked) - 1):.3f})")
 results["preservation"] = {t: {"knn_overlap": round(k, 3), "distance_correlation": round(d, 3)} for t, k, d in rows}
+results["frame_points"] = len(stacked)
 
 # %% [markdown]
-# Measured on the frame maps of our demo runs (2,400 points with the stage-II run folder, 1,800
-# without), the two scores tell the methods apart on one axis only. **Local:** t-SNE and UMAP keep
-# about 0.5–0.6 of every frame's ten nearest neighbours, PCA about 0.2–0.3 (chance is below 0.01).
-# **Global:** all three reach a rank correlation of about 0.6 (PCA 0.65, t-SNE and UMAP 0.56–0.62):
+# Measured on the frame maps of the demo (2,400<!-- results: frame_points --> points), the two scores tell the methods apart on
+# one axis only. **Local:** t-SNE and UMAP keep
+# about 0.5–0.6<!-- results: preservation.t-SNE.knn_overlap --><!-- results: preservation.UMAP.knn_overlap --> of every frame's ten nearest neighbours, PCA about 0.2–0.3<!-- results: preservation.PCA.knn_overlap --> (chance is below 0.01).
+# **Global:** all three reach a rank correlation of about 0.6 (PCA 0.65<!-- results: preservation.PCA.distance_correlation -->, t-SNE and UMAP 0.56–0.62<!-- results: preservation.t-SNE.distance_correlation --><!-- results: preservation.UMAP.distance_correlation -->):
 # two dimensions cannot hold the far-field layout of a 512-dimensional cloud, and PCA is only
 # slightly better at it. UMAP's wide gaps between clusters look like more global order than t-SNE's
 # disc, but they do not score as more. Together with the utterance maps above:
@@ -353,13 +363,15 @@ print(f"DTW for {2 * len(ids)} clip pairs in {dtw_seconds:.1f} s")
 print(f"mean DTW distance per step: before KD {before_values.mean():.4f}, {AFTER} {after_values.mean():.4f}")
 results["dtw_before"] = dict(zip(ids, np.round(before_values, 5).tolist()))
 results["dtw_after"] = dict(zip(ids, np.round(after_values, 5).tolist()))
+results["dtw"] = {"after_min": float(after_values.min()), "after_max": float(after_values.max()),
+                  "after_mean": float(after_values.mean()), "before_mean": float(before_values.mean())}
 
 # %% [markdown]
 # With `distil-base` the "before" bars are all zero (too small to see): the untrained student *is*
 # the teacher's encoder, and an identity projector changes only the length of each vector, which a
 # cosine cost ignores. So on the demo, distillation can only move the student's encoder away from
 # the teacher's (stage II trains encoder LoRA through the projector), and the "after" bars measure
-# how far: with our 12-step stage-II run, 0.005 to 0.014 per step, 0.008 on average, different for
+# how far: on the demo, 0.005<!-- results: dtw.after_min --> to 0.014<!-- results: dtw.after_max --> per step, 0.008<!-- results: dtw.after_mean --> on average, different for
 # every clip. With the thesis student the "before" bars start high, and the point of stage II is to
 # bring them down.
 #
@@ -396,6 +408,7 @@ results["dtw_path_clip"] = ids[i]
 # %%
 results["total_seconds"] = round(time.perf_counter() - chapter_start, 1)
 (out / "latent_space.json").write_text(json.dumps(results, indent=2) + "\n")
+(out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # the book's check reads this name
 print(f"figures and latent_space.json in {out.resolve()}; chapter ran in {results['total_seconds']:.0f} s")
 
 # %% [markdown]
@@ -413,7 +426,7 @@ print(f"figures and latent_space.json in {out.resolve()}; chapter ran in {result
 # * **DTW** compares frame sequences in order and allows different lengths (a 3:1 student); on the
 #   demo its path stays on the diagonal: KD changed the frames, not their timing.
 # * The `distil-base` student copies its teacher's encoder: before KD its states equal the
-#   teacher's (cosine 1, DTW 0), so on the demo KD can only move the encoder away, by about 1 % in
+#   teacher's (cosine 1, DTW 0), so on the demo KD can only move the encoder away, by about 1<!-- results: cosine_drop_percent ~0.5 --> % in
 #   cosine; these pictures become a real before/after with a student that has its own encoder.
 #
 # ## Exercises

@@ -10,6 +10,11 @@
 Executed copies go to book/chapters/NN_topic.ipynb (git-ignored), never over the paired notebook.
 A chapter that fails stops the build with the chapter's name and the failing cell.
 
+After the chapters ran, every number their prose states (marked ``<!-- results: KEY -->``) is
+compared with the chapter's ``<out_dir>/results.json`` (scripts/check_claims.py) before any HTML
+is built: a disagreement stops the build naming the chapter, the prose and the result. The
+prose states demo-size numbers: at another preset (smoke, thesis) only the keys are checked.
+
 With ``--out DIR`` the book is built in DIR instead of book/: the book's sources (config, landing
 page, other pages) are copied there, the selected chapters are executed into DIR/chapters (each
 with ``out_dir`` = DIR/runs/NN_topic unless ``-p out_dir`` is given) or, with ``--html-only``,
@@ -117,6 +122,41 @@ def execute(notebook: Path, parameters: dict, out_dir: Path = EXECUTED) -> Path:
     return target
 
 
+def chapter_out_dir(notebook: Path, parameters: dict) -> Path:
+    """Where the chapter wrote its results: the ``out_dir`` passed, else its parameters cell's
+    default (relative to notebooks/, papermill's working directory)."""
+    import ast
+    import json
+
+    if "out_dir" in parameters:
+        return (notebook.parent / str(parameters["out_dir"])).resolve()
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    source = next("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "out_dir":
+            return (notebook.parent / node.value.value).resolve()
+    raise SystemExit(f"{notebook}: no out_dir in the parameters cell")
+
+
+def check_stated_numbers(done: list[tuple[Path, Path]], preset: str | None) -> None:
+    """Compare every executed chapter's marked prose numbers with its results.json; stop the
+    build naming both when they disagree. ``done``: (paired notebook, its out_dir)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import check_claims
+
+    keys_only = preset not in (None, "demo")  # the prose states demo-size numbers
+    problems = []
+    for notebook, out_dir in done:
+        found = check_claims.check(notebook, out_dir / "results.json", keys_only=keys_only)
+        problems += found
+        if not found:
+            print(f"== {notebook.stem}: {len(check_claims.chapter_claims(notebook))} stated numbers "
+                  f"{'have their results keys' if keys_only else 'agree with'} {out_dir / 'results.json'}")
+    if problems:
+        raise SystemExit("the prose and the results disagree (fix the prose or the chapter; "
+                         "scripts/check_claims.py explains the markers):\n  " + "\n  ".join(problems))
+
+
 def prepare_book(out: Path, selected: list[Path]) -> Path:
     """Copy book/'s sources to ``out`` with a _toc.yml that lists only the ``selected`` chapters."""
     import yaml
@@ -199,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"(python scripts/build_book.py --no-html --only {notebook.stem[:2]})")
                 shutil.copy2(done, executed / notebook.name)
     else:
+        done = []
         for notebook in selected:
             chapter_params = dict(params)
             if args.out and "out_dir" not in params:
@@ -207,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs_root = book / "runs" if args.out else ROOT / "runs"
                 chapter_params.update(upstream_parameters(notebook, runs_root, params))
             execute(notebook, chapter_params, executed)
+            done.append((notebook, chapter_out_dir(notebook, chapter_params)))
+        check_stated_numbers(done, params.get("preset"))
     if not args.no_html:
         build(book, args.builder)
     return 0

@@ -8,9 +8,11 @@ runs) or for papermill (tests/test_notebooks.py). Parameters:
 - every path parameter whose default lies under the repository's ``runs/`` (``out_dir``,
   ``prev_run``, ``stage1_root``, ``runs_root``, ``run_dir``, ...) is pointed at the same place under
   ``OUT/runs/``, so a chapter builds the earlier runs it needs there instead of reusing the repo's;
-- two cells are added: a first one that puts this checkout's ``kdlib`` first on ``sys.path`` and
-  takes a snapshot (names and mtimes) of the repository's ``runs/``, and a last one that fails,
-  naming the paths, if the chapter created, changed or removed anything there.
+- three cells are added: a first one that puts this checkout's ``kdlib`` first on ``sys.path`` and
+  takes a snapshot (names and mtimes) of the repository's ``runs/``; one at the end that fails,
+  naming the paths, if the chapter created, changed or removed anything there; and a last one
+  that checks the chapter's ``<out_dir>/results.json`` (``tests/chapter_results.py``: every key
+  its prose's markers name exists, ranges, exact values where the chapter is deterministic).
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ _touched = sorted(k for k in set(_runs_before) | set(_runs_after) if _runs_befor
 assert not _touched, f"the chapter touched the repository's runs/ ({_REPO_RUNS}): {_touched[:10]}"'''
 
 
+RESULTS_CHECK = '''# test harness (tests/prepare_chapters.py): the numbers the prose states exist in results.json
+_sys.path.insert(0, {tests!r})
+import chapter_results as _chapter_results
+_chapter_results.assert_results({notebook!r}, _Path(out_dir) / "results.json")'''
+
+
 def run_path_parameters(notebook: Path) -> dict[str, str]:
     """``name -> default`` for the parameters-cell assignments whose value is a string under ../runs."""
     nb = nbformat.read(str(notebook), as_version=4)
@@ -81,6 +89,8 @@ def prepare(out: Path, preset: str = "smoke", chapters=None) -> list[Path]:
         nb = nbformat.read(str(target), as_version=4)
         nb.cells.insert(0, nbformat.v4.new_code_cell(GUARD_FIRST))
         nb.cells.append(nbformat.v4.new_code_cell(GUARD_LAST))
+        nb.cells.append(nbformat.v4.new_code_cell(RESULTS_CHECK.format(tests=str(ROOT / "tests"),
+                                                                       notebook=str(notebook))))
         nbformat.write(nb, str(target))
         written.append(target)
     return written

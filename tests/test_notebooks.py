@@ -1,7 +1,8 @@
 """Execute every chapter at `smoke` size (the README's main job runs them at `demo` size), each
 in isolation: `prepare_chapters.prepare` points every run path parameter into the test's
-temporary folder and adds a last cell that fails if the chapter touched the repository's
-``runs/``. A failing chapter names its cell.
+temporary folder and adds last cells that fail if the chapter touched the repository's
+``runs/`` or if its ``results.json`` lacks a number its prose states, or holds one out of range
+(tests/chapter_results.py). A failing chapter names its cell.
 
 `make test` executes the chapters once, as nbval items (``pytest --nbval-lax`` over the copies
 that ``tests/prepare_chapters.py`` writes); this papermill route then steps aside for every
