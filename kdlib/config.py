@@ -11,7 +11,7 @@ run folder, so any result can be traced back to the exact settings that produced
 - ``thesis``: whisper-large-v3 → whisper-small on MLS Italian, batch 64, 8,000 steps, the pilot's
   loss weights; runs unchanged on a CUDA machine with a Hugging Face hub.
 - ``thesis-tiny``: the thesis pair's structure (v3-shaped teacher, 128 vs 80 mel bins, 51,866 vs
-  51,865 tokens) and machinery (fp16 + GradScaler, checkpointing, workers) at smoke size; CI.
+  51,865 tokens) and machinery (fp16 + GradScaler, checkpointing, workers), batches of 2 clips; CI.
 
 Overrides (papermill parameters, ``--set field=value``) are checked before any work starts: an
 unknown field or a value of the wrong type is a `ConfigError` naming the field.
