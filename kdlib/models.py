@@ -504,6 +504,18 @@ def tiny_random_pair(seed: int = 0, *, teacher_like_v3: bool = False) -> tuple[W
     return bundles[0], bundles[1]
 
 
+# The ``teacher`` names by which presets ask for the tiny random pair: ``tiny-random`` (smoke) and
+# ``tiny-random-v3`` (thesis-tiny: the teacher is shaped like large-v3, see `tiny_random_pair`).
+TINY_RANDOM = ("tiny-random", "tiny-random-v3")
+
+
+def tiny_random_named(name: str, seed: int = 0) -> tuple[WhisperBundle, WhisperBundle]:
+    """The tiny random (teacher, student) pair that a preset's ``teacher`` name stands for."""
+    if name not in TINY_RANDOM:
+        raise ValueError(f"teacher {name!r}: not a tiny random pair (one of {', '.join(TINY_RANDOM)})")
+    return tiny_random_pair(seed, teacher_like_v3=name == "tiny-random-v3")
+
+
 # --------------------------------------------------------------------------------------------
 # Pairs that disagree: vocabulary and mel bins (whisper-large-v3 teacher, smaller student)
 

@@ -52,8 +52,8 @@ def load_pair(config: TrainConfig):
     """Teacher bundle and the base (un-adapted) student bundle for this config. The student
     bundle carries the student's own tokenizer and feature extractor (they differ from the
     teacher's for the thesis pair); a student built from the teacher shares the teacher's."""
-    if config.teacher in ("tiny-random", "tiny-random-v3"):
-        teacher, student = models.tiny_random_pair(seed=config.seed, teacher_like_v3=config.teacher == "tiny-random-v3")
+    if config.teacher in models.TINY_RANDOM:
+        teacher, student = models.tiny_random_named(config.teacher, seed=config.seed)
         if config.student != "from-teacher":
             return _adapted_teacher(teacher, config), _shaped(student, config)
     else:

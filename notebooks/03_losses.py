@@ -36,8 +36,9 @@
 #
 # No earlier chapter's output: it loads the offline whisper-base teacher (the
 # `offline-whisper` extra), the `distil-base` student built from it (2 decoder layers, untrained) and
-# one clip of the embedded Italian corpus. With `preset = "smoke"` it uses a tiny random pair instead,
-# so the numbers then mean nothing; the prose describes the `demo` run.
+# one clip of the embedded Italian corpus. With `preset = "smoke"` it uses a tiny random pair instead
+# (`"thesis-tiny"`: one shaped like large-v3 → small, with two vocabularies), so the numbers then mean
+# nothing; the prose describes the `demo` run.
 
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random models (seconds); "demo": real whisper-base on CPU
@@ -61,10 +62,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio, scan_mls
 from kdlib.losses import (TAIDSchedule, cross_entropy, curve_alignment, geodesic, hidden_mse,
                           kl_divergence, pool_utterance, taid_loss)
-from kdlib.models import load_whisper, tiny_random_pair
+from kdlib.models import TINY_RANDOM, load_whisper, tiny_random_named, vocab_index
 
 torch.manual_seed(0)
 out = Path(out_dir)
@@ -81,15 +83,16 @@ results = {"preset": preset, "teacher": teacher, "student": student}
 
 # %%
 start = time.perf_counter()
-if preset == "smoke":
-    teacher_bundle, student_bundle = tiny_random_pair()
+tiny = make_config(preset).teacher in TINY_RANDOM  # smoke, thesis-tiny: the preset's tiny random pair
+if tiny:
+    teacher_bundle, student_bundle = tiny_random_named(make_config(preset).teacher)
 else:
     teacher_bundle, student_bundle = load_whisper(teacher), load_whisper(student)
 clip = scan_mls(embedded_corpus("it"), split).utterances[utterance]
 wave = load_audio(clip.audio)  # (samples,) float32 at 16 kHz
 print(f"models loaded in {time.perf_counter() - start:.1f} s: {teacher_bundle.name} -> {student_bundle.name}")
 print(f"clip {clip.id}, {clip.duration:.2f} s: {clip.text!r}")
-greedy = teacher_bundle.transcribe(wave.numpy(), max_new_tokens=3 if preset == "smoke" else 40)[0]
+greedy = teacher_bundle.transcribe(wave.numpy(), max_new_tokens=3 if tiny else 40)[0]
 print("teacher greedy:", greedy)
 
 # %% [markdown]
@@ -98,18 +101,28 @@ print("teacher greedy:", greedy)
 # distilling it.
 
 # %%
-tokenizer = teacher_bundle.tokenizer
+tokenizer = student_bundle.tokenizer  # the losses compare distributions over the student's vocabulary
 tokenizer.set_prefix_tokens(language="italian", task="transcribe", predict_timestamps=False)
 ids = torch.tensor([tokenizer(clip.text).input_ids])  # <|sot|><|it|><|transcribe|><|notimestamps|> text <|eot|>
 decoder_input_ids, labels = ids[:, :-1], ids[:, 1:].clone()
 labels[:, :3] = -100  # language, task and no-timestamps tokens are forced at decoding, not predicted
+# A teacher with another vocabulary (large-v3: 51,866 tokens, ids shifted from <|yue|> on) reads the
+# same tokens under its own ids, and its logits are put in the student's order (`vocab_index`).
+index = vocab_index(student_bundle.tokenizer, teacher_bundle.tokenizer, student_bundle.model.config.vocab_size)
 with torch.no_grad():
     teacher_out = teacher_bundle.model(input_features=teacher_bundle.features(wave.numpy()),
-                                       decoder_input_ids=decoder_input_ids)
+                                       decoder_input_ids=decoder_input_ids if index is None else index[decoder_input_ids])
     student_out = student_bundle.model(input_features=student_bundle.features(wave.numpy()),
                                        decoder_input_ids=decoder_input_ids)
-teacher_logits = teacher_out.logits.float()  # (1, tokens, vocab)
+teacher_logits = teacher_out.logits.float()  # (1, tokens, teacher vocab)
+if index is not None:
+    teacher_logits = teacher_logits[..., index]  # (1, tokens, student vocab)
 student_logits = student_out.logits.float()
+print(f"vocabularies: teacher {teacher_bundle.model.config.vocab_size:,}, student "
+      f"{student_bundle.model.config.vocab_size:,} tokens"
+      + ("" if index is None else f" ({int((index != torch.arange(len(index))).sum())} student ids map elsewhere)"))
+results["vocab"] = {"teacher": teacher_bundle.model.config.vocab_size,
+                    "student": student_bundle.model.config.vocab_size, "remapped": index is not None}
 teacher_hidden = teacher_out.encoder_last_hidden_state.float()  # (1, 1500, d_teacher)
 mask = labels != -100  # (1, tokens): real (predicted) tokens
 print("logits", tuple(teacher_logits.shape), "| real tokens", int(mask.sum()),

@@ -38,8 +38,8 @@
 #
 # No earlier chapter's output: it loads the offline whisper-base teacher and the
 # `distil-base` student built from it (the `offline-whisper` extra) and one clip of the embedded
-# Italian corpus. With `preset = "smoke"` it uses a tiny random pair instead (seconds; the numbers
-# then mean nothing); the prose describes the `demo` run.
+# Italian corpus. With `preset = "smoke"` it uses a tiny random pair instead (`"thesis-tiny"`: one
+# shaped like large-v3 → small; seconds, the numbers then mean nothing); the prose describes the `demo` run.
 
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random models (seconds); "demo": whisper-base + distil-base, < 2 min on CPU
@@ -66,11 +66,12 @@ import numpy as np
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
+from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio, scan_mls
 from kdlib.losses import cross_entropy, geodesic
-from kdlib.models import (LORA_PRESETS, RiemannianProjector, apply_lora, build_optimizer,
+from kdlib.models import (LORA_PRESETS, TINY_RANDOM, RiemannianProjector, apply_lora, build_optimizer,
                           count_parameters, load_whisper, lora_target_modules,
-                          optimizer_state_bytes, tiny_random_pair, trainable_report)
+                          optimizer_state_bytes, tiny_random_named, trainable_report)
 
 # peft asks transformers a deprecated question on every wrap; the answer is right, the warning noise
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -90,8 +91,8 @@ MB = 2**20
 
 # %%
 start = time.perf_counter()
-if preset == "smoke":
-    teacher_bundle, student_bundle = tiny_random_pair()
+if make_config(preset).teacher in TINY_RANDOM:  # smoke, thesis-tiny: the preset's tiny random pair
+    teacher_bundle, student_bundle = tiny_random_named(make_config(preset).teacher)
 else:
     teacher_bundle, student_bundle = load_whisper(teacher), load_whisper(student)
 teacher_model, student_model = teacher_bundle.model, student_bundle.model

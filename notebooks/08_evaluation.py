@@ -44,9 +44,9 @@
 # left at `None`, missing, or trained with another `preset` is trained here first, under
 # `out_dir`, the way chapters 05-07 train it. The offline whisper-base (the
 # `offline-whisper` extra) and `ctranslate2`. **Writes** `out_dir/comparison.{json,csv,md,png}`,
-# the per-voice table and one `metrics_<split>_<model>.json` per row. With `preset = "smoke"` the
-# models are a tiny random pair and 3 clips: the numbers then mean nothing, the prose describes
-# the demo.
+# the per-voice table and one `metrics_<split>_<model>.json` per row. With `preset = "smoke"` (or
+# `"thesis-tiny"`, the thesis pair's shapes) the models are a tiny random pair and 3 clips: the
+# numbers then mean nothing, the prose describes the demo.
 
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random pair, 3 clips, seconds; "demo": whisper-base on CPU, minutes; "thesis"
@@ -74,15 +74,15 @@ import torch
 from kdlib import ct2, decode, evaluate
 from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio, read_speakers
-from kdlib.models import load_whisper, tiny_random_pair
+from kdlib.models import TINY_RANDOM, load_whisper, tiny_random_named
 from kdlib.runs import finished_run, untrained_student
 from kdlib.train import run_stage
 
 chapter_start = time.perf_counter()
-smoke = preset == "smoke"
-if smoke:
-    limit, max_new_tokens = 3, 8
 config = make_config(preset, stage=1)
+tiny = config.teacher in TINY_RANDOM  # smoke, thesis-tiny: the preset's tiny random pair
+if tiny:
+    limit, max_new_tokens = 3, 8
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
 print(f"preset {preset}, split {split}, limit {limit}, max_new_tokens {max_new_tokens}, "
@@ -211,7 +211,7 @@ def score(name, source):
 
 
 def load_teacher():
-    bundle = tiny_random_pair()[0] if smoke else load_whisper(config.teacher)
+    bundle = tiny_random_named(config.teacher)[0] if tiny else load_whisper(config.teacher)
     return bundle.model, bundle.tokenizer, bundle.feature_extractor
 
 
@@ -237,8 +237,8 @@ n_teacher_parameters = rows[0]["n_parameters"]
 # smoke size this is skipped: the tiny random models have no CTranslate2 counterpart.)
 
 # %%
-if smoke:
-    print("smoke preset: CTranslate2 rows skipped")
+if tiny:
+    print(f"{preset} preset: CTranslate2 rows skipped (tiny random models)")
 else:
     ct2_dir = ct2.offline_ct2_dir(config.teacher)
     for compute_type in ("float32", "int8"):

@@ -79,7 +79,9 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import TrialState
 
 from kdlib import tune
+from kdlib.config import make_config
 from kdlib.files import atomic_write_json
+from kdlib.models import TINY_RANDOM
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -91,8 +93,9 @@ run_overrides = {} if steps is None else {
     "max_dev_utterances": max_dev_utterances,
     "eval_wer": False,  # no decoding during training: the table decodes dev and test at the end
 }
-# Random smoke models never emit end-of-text, so every clip runs to the cap: keep it tiny there.
-decode_tokens = min(max_new_tokens, 8) if preset == "smoke" else max_new_tokens
+# Tiny random models (smoke, thesis-tiny) never emit end-of-text, so every clip runs to the cap:
+# keep it tiny there.
+decode_tokens = min(max_new_tokens, 8) if make_config(preset).teacher in TINY_RANDOM else max_new_tokens
 print(f"preset {preset}; per run: {run_overrides or 'the preset as it is'}")
 
 # %% [markdown]

@@ -37,17 +37,18 @@
 #
 # ## What it needs
 #
-# Chapter 07's run folder (`run_dir`, the student after the three stages) when it exists;
+# Chapter 07's stage-III run folder (`run_dir`, the student after the three stages) when it exists;
 # otherwise the "after KD" student is a fresh, untrained `distil-base`, and the chapter says so in
 # its output. It loads the offline whisper-base teacher (the `offline-whisper` extra) and uses the
 # `dev` split of the embedded Italian corpus. With `preset = "smoke"` it runs on a tiny random
-# teacher/student pair and 4 clips, so the pictures then mean nothing; the prose describes `demo`.
+# teacher/student pair and 4 clips (`"thesis-tiny"`: one shaped like large-v3 → small, its student
+# merging 3 encoder frames into one), so the pictures then mean nothing; the prose describes `demo`.
 
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random pair, 4 clips (seconds); "demo": whisper-base on CPU, < 5 min
 teacher = "whisper-base"  # thesis: "openai/whisper-large-v3"
 student = "distil-base"  # the student before KD; thesis: "openai/whisper-small"
-run_dir = "../runs/07_stage3_decoder"  # chapter 07 run folder, the student after KD; thesis: the same
+run_dir = "../runs/07_stage3_decoder/stage3"  # chapter 07's stage3/ run folder, the student after KD; thesis: the same
 data_root = None  # None: embedded Italian corpus; thesis: "/data/mls/mls_italian_opus"
 split = "dev"  # thesis: "dev"
 max_utterances = 20  # thesis: 500
@@ -66,14 +67,17 @@ import numpy as np
 import torch
 
 from kdlib import viz
+from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio, read_speakers, scan_mls
-from kdlib.models import RiemannianProjector, load_student, load_whisper, same_encoder, tiny_random_pair
+from kdlib.models import (TINY_RANDOM, RiemannianProjector, load_student, load_whisper, same_encoder,
+                          tiny_random_named)
 
 chapter_start = time.perf_counter()
 torch.manual_seed(seed)
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
-if preset == "smoke":
+tiny = make_config(preset).teacher in TINY_RANDOM  # smoke, thesis-tiny: the preset's tiny random pair
+if tiny:
     max_utterances = 4
 results = {"preset": preset, "teacher": teacher, "student": student, "split": split}
 
@@ -115,9 +119,9 @@ results["clip_seconds"] = {"min": float(seconds.min()), "max": float(seconds.max
 # was distilled from the same teacher.
 
 # %%
-if preset == "smoke":
-    teacher_bundle, student_bundle = tiny_random_pair(seed=seed)
-    teacher_name = "tiny-random"
+if tiny:
+    teacher_name = make_config(preset).teacher
+    teacher_bundle, student_bundle = tiny_random_named(teacher_name, seed=seed)
 else:
     teacher_bundle, student_bundle = load_whisper(teacher), load_student(student)
     teacher_name = teacher

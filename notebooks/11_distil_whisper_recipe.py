@@ -55,8 +55,8 @@
 # `out_dir`: the two halves (`half_a/`, `half_b/`), the teacher's run (`stage0_half_a/`), the
 # pseudo-labels (`pseudo/`), two training folders (`data_filtered/`, `data_all/`), three runs
 # (`distil_filtered/`, `distil_all/`, `thesis_stage1/`), merged and CTranslate2 models, and
-# `comparison.{json,csv,md,png}` with `comparison_per_speaker.{csv,md}` and `step_cost.json`. With `preset = "smoke"` a tiny random pair runs every cell in seconds; the
-# numbers then mean nothing, and the prose describes the `demo` run.
+# `comparison.{json,csv,md,png}` with `comparison_per_speaker.{csv,md}` and `step_cost.json`. With `preset = "smoke"` (or `"thesis-tiny"`, the thesis pair's shapes) a tiny random pair runs
+# every cell in seconds; the numbers then mean nothing, and the prose describes the `demo` run.
 
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random pair, seconds; "demo": whisper-base → distil-base on CPU, minutes; "thesis" (GPU)
@@ -81,17 +81,17 @@ from kdlib import decode, evaluate, pseudo
 from kdlib.ct2 import offline_ct2_dir
 from kdlib.config import TrainConfig, make_config
 from kdlib.data import embedded_corpus, scan_mls
-from kdlib.models import tiny_random_pair
+from kdlib.models import TINY_RANDOM, tiny_random_named
 from kdlib.runs import export_merged, finished_run, load_history, untrained_student
 from kdlib.train import run_stage
 
 chapter_start = time.perf_counter()
-smoke = preset == "smoke"
-if smoke:
+base = make_config(preset, stage=1)
+tiny = base.teacher in TINY_RANDOM  # smoke, thesis-tiny: the preset's tiny random pair, seconds
+if tiny:
     ct2, label_max_new_tokens = False, 8
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
-base = make_config(preset, stage=1)
 data_root = Path(base.data_root) if base.data_root else embedded_corpus(base.language)
 steps = {"max_steps": max_steps} if max_steps is not None else ({"max_steps": 40} if preset == "demo" else {})
 teacher_steps = {"max_steps": 20} if preset == "demo" else {}  # stage 0 on 48 clips: 3.3 epochs (chapter 05: 30 steps on 96)
@@ -129,7 +129,7 @@ results = {"preset": preset, "half_a": n_a, "half_b": n_b, "max_wer": max_wer}
 
 stage0 = out / "stage0_half_a"
 run_stage(make_config(preset, stage=0, overrides={"data_root": str(half_a), **teacher_steps}), stage0,
-          progress=not smoke)
+          progress=not tiny)
 teacher_dir = export_merged(stage0, out / "merged" / "teacher_adapted")
 print(f"adapted teacher: run {stage0} → merged folder {teacher_dir}")
 
@@ -149,7 +149,7 @@ print(f"adapted teacher: run {stage0} → merged folder {teacher_dir}")
 # %%
 report = pseudo.pseudo_label(
     str(teacher_dir), half_b, base.train_split, out / "pseudo", language=base.language,
-    max_new_tokens=label_max_new_tokens, progress=not smoke, reuse_encoder_states=True)
+    max_new_tokens=label_max_new_tokens, progress=not tiny, reuse_encoder_states=True)
 print(report.report())
 records = pseudo.read_pseudo_labels(out / "pseudo" / pseudo.JSONL_NAME)
 for r in records[:3]:
@@ -250,8 +250,11 @@ elif filtered.n_pseudo < MIN_CLIPS:
 # do not yet work together.
 
 # %%
+# student_frame_factor 1: the student keeps the teacher's encoder whole (frozen and shared), so the
+# thesis presets' 3:1 frame merge is off here
 DISTIL_FIELDS = dict(student="from-teacher", lora_preset="decoder_all", train_encoder=False,
-                     projector=False, ce_weight=0.8, kl_weight=1.0, temperature=2.0, kl_warmup_steps=0)
+                     projector=False, ce_weight=0.8, kl_weight=1.0, temperature=2.0, kl_warmup_steps=0,
+                     student_frame_factor=1)
 
 
 def distil_config(folder, **extra):
@@ -261,8 +264,8 @@ def distil_config(folder, **extra):
     fields = {"data_root": str(folder), "teacher_from": str(stage0), **steps, **extra}
     if preset == "demo":
         return make_config("distil", stage=1, overrides=fields)
-    size = {"smoke": dict(student_decoder_layers=1),
-            "thesis": dict(student_decoder_layers=2, student_frame_factor=1)}.get(preset, {})
+    size = {"smoke": dict(student_decoder_layers=1), "thesis-tiny": dict(student_decoder_layers=1),
+            "thesis": dict(student_decoder_layers=2)}.get(preset, {})
     return make_config(preset, stage=1, overrides={**DISTIL_FIELDS, **size, **fields})
 
 
@@ -284,10 +287,10 @@ print("the two runs differ only in:", sorted(diff))
 # %%
 distil_runs = {}
 if filtered.n_pseudo > 0:
-    summary_f = run_stage(config_filtered, out / "distil_filtered", progress=not smoke)
+    summary_f = run_stage(config_filtered, out / "distil_filtered", progress=not tiny)
     distil_runs["distil, filtered"] = out / "distil_filtered"
     print("filtered  :", {k: summary_f.get(k) for k in ("final_ce", "final_kl", "dev_loss", "dev_wer")})
-summary_a = run_stage(config_all, out / "distil_all", progress=not smoke)
+summary_a = run_stage(config_all, out / "distil_all", progress=not tiny)
 distil_runs["distil, unfiltered"] = out / "distil_all"
 print("unfiltered:", {k: summary_a.get(k) for k in ("final_ce", "final_kl", "dev_loss", "dev_wer")})
 
@@ -315,7 +318,7 @@ thesis_run = out / "thesis_stage1"
 same_student = {"student_decoder_layers": config_all.student_decoder_layers} if preset == "demo" else {}
 run_stage(make_config(preset, stage=1, overrides={"data_root": str(half_b), "teacher_from": str(stage0),
                                                   **same_student, **steps}),
-          thesis_run, progress=not smoke)
+          thesis_run, progress=not tiny)
 reference_runs = {}
 if reference_run is not None and finished_run(reference_run, preset):
     reference_runs["thesis method, stages I-III (chapter 07, all 96 clips; reference only)"] = Path(reference_run)
@@ -369,9 +372,9 @@ def compare_one(name, model=None, timed=True, **entry):
     return row
 
 
-if smoke:  # the tiny random teacher has no offline name: save it as a folder
+if tiny:  # the tiny random teacher has no offline name: save it as a folder
     teacher_src = out / "merged" / "teacher"
-    bundle = tiny_random_pair(seed=base.seed)[0]
+    bundle = tiny_random_named(base.teacher, seed=base.seed)[0]
     for part in (bundle.model, bundle.tokenizer, bundle.feature_extractor):
         part.save_pretrained(teacher_src)
 else:

@@ -47,6 +47,7 @@ UPSTREAM = {
     "07": {"stage1_run": ("05", "stage1"), "ce_only_run": ("05", "ce_only"), "stage2_run": ("06", "stage2")},
     "08": {"stage0_run": ("05", "stage0"), "ce_only_run": ("05", "ce_only"), "stage1_run": ("05", "stage1"),
            "stage3_run": ("07", "stage3")},
+    "10": {"run_dir": ("07", "stage3")},
     "11": {"reference_run": ("07", "stage3")},
 }
 

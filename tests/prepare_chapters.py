@@ -71,8 +71,10 @@ def run_path_parameters(notebook: Path) -> dict[str, str]:
     return found
 
 
-def prepare(out: Path, preset: str = "smoke", chapters=None) -> list[Path]:
-    """Write the prepared copies of ``chapters`` (default: all) into ``out``; returns their paths."""
+def prepare(out: Path, preset: str = "smoke", chapters=None, parameters: dict | None = None) -> list[Path]:
+    """Write the prepared copies of ``chapters`` (default: all) into ``out``; returns their paths.
+    ``parameters``: more values to inject (they win over the redirected run paths), e.g. the
+    earlier chapters' runs a chapter takes as parameters."""
     import papermill
 
     out = Path(out).resolve()
@@ -83,6 +85,7 @@ def prepare(out: Path, preset: str = "smoke", chapters=None) -> list[Path]:
         for name, default in run_path_parameters(notebook).items():
             relative = Path(default.replace("\\", "/")).relative_to("../runs")
             params[name] = str(out / "runs" / relative)
+        params.update(parameters or {})
         target = out / notebook.name
         papermill.execute_notebook(str(notebook), str(target), parameters=params, prepare_only=True,
                                    kernel_name="python3", language="python", progress_bar=False)
