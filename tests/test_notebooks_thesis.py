@@ -10,7 +10,7 @@ Two tests: the chapters that take no earlier run (one item each), and the chain 
 whose runs 08, 10 and 11 then read, so nothing trains twice. Every chapter is prepared by
 ``tests/prepare_chapters.py``: its run paths point into the test's temporary folder, and a last
 cell fails if the chapter touched the repository's ``runs/``. Each chapter's check reads what the
-chapter itself wrote (``summary.json``, ``results.json``, the run folders) for the thesis shapes."""
+chapter itself wrote (``results.json``, the run folders) for the thesis shapes."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def check_01(printed, out):
 
 
 def check_02(printed, out):
-    summary = read(out / "summary.json")
+    summary = read(out / "results.json")
     teacher, student = summary["sizes"][:2]
     assert (teacher["mel_bins"], student["mel_bins"]) == (128, 80)
     assert teacher["embed_tokens"][0] == 51866 and student["embed_tokens"][0] == 51865
@@ -117,11 +117,11 @@ def check_02(printed, out):
 
 def check_03(printed, out):
     # the teacher's logits were put in the student's order, not compared id for id
-    assert read(out / "summary.json")["vocab"] == {"teacher": 51866, "student": 51865, "remapped": True}
+    assert read(out / "results.json")["vocab"] == {"teacher": 51866, "student": 51865, "remapped": True}
 
 
 def check_04(printed, out):
-    rows = read(out / "summary.json")["presets"]
+    rows = read(out / "results.json")["presets"]
     assert {r["role"] for r in rows} == {"teacher", "student"} and all(r["trainable"] > 0 for r in rows)
 
 
