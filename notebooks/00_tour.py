@@ -190,7 +190,9 @@ ax.legend()
 fig.tight_layout()
 fig.savefig(out / "tour_losses.png", dpi=120)
 results["steps"] = len(steps)
-results["loss"] = {term: {"first": history[0][term], "last": history[-1][term]} for term in ("ce", "kl")}
+# first and last recorded value (a KL warm-up leaves the first steps without a KL term)
+recorded = {term: [h[term] for h in history if h.get(term) is not None] for term in ("ce", "kl")}
+results["loss"] = {term: {"first": values[0], "last": values[-1]} for term, values in recorded.items()}
 plt.show()
 
 # %% [markdown]
