@@ -185,10 +185,12 @@ fig.savefig(out / "hard_vs_soft.png", dpi=120)
 
 # %% [markdown]
 # The hard label puts all its mass on one token. The teacher spreads it over tokens a listener could
-# confuse: in the demo run, after "servono il" the reference continues with " pes" (pesce), while the
-# teacher prefers " pe" (0.27<!-- results: hard_vs_soft.top.0.p.1 -->, its greedy transcript says "pece") over " pes" (0.18<!-- results: hard_vs_soft.top.1.p.1 -->), then " pi" and
-# " p". That ranking is the "dark knowledge" the KL term transfers, and it includes the teacher's
-# mistake: on this corpus the teacher is often wrong, which is why the book adapts it first.
+# confuse. In the demo run its least sure step is the first word: the reference says "la", while
+# the teacher gives " La" 0.066<!-- results: hard_vs_soft.top.0.p.1 -->, " L" 0.058<!-- results: hard_vs_soft.top.1.p.1 --> and " la" 0.051<!-- results: hard_vs_soft.top.2.p.1 --> (its greedy transcript starts with "La"):
+# the same word in another case, or split into other sub-word pieces. Even at T = 1, 77<!-- results: hard_vs_soft.outside_top.1 *100 ~1 --> % of its
+# probability lies outside its top 5. That ranking is the "dark knowledge" the KL term transfers, and
+# it includes the teacher's mistakes: on this corpus the teacher is often wrong, which is why the
+# book adapts it first.
 #
 # Temperature has a side effect that small-vocabulary examples hide. Dividing by T flattens the
 # distribution over *all* 51 865 tokens: at T = 2 about 98<!-- results: hard_vs_soft.outside_top.2 *100 ~1 --> % of the mass at this step is outside the

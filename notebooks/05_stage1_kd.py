@@ -345,8 +345,8 @@ for name, summary in (("KD", summary_kd), ("CE only", summary_ce)):
 (out / "results.json").write_text(json.dumps(results, indent=2))
 
 # %% [markdown]
-# On the demo (measured): the adapted teacher's train CE is about 0.23<!-- results: teacher_fit.train_ce --> nats/token, so it gives
-# the reference token about 80<!-- results: teacher_fit.train_p *100 ~2 --> % of its probability on the clips the student trains on, while
+# On the demo (measured): the adapted teacher's train CE is about 0.19<!-- results: teacher_fit.train_ce --> nats/token, so it gives
+# the reference token about 82<!-- results: teacher_fit.train_p *100 ~2 --> % of its probability on the clips the student trains on, while
 # on dev clips its loss is 0.76<!-- results: teacher_fit.dev_loss --> (47<!-- results: teacher_fit.dev_p *100 --> %). The remaining fifth of its probability is what KL adds
 # to CE: the teacher's alternatives and doubts. How much that is depends on how long stage 0
 # ran. An earlier version of this book adapted the teacher for 40 steps instead of 30: its
