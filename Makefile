@@ -39,11 +39,14 @@ pdf: install
 # size (papermill --prepare-only, every runs path inside build/nbval/) and pytest collects them
 # next to tests/; tests/test_notebooks.py then skips its own papermill run of those chapters.
 NBVAL_DIR := build/nbval
+# Two pytest workers: much of the suite waits on kernels and subprocesses, so two overlap well on a
+# 2-core machine; each test file (and each chapter's cells) stays on one worker.
+TEST_WORKERS ?= 2
 
 test: install
 	rm -rf $(NBVAL_DIR)
 	$(PY) tests/prepare_chapters.py $(NBVAL_DIR) --preset smoke
-	$(PY) -m pytest --nbval-lax tests $(NBVAL_DIR)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -v --nbval-lax tests $(NBVAL_DIR)
 
 lab: install
 	$(PY) -m jupyter lab notebooks/
