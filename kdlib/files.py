@@ -76,3 +76,13 @@ def fresh_tmp_dir(target: str | os.PathLike) -> Path:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     return tmp
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as a chapter prints it: relative to the working directory when it lies inside the
+    working directory's parent (a chapter runs in ``notebooks/``, so a run under the repository
+    reads ``../runs/05_stage1_kd``), else absolute. The printed text is then true for the reader
+    and holds no path of the machine that built the book."""
+    path = Path(path).expanduser().resolve()
+    here = Path.cwd().resolve()
+    return os.path.relpath(path, here) if path.is_relative_to(here.parent) else str(path)

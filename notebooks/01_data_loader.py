@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader
 from transformers import WhisperFeatureExtractor
 
 from kdlib import data
+from kdlib.files import shown
 from kdlib.models import real_tokenizer
 
 out = Path(out_dir)
@@ -73,7 +74,7 @@ smoke = preset == "smoke"
 root = Path(data_root) if data_root else data.embedded_corpus(language)
 code = data.language_code(language)
 results = {"preset": preset, "root": str(root), "language": code}
-print(f"reading {root}  (language {language} -> Whisper code <|{code}|>)")
+print(f"reading {shown(root)}  (language {language} -> Whisper code <|{code}|>)")
 
 # %% [markdown]
 # ## 1 · Scan the files

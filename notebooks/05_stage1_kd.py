@@ -71,6 +71,7 @@ import matplotlib.pyplot as plt
 
 from kdlib import evaluate
 from kdlib.config import make_config
+from kdlib.files import shown
 from kdlib.runs import load_history, teacher_model, untrained_student
 from kdlib.train import run_stage
 
@@ -80,7 +81,7 @@ if max_steps is not None:
     overrides = {**overrides, "max_steps": max_steps}
 if data_root is not None:  # relative to the working directory (papermill --cwd notebooks)
     overrides = {**overrides, "data_root": str(Path(data_root).expanduser().resolve())}
-print("run folders in", out)
+print("run folders in", shown(out))
 
 # %% [markdown]
 # ## The configuration

@@ -62,6 +62,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from kdlib.config import TrainConfig, make_config
+from kdlib.files import shown
 from kdlib.models import resolve_device
 from kdlib.runs import finished_run, load_history
 from kdlib.train import run_stage
@@ -87,7 +88,8 @@ config2 = make_config(preset, stage=2, overrides={
     "teacher_from": prev_config.teacher_from,
 })
 print("data:", config2.data_root or "the embedded corpus")
-print("starting from", prev, "| teacher:", config2.teacher, "adapted by", config2.teacher_from)
+print("starting from", shown(prev), "| teacher:", config2.teacher, "adapted by",
+      shown(config2.teacher_from) if config2.teacher_from else None)
 for key in ("ce_weight", "kl_weight", "geo_weight", "geo_kind", "alignment", "contrastive_weight",
             "contrastive_temperature", "batch_size", "max_steps", "lora_preset"):
     print(f"  {key:<24} {getattr(config2, key)}")

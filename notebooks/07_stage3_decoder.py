@@ -64,6 +64,7 @@ import matplotlib.pyplot as plt
 
 from kdlib import evaluate
 from kdlib.config import TrainConfig, make_config
+from kdlib.files import shown
 from kdlib.runs import finished_run, load_history, teacher_model, untrained_student
 from kdlib.train import run_stage
 
@@ -95,7 +96,7 @@ if not finished_run(runs["stage2"], preset):
     run_stage(make_config(preset, stage=2, overrides={**data, "init_from": str(runs["stage1"]),
                                                       "teacher_from": stage1_config.teacher_from}), runs["stage2"])
 for name, path in runs.items():
-    print(f"{name:<8} {path}")
+    print(f"{name:<8} {shown(path)}")
 
 # %% [markdown]
 # Each path is a run folder with `training_config.json`, `adapter_final/` and its history.

@@ -68,7 +68,11 @@ def upstream_parameters(notebook: Path, runs_root: Path, params: dict) -> dict:
     wired = {}
     for name, (chapter, run) in UPSTREAM.get(notebook.stem[:2], {}).items():
         if name not in params and chapter in stems:
-            wired[name] = str(runs_root / stems[chapter] / run)
+            # relative to notebooks/ (papermill's working directory) when inside the repository: the
+            # injected-parameters cell of the book then shows no path of the build machine
+            folder = runs_root / stems[chapter] / run
+            wired[name] = (os.path.relpath(folder, NOTEBOOKS) if folder.resolve().is_relative_to(ROOT)
+                           else str(folder))
     return wired
 
 
