@@ -74,6 +74,7 @@ import torch
 from kdlib import ct2, decode, evaluate
 from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio, read_speakers
+from kdlib.files import shown
 from kdlib.models import TINY_RANDOM, load_whisper, tiny_random_named
 from kdlib.runs import finished_run, untrained_student
 from kdlib.train import run_stage
@@ -180,7 +181,7 @@ RUNS = [(name, run_for(key)) for name, key in (
     ("teacher, adapted (stage 0)", "stage0"), ("student, CE only", "ce_only"),
     ("student, KD (stage I)", "stage1"), ("student, stages I+II+III", "stage3"))]
 for name, run in RUNS:
-    print(f"{name:<28} {run}")
+    print(f"{name:<28} {shown(run)}")
 
 # %% [markdown]
 # Every trained row has its run folder now, given or trained here.
@@ -275,7 +276,7 @@ show = ("name", "status", "engine", "compute_type", "wer", "cer", "rtf", "n_para
         "peak_memory_mb", "peak_memory_delta_mb", "n_utterances", "n_skipped")
 print(f"{data_root.name}/{split}, {len(clips)} clips, greedy, text normaliser: {decode.NORMALIZER}\n")
 print(evaluate.markdown_table(rows, show))
-print("written:", ", ".join(str(p) for p in paths.values()))
+print("written:", ", ".join(shown(p) for p in paths.values()))
 # results.json: the measured rows by key (what the prose's markers name), and how many clips.
 row_keys = ["teacher", "teacher_adapted", "student_untrained", "ce_only", "stage1", "stage3"]
 results = {"preset": preset, "split": split, "clips": len(clips), "rows": {}}

@@ -69,6 +69,7 @@ import torch
 from kdlib import viz
 from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio, read_speakers, scan_mls
+from kdlib.files import shown
 from kdlib.models import (TINY_RANDOM, RiemannianProjector, load_student, load_whisper, same_encoder,
                           tiny_random_named)
 
@@ -413,7 +414,7 @@ results["dtw_path_clip"] = ids[i]
 results["total_seconds"] = round(time.perf_counter() - chapter_start, 1)
 (out / "latent_space.json").write_text(json.dumps(results, indent=2) + "\n")
 (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # the book's check reads this name
-print(f"figures and latent_space.json in {out.resolve()}; chapter ran in {results['total_seconds']:.0f} s")
+print(f"figures and latent_space.json in {shown(out)}; chapter ran in {results['total_seconds']:.0f} s")
 
 # %% [markdown]
 # ## Summary

@@ -78,9 +78,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from kdlib import decode, evaluate, pseudo
-from kdlib.ct2 import offline_ct2_dir
 from kdlib.config import TrainConfig, make_config
+from kdlib.ct2 import offline_ct2_dir
 from kdlib.data import embedded_corpus, scan_mls
+from kdlib.files import shown
 from kdlib.models import TINY_RANDOM, tiny_random_named
 from kdlib.runs import export_merged, finished_run, load_history, untrained_student
 from kdlib.train import run_stage
@@ -131,7 +132,7 @@ stage0 = out / "stage0_half_a"
 run_stage(make_config(preset, stage=0, overrides={"data_root": str(half_a), **teacher_steps}), stage0,
           progress=not tiny)
 teacher_dir = export_merged(stage0, out / "merged" / "teacher_adapted")
-print(f"adapted teacher: run {stage0} → merged folder {teacher_dir}")
+print(f"adapted teacher: run {shown(stage0)} → merged folder {shown(teacher_dir)}")
 
 # %% [markdown]
 # The merged folder is the adapted teacher as one model: the pseudo-labeller and CTranslate2
@@ -323,9 +324,9 @@ reference_runs = {}
 if reference_run is not None and finished_run(reference_run, preset):
     reference_runs["thesis method, stages I-III (chapter 07, all 96 clips; reference only)"] = Path(reference_run)
 else:
-    print(f"reference_run {reference_run}: none, missing or from another preset; "
+    print(f"reference_run {shown(reference_run) if reference_run else None}: none, missing or from another preset; "
           "no reference row for the full thesis pipeline")
-print(f"{thesis_name}: {thesis_run}")
+print(f"{thesis_name}: {shown(thesis_run)}")
 
 # %% [markdown]
 # The like-for-like run of the thesis method is its stage I (CE on the human references + KL
