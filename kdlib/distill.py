@@ -183,7 +183,8 @@ def dev_scores(models: RunModels, dataset, collate, config: TrainConfig, device:
     (``wer``, default ``config.eval_wer``) greedy ``dev_wer`` / ``dev_cer`` (Whisper's basic
     normaliser) over ``dev_utterances`` clips. Both run under the run's ``autocast`` (the
     thesis: fp16 on the GPU, as training). A frozen student encoder's states come from
-    ``caches`` (computed once per clip), so the decoder alone runs. Clips are batched by length.
+    ``caches`` (computed once per clip); a training encoder runs once per batch, its states shared
+    by the loss and by decoding. Clips are batched by length.
     A clip that fails to decode is dropped and counted by the dataset, never a crash mid-run.
     Distributed: each rank scores its share of the clips; sums and transcripts are combined."""
     ctx = ctx or Dist()
@@ -210,6 +211,8 @@ def dev_scores(models: RunModels, dataset, collate, config: TrainConfig, device:
             total += float(cross_entropy(out.logits.float(), labels)) * tokens
             count += tokens
             if wer:
+                # the encoder ran once for this batch (teacher forcing): generate reads its states
+                states = out.encoder_last_hidden_state if states is None else states
                 hyps += transcribe_features(student, models.tokenizer, features, states=states, language=config.language,
                                             task=config.task, max_new_tokens=config.eval_max_new_tokens)
                 refs += [text[i] for i in batch["ids"]]

@@ -533,11 +533,15 @@ def test_dev_scores_decode_each_clip_once_under_the_runs_autocast(monkeypatch):
     reads = []
     real_load = data.load_audio
     monkeypatch.setattr(data, "load_audio", lambda path, *a, **k: reads.append(str(path)) or real_load(path, *a, **k))
-    seen = []
+    seen, encoder_runs = [], []
     hook = models.student.base_model.model.model.decoder.register_forward_hook(
         lambda *a: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+    enc_hook = models.student.get_encoder().register_forward_hook(lambda *a: encoder_runs.append(1))
     scores = DL.dev_scores(models, dev_set, data.WhisperCollator(), config, cpu, autocast=(True, torch.bfloat16))
     hook.remove()
+    enc_hook.remove()
+    # the (training) encoder ran once per dev batch: generate reused the teacher-forcing pass's states
+    assert len(encoder_runs) == -(-len(dev_set) // config.batch_size)
     assert sorted(reads) == sorted(str(u.audio) for u in dev_set.utterances), "each dev clip read exactly once"
     assert scores["dev_utterances"] == len(dev_set) and 0 <= scores["dev_wer"]
     # teacher forcing and every generate step ran under bf16 autocast
