@@ -34,7 +34,7 @@ from kdlib import data, models
 from kdlib.config import TrainConfig
 from kdlib.losses import TERMS
 from kdlib.models import RiemannianProjector, RunModels, resolve_device
-from kdlib.files import atomic_write_bytes, atomic_write_json, fresh_tmp_dir, replace_dir
+from kdlib.files import atomic_write_bytes, atomic_write_json, fresh_tmp_dir, replace_dir, shown
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER_DIR = "adapter_final"
@@ -315,7 +315,7 @@ def load_checkpoint(run_dir: Path, models: RunModels, optimizer, scheduler, scal
     history = []
     if (Path(run_dir) / HISTORY).exists():
         history = [h for h in load_history(run_dir) if h["step"] <= state["step"]]
-    log(f"resumed from {checkpoint} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
+    log(f"resumed from {shown(checkpoint)} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
     return state, history
 
 

@@ -38,7 +38,7 @@ from kdlib import data, distributed
 from kdlib.caches import build_caches
 from kdlib.config import TrainConfig
 from kdlib.distill import dev_scores, forward_losses, stage_weights
-from kdlib.files import atomic_write_json
+from kdlib.files import atomic_write_json, shown
 from kdlib.losses import TERMS, DistillationLoss, TAIDSchedule
 from kdlib.models import amp_settings, build_optimizer, resolve_device, tensor_digest, trainable_report
 from kdlib.progress import progress_bar
@@ -268,7 +268,7 @@ def run_stage(config: TrainConfig, run_dir: str | Path, *, reuse: bool = True, p
     done = reusable_run(config, run_dir, ignore=ignore) if reuse else None
     if done is not None:
         if not quiet:
-            print(f"{run_dir}: finished run of this config found, reusing it")
+            print(f"{shown(run_dir)}: finished run of this config found, reusing it")
         return done
     train_fn = train_fn or train
     kwargs: dict[str, Any] = {"progress": progress}
