@@ -5,7 +5,7 @@ the student reads the batch (or a frozen encoder's cached states), the frozen te
 logits (on the student's tokens) and encoder states (`teacher_forward`), the teacher's states are
 put on the student's frame grid (`kdlib.frames.teacher_on_student_frames`), and
 `kdlib.losses.DistillationLoss` combines the terms with the step's weights (`stage_weights`: KL
-warm-up, stage III's contrastive decay). `dev_scores` scores the student during training
+warm-up, stage III's contrastive decay). `dev_pass` scores the student during training
 (dev loss and dev WER from one pass over the dev clips), with the same caches.
 """
 
@@ -173,7 +173,7 @@ def stage_weights(config: TrainConfig, step: int):
 
 
 @torch.no_grad()
-def dev_scores(models: RunModels, dataset, collate, config: TrainConfig, device: torch.device,
+def dev_pass(models: RunModels, dataset, collate, config: TrainConfig, device: torch.device,
                caches: Optional[EncoderCaches] = None, ctx: Optional[Dist] = None,
                autocast: tuple[bool, Optional[torch.dtype]] = (False, None), wer: Optional[bool] = None) -> dict:
     """The student's dev scores as it is now, in one pass over the dev set.

@@ -6,7 +6,7 @@
            `kdlib.data.batch_stream`), optimizer, LR schedule, GradScaler, encoder caches;
   resume   from ``checkpoint.pt`` if the run folder has one (`kdlib.runs.load_checkpoint`);
   loop     forward + loss (`kdlib.distill.forward_losses`), backward, all-reduce, clip, step,
-           schedule, log, evaluate (`kdlib.distill.dev_scores`), checkpoint;
+           schedule, log, evaluate (`kdlib.distill.dev_pass`), checkpoint;
   summary  final adapter, ``summary.json`` (`kdlib.runs.run_summary`).
 
 Stages (see `kdlib.config.STAGE_TERMS`):
@@ -37,7 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 from kdlib import data, distributed
 from kdlib.caches import build_caches
 from kdlib.config import TrainConfig
-from kdlib.distill import dev_scores, forward_losses, stage_weights
+from kdlib.distill import dev_pass, forward_losses, stage_weights
 from kdlib.files import atomic_write_json, shown
 from kdlib.losses import TERMS, DistillationLoss, TAIDSchedule
 from kdlib.models import amp_settings, build_optimizer, resolve_device, tensor_digest, trainable_report
@@ -218,7 +218,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
         bar.update(1)
         # evaluate
         if (step + 1) % config.eval_every == 0 or step + 1 == config.max_steps:
-            last_eval = {"step": step + 1, **dev_scores(models, dev_set, collate, config, device, caches, ctx,
+            last_eval = {"step": step + 1, **dev_pass(models, dev_set, collate, config, device, caches, ctx,
                                                         autocast=(autocast_on, autocast_dtype))}
             history[-1].update({k: v for k, v in last_eval.items() if k != "step"})
             add_scalars(writer, "dev", last_eval, step + 1)

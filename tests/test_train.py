@@ -225,11 +225,11 @@ def test_early_stopping_exports_the_best_adapter(tmp_path, monkeypatch):
     scripted = iter([5.0, 3.0, 4.0, 6.0])  # dev loss per evaluation: best at step 2, stop at step 4
     snapshots = {}
 
-    def fake_dev_scores(models, *args, **kwargs):
+    def fake_dev_pass(models, *args, **kwargs):
         snapshots[len(snapshots) + 1] = R.trainable_state(models)
         return {"dev_loss": next(scripted)}
 
-    monkeypatch.setattr(T, "dev_scores", fake_dev_scores)
+    monkeypatch.setattr(T, "dev_pass", fake_dev_pass)
     config = smoke(stage=2, max_steps=8, eval_every=1, save_every=100, early_stopping_patience=2)
     summary = T.train(config, tmp_path, progress=False)
     assert summary["stopped_early"] and summary["steps"] == 4
@@ -509,19 +509,19 @@ def test_dev_wer_decodes_from_the_frozen_encoders_cached_states():
     caches = C.build_caches(models, config, train_set, dev_set)
     assert caches.student is not None
     collate = data.WhisperCollator()
-    DL.dev_scores(models, dev_set, collate, config, cpu, caches)
+    DL.dev_pass(models, dev_set, collate, config, cpu, caches)
     calls = []
     hook = models.student.get_encoder().register_forward_hook(lambda *a: calls.append(1))
-    cached = DL.dev_scores(models, dev_set, collate, config, cpu, caches)
+    cached = DL.dev_pass(models, dev_set, collate, config, cpu, caches)
     assert calls == []
-    live = DL.dev_scores(models, dev_set, collate, config, cpu)
+    live = DL.dev_pass(models, dev_set, collate, config, cpu)
     hook.remove()
     assert calls and cached["dev_utterances"] == len(dev_set)
     assert cached["dev_wer"] == live["dev_wer"] and cached["dev_cer"] == live["dev_cer"]
     assert abs(cached["dev_loss"] - live["dev_loss"]) < 1e-5
 
 
-def test_dev_scores_decode_each_clip_once_under_the_runs_autocast(monkeypatch):
+def test_dev_pass_decodes_each_clip_once_under_the_runs_autocast(monkeypatch):
     """Issue 16 (waste at scale): the dev pass reads each clip's audio once for the dev loss and
     the dev WER together, and runs the student under the run's autocast, as training does."""
     from kdlib import data
@@ -537,7 +537,7 @@ def test_dev_scores_decode_each_clip_once_under_the_runs_autocast(monkeypatch):
     hook = models.student.base_model.model.model.decoder.register_forward_hook(
         lambda *a: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
     enc_hook = models.student.get_encoder().register_forward_hook(lambda *a: encoder_runs.append(1))
-    scores = DL.dev_scores(models, dev_set, data.WhisperCollator(), config, cpu, autocast=(True, torch.bfloat16))
+    scores = DL.dev_pass(models, dev_set, data.WhisperCollator(), config, cpu, autocast=(True, torch.bfloat16))
     hook.remove()
     enc_hook.remove()
     # the (training) encoder ran once per dev batch: generate reused the teacher-forcing pass's states
