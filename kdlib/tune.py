@@ -109,11 +109,6 @@ def _config_key(config: TrainConfig, upstream: str | None) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _default_train() -> Callable:
-
-    return train
-
-
 def run_stage(config: TrainConfig, run_dir: str | Path, *, train_fn: Callable | None = None,
               on_eval: Callable | None = None, quiet: bool = True, progress: bool = False) -> dict:
     """`kdlib.train.run_stage` with the runners' defaults: quiet (the trainer's printout goes to
@@ -121,7 +116,7 @@ def run_stage(config: TrainConfig, run_dir: str | Path, *, train_fn: Callable | 
     ``init_from``) left out of the same-config check, since pipeline folders are keyed by their
     upstream. A folder holding another config raises (a `ValueError` naming the fields)."""
 
-    return train_run_stage(config, run_dir, train_fn=train_fn or _default_train(), on_eval=on_eval,
+    return train_run_stage(config, run_dir, train_fn=train_fn or train, on_eval=on_eval,
                            quiet=quiet, progress=progress, ignore=LOCATION_FIELDS)
 
 
