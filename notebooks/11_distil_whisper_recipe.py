@@ -542,9 +542,12 @@ print(f"\nchapter wall time so far: {time.perf_counter() - chapter_start:.0f} s"
 # the teacher's label errors (the pseudo-labels' own WER is 0.57<!-- results: pseudo.wer -->) plus the recipes' other
 # differences (question 2). The filter, by removing 13 clips, buys nothing here: both distil runs
 # end at the same WER with the same insertion rate (19<!-- results: rows.distil_filtered.insertion_rate *100 --> % and 19<!-- results: rows.distil_unfiltered.insertion_rate *100 --> %). CTranslate2 float32
-# repeats every transformers WER exactly; int8 costs 2<!-- results: ct2.int8_wer_cost_points.min --> to 35<!-- results: ct2.int8_wer_cost_points.max --> WER points at a 7<!-- results: ct2.int8_rtf_saving_percent.min --> to 37<!-- results: ct2.int8_rtf_saving_percent.max --> %
-# lower RTF, a wide spread on 20 clips. Per step after the first epoch the runs took 0.9<!-- results: step_seconds.min --> to
-# 4.6<!-- results: step_seconds.max --> s on the build machine, which ran other jobs at the same time: too noisy to rank them.
+# repeats every transformers WER exactly; int8 costs 2<!-- results: ct2.int8_wer_cost_points.min --> to 35<!-- results: ct2.int8_wer_cost_points.max --> WER points, a wide spread on 20
+# clips, for a lower RTF. How much lower depends on what else the machine is doing: compare the
+# float32 and int8 rows of one run in the table above, never two builds. The same holds for the
+# seconds per step in the cost table: they are wall time, and between two builds of this book (one
+# on an idle machine, one beside other jobs) the slowest run's step time moved by more than the
+# runs differ within one build, too noisy to rank the recipes.
 #
 # On 20 synthetic dev clips, differences of a few WER points are within what another seed
 # would change (chapter 09 runs seeds); a claim that one recipe wins needs several seeds and,
