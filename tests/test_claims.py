@@ -208,6 +208,9 @@ def test_build_book_checks_the_stated_numbers_after_the_chapters_ran(tmp_path, c
     (out / "results.json").write_text(json.dumps({"rows": {"stage1": {"wer": 0.45}}}))
     with pytest.raises(SystemExit, match=r"99_fixture: the prose says 0.39 but results.json has rows.stage1.wer = 0.45"):
         build_book.check_stated_numbers([(path, out)], "demo")
+    capsys.readouterr()
+    build_book.check_stated_numbers([(path, out)], "demo", warn_only=True)  # --claims warn: reported, no stop
+    assert "the prose says 0.39 but results.json has rows.stage1.wer = 0.45" in capsys.readouterr().out
     build_book.check_stated_numbers([(path, out)], "smoke")  # other sizes: keys only
     (out / "results.json").write_text(json.dumps({"rows": {}}))
     with pytest.raises(SystemExit, match="does not have"):
