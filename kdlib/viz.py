@@ -35,9 +35,10 @@ import torch
 
 from kdlib import frames as F
 from kdlib.config import TrainConfig
+from kdlib.files import shown
 from kdlib.models import encoder_of, merge_factor
 from kdlib.progress import progress_bar
-from kdlib.runs import load_trained
+from kdlib.runs import load_trained, untrained_student
 
 
 METHODS = ("pca", "tsne", "umap")
@@ -187,20 +188,31 @@ def after_kd_student(run_dir: str | Path, teacher: str) -> AfterKD:
     run = Path(run_dir)
     config_path = run / "training_config.json"
     if not config_path.is_file() or not (run / "adapter_final").is_dir():
-        return AfterKD(reason=f"{run}: no finished run (training_config.json + adapter_final/)")
+        return AfterKD(reason=f"{shown(run)}: no finished run (training_config.json + adapter_final/)")
 
     config = TrainConfig.from_json(config_path).to_dict()  # its paths resolved against the run folder
     if config.get("teacher") != teacher:
-        return AfterKD(config=config, reason=f"{config_path}: distilled from teacher "
+        return AfterKD(config=config, reason=f"{shown(config_path)}: distilled from teacher "
                                              f"{config.get('teacher')!r}, this chapter uses {teacher!r}")
 
     model, _, feature_extractor, projector = load_trained(run, merge=True)
-    reason = f"{run}: stage {config.get('stage')}, {config.get('max_steps')} steps"
+    reason = f"{shown(run)}: stage {config.get('stage')}, {config.get('max_steps')} steps"
     if config.get("teacher_from"):
-        reason += (f"; its teacher was adapted first ({config['teacher_from']}), the teacher here is "
+        reason += (f"; its teacher was adapted first ({shown(config['teacher_from'])}), the teacher here is "
                    "the unadapted one")
     return AfterKD(model, feature_extractor, projector, int(config.get("student_frame_factor") or 1),
                    config, reason=reason)
+
+
+def before_kd_student(after: AfterKD):
+    """The student of ``after``'s run as the run built it, before any training: the run's config
+    without its ``init_from`` chain or adapters (`kdlib.runs.untrained_student`). It has the
+    trained student's shape (encoder window, frame merge, decoder layers), so a before/after
+    comparison shows what training changed and nothing else. Returns ``(model, feature_extractor)``."""
+    if after.model is None:
+        raise ValueError(f"no trained student to match: {after.reason}")
+    model, _, feature_extractor = untrained_student(TrainConfig.from_dict(after.config))
+    return model, feature_extractor
 
 
 # --------------------------------------------------------------------------------------------

@@ -256,7 +256,9 @@ else:
 
 # %% [markdown]
 # Same weights, same greedy search: the float32 row's WER should equal the transformers
-# teacher's (tiny differences would come from the numerics), at about half its RTF or less. The
+# teacher's (tiny differences would come from the numerics). Its RTF need not be lower: on this
+# CPU the float32 engine decodes whisper-base at about the transformers teacher's speed, so the
+# engine alone buys little here, and the int8 row is where it gains. The
 # facts page measured this engine at an RTF of about 0.33<!-- cited --> on this 2-core CPU when the machine
 # was otherwise idle; when other jobs share the cores every row's RTF grows together, so compare
 # rows of one run, never numbers from different runs. int8 stores the weights in 8 bits: a
@@ -364,8 +366,8 @@ for uid in picked:
 # REF and HYP are the normalised texts, aligned word by word. On the synthetic voices the
 # teacher's errors are mostly substitutions of similar-sounding words (and split or merged
 # words: one reference word heard as two is a substitution plus an insertion), which is what a
-# weak acoustic match looks like. A student that outputs nothing shows a row of deletions (the
-# untrained student on the demo); one that loops on words shows long runs of insertions.
+# weak acoustic match looks like. A student that outputs nothing shows a row of deletions (chapter
+# 11's untrained four-layer student, for one); one that loops on words shows long runs of insertions.
 #
 # ## WER per voice
 #
@@ -396,8 +398,8 @@ fig.savefig(out / "wer_per_voice.png", dpi=120)
 plt.show()
 
 # %% [markdown]
-# With 20 dev clips each voice has only 3–4 clips (about 40 words), so one word moves a voice's
-# WER by 2–3 points; read the pattern (which voices are hard for both models), not the decimals.
+# With 20 dev clips each voice has only three or four clips (25 to 45 words), so one word moves a
+# voice's WER by 2 to 4 points; read the pattern (which voices are hard for both models), not the decimals.
 # If the student is better than the teacher on every voice, training adapted it to the
 # synthetic domain; if it is better only on the voices the teacher already handles, it learned
 # the teacher's strengths and weaknesses together. The full table for all models is in
@@ -442,8 +444,10 @@ print(f"chapter wall time: {time.perf_counter() - chapter_start:.0f} s")
 #   errors are. An empty reference is skipped and counted, an empty hypothesis is all deletions.
 # - RTF = decode seconds / audio seconds on one fixed machine and setting; CTranslate2 (float32
 #   and int8) is the deployment reference for the teacher.
-# - A student with fewer decoder layers is smaller but, on a CPU, hardly faster: the encoder
-#   dominates. The comparison table, figure and per-voice table are in `out_dir`.
+# - The demo students keep every layer of whisper-base and read a 10 s window: hardly smaller, but
+#   more than twice as fast (compare the RTF column), because the encoder dominates a
+#   transcription's time on a CPU; cutting decoder layers alone would barely change the RTF.
+#   The comparison table, figure and per-voice table are in `out_dir`.
 #
 # ## Exercises
 #

@@ -46,7 +46,8 @@
 #
 # No earlier chapter's output: every run here is trained from scratch, with the trainer
 # of `kdlib.train` and the evaluation of `kdlib.evaluate` (chapter 08). At the default `demo` size
-# (real whisper-base teacher, `distil-base` student, embedded Italian corpus, CPU) the runs are a
+# (real whisper-base teacher, the student built from it with a 10 s encoder window, embedded
+# Italian corpus, CPU) the runs are a
 # couple of steps long, so the numbers show the *machinery*, not which component wins; the
 # parameters cell gives the thesis-scale values. With `preset = "smoke"` the models are tiny and
 # random.
@@ -122,9 +123,8 @@ print(f"\nobjective: {objective} (minimised); trials train stages {search_stages
 # %% [markdown]
 # The objective is **dev loss** (student token cross-entropy on the dev clips, teacher forcing) at
 # smoke and demo size, and dev WER at thesis size (`tune.default_objective`). After two steps
-# every student still decodes mostly wrong words; WER on four synthetic clips takes a handful of
-# values, often above 1 from repetitions, and ties between trials, so neither TPE nor the
-# pruner could rank trials on it. Dev loss moves smoothly from the first step and needs no
+# WER on four synthetic clips takes only a handful of values (one word moves it by a few points)
+# and ties between trials, so neither TPE nor the pruner could rank trials on it. Dev loss moves smoothly from the first step and needs no
 # decoding. On thousands of MLS dev clips WER is fine-grained, and it is the number we report, so
 # the thesis selects on it.
 #

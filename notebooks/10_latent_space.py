@@ -122,26 +122,31 @@ results["clip_seconds"] = {"min": float(seconds.min()), "max": float(seconds.max
 # %%
 if tiny:
     teacher_name = make_config(preset).teacher
-    teacher_bundle, student_bundle = tiny_random_named(teacher_name, seed=seed)
+    teacher_bundle, fallback_student = tiny_random_named(teacher_name, seed=seed)
 else:
-    teacher_bundle, student_bundle = load_whisper(teacher), load_student(student)
-    teacher_name = teacher
+    teacher_bundle, teacher_name = load_whisper(teacher), teacher
 after = viz.after_kd_student(run_dir, teacher_name)
 have_kd = after.model is not None
 AFTER = "student after KD" if have_kd else "student after KD (unavailable: fresh student)"
 frame_factor = after.frame_factor if have_kd else 1
-if have_kd:
+if have_kd:  # "before" = the run's own student, untrained: its window, layers and frame merge
+    before_model, before_fe = viz.before_kd_student(after)
+    before_source = f"{after.config['student']} as the run built it (untrained, same shape)"
     print(f"after KD: {after.reason}; student frames downsampled {frame_factor}:1")
 else:
+    fallback_student = fallback_student if tiny else load_student(student)
+    before_model, before_fe = fallback_student.model, fallback_student.feature_extractor
+    before_source = f"{fallback_student.name} (the `student` parameter)"
     print(f"after KD is UNAVAILABLE ({after.reason}).\nThe 'after KD' student below is a fresh, untrained "
-          f"{student_bundle.name}: the same model as 'before KD'. Run chapter 07 to see distillation.")
-d_teacher, d_student = teacher_bundle.config.d_model, student_bundle.config.d_model
+          f"{fallback_student.name}: the same model as 'before KD'. Run chapter 07 to see distillation.")
+d_teacher, d_student = teacher_bundle.config.d_model, before_model.config.d_model
 torch.manual_seed(seed)
 fresh_projector = RiemannianProjector(d_student, d_teacher)  # identity + normalise when widths agree
 trained_projector = after.projector if have_kd and after.projector is not None else fresh_projector
-print(f"teacher {teacher_bundle.name}: d_model {d_teacher}; student {student_bundle.name}: d_model {d_student}; "
-      f"projector after KD: {'trained' if trained_projector is not fresh_projector else 'fresh (untrained)'}")
-results.update(after_kd=have_kd, after_kd_source=after.reason, frame_factor=frame_factor)
+print(f"teacher {teacher_bundle.name}: d_model {d_teacher}; student before KD: {before_source}, d_model "
+      f"{d_student}; projector after KD: {'trained' if trained_projector is not fresh_projector else 'fresh (untrained)'}")
+results.update(after_kd=have_kd, after_kd_source=after.reason, before_kd_source=before_source,
+               frame_factor=frame_factor)
 
 # %% [markdown]
 # When chapter 07 has not been run, the output above says so in capitals: "before" and "after"
@@ -174,7 +179,7 @@ def encoder_states(model, feature_extractor, name, factor=1):
 
 
 teacher_states = encoder_states(teacher_bundle, teacher_bundle.feature_extractor, "teacher")
-before_states = encoder_states(student_bundle, student_bundle.feature_extractor, "student before KD", frame_factor)
+before_states = encoder_states(before_model, before_fe, "student before KD", frame_factor)
 if have_kd:
     after_states = encoder_states(after.model, after.feature_extractor, AFTER, frame_factor)
 else:  # the fallback student is the same model

@@ -96,7 +96,7 @@ out.mkdir(parents=True, exist_ok=True)
 data_root = Path(base.data_root) if base.data_root else embedded_corpus(base.language)
 steps = {"max_steps": max_steps} if max_steps is not None else ({"max_steps": 40} if preset == "demo" else {})
 teacher_steps = {"max_steps": 20} if preset == "demo" else {}  # stage 0 on 48 clips: 3.3 epochs (chapter 05: 30 steps on 96)
-print(f"preset {preset}, data {data_root}, λ = {max_wer}, steps {steps.get('max_steps', base.max_steps)}")
+print(f"preset {preset}, data {shown(data_root)}, λ = {max_wer}, steps {steps.get('max_steps', base.max_steps)}")
 
 # %% [markdown]
 # ## The teacher that writes the labels
@@ -452,8 +452,8 @@ results["ct2"] = {"int8_wer_cost_points": {"min": min(cost_points) if pairs else
 
 # %% [markdown]
 # The first table is the chapter's result (also in `comparison.md` and `comparison.csv`); the
-# second is WER per speaker, one espeak-ng voice each: with 3–4 dev clips per voice, one word
-# moves a cell by 2–3 points, so read the pattern, not the decimals.
+# second is WER per speaker, one espeak-ng voice each: with three or four dev clips per voice (25
+# to 45 words), one word moves a cell by 2 to 4 points, so read the pattern, not the decimals.
 #
 # ## What each recipe costs per step
 #

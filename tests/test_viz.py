@@ -226,3 +226,24 @@ def test_after_kd_student_explains_why_not(tmp_path):
     (tmp_path / "training_config.json").write_text('{"teacher": "tiny-random", "stage": 2}')
     other = viz.after_kd_student(tmp_path, "whisper-base")
     assert other.model is None and "tiny-random" in other.reason
+
+
+def test_before_kd_student_is_the_runs_student_untrained(tmp_path):
+    """Chapter 10's "before KD": the finished run's own student as the run built it (same shape,
+    window included), with none of the training; the run's trained student differs from it."""
+    from kdlib.config import make_config
+    from kdlib.runs import untrained_student
+    from kdlib.train import run_stage
+
+    config = make_config("smoke", stage=2, overrides={"max_steps": 2, "eval_every": 2, "eval_wer": False,
+                                                       "student_window_seconds": 10})
+    run_stage(config, tmp_path / "run", progress=False)
+    after = viz.after_kd_student(tmp_path / "run", config.teacher)
+    assert after.model is not None, after.reason
+    model, feature_extractor = viz.before_kd_student(after)
+    assert model.config.to_dict() == after.model.config.to_dict()  # same shape: window, layers, widths
+    assert feature_extractor.nb_max_frames == after.feature_extractor.nb_max_frames
+    fresh, _, _ = untrained_student(config)
+    assert models.same_encoder(model, fresh) and not models.same_encoder(model, after.model)
+    with pytest.raises(ValueError, match="no finished run"):
+        viz.before_kd_student(viz.after_kd_student(tmp_path / "nothing", config.teacher))
