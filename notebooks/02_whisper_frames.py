@@ -147,8 +147,9 @@ print("receptive field of Whisper's two convolutions:", frames.encoder_receptive
 # %% [markdown]
 # For clips of a few seconds most of the 1500 encoder frames are padding (89<!-- results: padding_percent --> % for the default
 # clip of 3.3<!-- results: seconds --> s; still 69<!-- results: longest.padding_percent --> % for the split's longest, 9.3<!-- results: longest.seconds --> s): Whisper pays for 30 s whatever it
-# hears. A 3:1 student keeps the 30 s window but does a third of the
-# frame work after downsampling. Each encoder frame's convolutions see 65 ms of audio on a
+# hears. A 3:1 student does a third of the frame work: either it merges frames inside a 30 s
+# encoder (the thesis student), or, like the demo's student, its encoder reads only a 10 s window
+# (500 frames; below). Each encoder frame's convolutions see 65 ms of audio on a
 # 20 ms grid: neighbouring frames already overlap before attention mixes everything.
 
 # %%
@@ -458,8 +459,10 @@ for row in measured:
 # %% [markdown]
 # The offline teacher measures 72.6<!-- results: sizes.0.params_M --> M parameters: the published "74 M" of base is a rounded
 # figure (it counts the tied output projection once, as we do). `distil-base` keeps the whole
-# encoder and 2 of 6 decoder layers: it drops about a quarter of the parameters, but, as the
-# next cell shows, not much of the time, which the encoder dominates. The 51,865 × d_model token
+# encoder and 2 of 6 decoder layers: it drops about a quarter of the parameters, but not much of
+# the time, which the encoder dominates: the next cell times the encoder's layers on 1500 and on
+# 500 frames. That is why the demo's training student keeps all six decoder layers and cuts the
+# encoder's window instead. The 51,865 × d_model token
 # embedding is a large share of the small models: 26.6<!-- results: embedding_params_M --> M of base's 72.6<!-- results: sizes.0.params_M --> M.
 
 # %%

@@ -245,7 +245,7 @@ fig.tight_layout()
 fig.savefig(out / "kl_vs_temperature.png", dpi=120)
 
 # %% [markdown]
-# Without T² the gradient falls at least like 1/T²: the gradient of KL_T is (q_T − p_T)/T and both
+# From T = 1 on, without T² the gradient falls at least like 1/T²: the gradient of KL_T is (q_T − p_T)/T and both
 # distributions flatten as T grows. With T² the curve levels off at high T, so there changing T does
 # not secretly change the learning rate of the KL term against the CE term (Hinton et al. 2015).
 #
@@ -254,7 +254,7 @@ fig.savefig(out / "kl_vs_temperature.png", dpi=120)
 # above), so at T = 1–2 the distributions are still peaked and the gradient is concentrated on a
 # handful of tokens; by T = 4 both are nearly flat over 51 865 tokens and the gradient is spread thinly
 # over all of them, so its norm is much smaller. In the demo run the scaled gradient at T = 2 is about
-# a third, at T = 4 about 2<!-- results: kl_vs_T.grad_ratio_T2.4 *100 ~1 --> % of the one at T = 1; from T = 4 to T = 8 it changes by about 25 %, where
+# a fifth, at T = 4 about 2<!-- results: kl_vs_T.grad_ratio_T2.4 *100 ~1 --> % of the one at T = 1; from T = 4 to T = 8 it changes by about 20 %, where
 # the unscaled one shrinks five-fold. So T² keeps temperatures within the flat regime comparable, not
 # across the peaked-to-flat transition. (On unit-variance random logits over 100 tokens, the unit
 # test's case, T = 1 is already flat and the ratio at T = 4 is about 0.8.) In practice: when you tune

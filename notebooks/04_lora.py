@@ -164,6 +164,7 @@ results["one_layer"] = {"module": first, "A": list(A.shape), "B": list(B.shape),
 # | `qkv_all` | q, k, v of every attention: encoder self, decoder self and cross |
 # | `qkvo_all` | the same plus the output projection `out_proj` |
 # | `ffn` | `fc1`, `fc2` of every encoder and decoder layer |
+# | `decoder_all` | every attention projection (self and cross: q, k, v, out) and `fc1`, `fc2` of the decoder only |
 #
 # We apply each preset to the teacher and to the student, print `trainable_report` (peft's own
 # format) and split the trainable count into encoder and decoder. `unload()` removes the adapters
@@ -207,7 +208,7 @@ for name in LORA_PRESETS:
 
 # %% [markdown]
 # Read the demo table (whisper-base: 6 + 6 layers; distil-base: 6 + 2) column by column. Every preset
-# trains well under 1 % of either model. The two decoder presets adapt 2 linear layers per decoder
+# trains under 1 % of either model. The two `_qv` decoder presets adapt 2 linear layers per decoder
 # layer and touch nothing in the encoder: 98 304<!-- results: trainable_counts.teacher.dec_self_qv --> parameters on the teacher, 32 768<!-- results: trainable_counts.student.dec_self_qv --> on the student
 # (a third, since it has a third of the decoder layers). The other three presets reach into the
 # encoder: a third to a half of their parameters on the teacher, 60–75 % on the student, whose 6
@@ -240,8 +241,8 @@ fig.tight_layout()
 fig.savefig(out / "presets.png", dpi=120)
 
 # %% [markdown]
-# The hatched part of each bar is the share that lives in the encoder: none for the two decoder
-# presets, most of it for the others on the student.
+# The hatched part of each bar is the share that lives in the encoder: none for the three decoder
+# presets (`dec_self_qv`, `dec_cross_qv`, `decoder_all`), most of it for the others on the student.
 #
 # The counts grow linearly with r, and at thesis scale the models are larger. The thesis models need
 # no download to be counted: a model built on PyTorch's `meta` device has every shape and no weights.
@@ -289,7 +290,7 @@ for r in thesis_rows:
     results["thesis_trainable_r32"][r["model"].split("/")[1]][r["preset"]] = r["trainable"]
 
 # %% [markdown]
-# At thesis scale the shares stay small: 0.5–2.8 % of whisper-small, 0.3–2 % of large-v3. Adapting
+# At thesis scale the shares stay small: 0.5–3.1 % of whisper-small, 0.3–2.2 % of large-v3. Adapting
 # the 1.5 B-parameter teacher (stage 0) with `qkv_all` at r = 32 trains 23.6<!-- results: thesis_trainable_r32.whisper-large-v3.qkv_all *1e-6 --> M parameters, about a
 # tenth of whisper-small's total.
 #
@@ -456,8 +457,8 @@ results["optimizer"] = {k: {key: v for key, v in s.items() if key not in ("model
 # gets a gradient costs AdamW nothing. In **B** every tensor has state: 2 × 4 bytes per parameter
 # (428 MiB for distil-base; it would be 1.9 GB for whisper-small and 12 GB for large-v3), plus the
 # zero gradients themselves (another 4 bytes per parameter), and the optimizer step now walks over
-# the whole model: on this CPU it takes seconds per step, where A and C take milliseconds to tenths of
-# a second (the step column; timings are noisy, other jobs share this CPU). The watched frozen
+# the whole model: on this CPU its step takes far longer than A's and C's, which touch only the
+# adapters (the step column; timings are noisy when other jobs share the CPU). The watched frozen
 # weight moved by exactly
 # the weight-decay prediction: "frozen" weights are slowly shrinking. In **C** the state and the
 # losses are the same as in A and the frozen weight is bit-for-bit unchanged, although the zero
@@ -547,9 +548,9 @@ print("wrote", sorted(p.name for p in out.iterdir()))
 #
 # * LoRA trains h = W x + (α/r)·B A x with B = 0 at start: r·(d_in + d_out) numbers per adapted matrix
 #   instead of d_in·d_out, and the adapted model starts as the pretrained one.
-# * `kdlib`'s presets: `dec_self_qv` and `dec_cross_qv` stay in the decoder; `qkv_all`, `qkvo_all` and
+# * `kdlib`'s presets: `dec_self_qv`, `dec_cross_qv` and `decoder_all` stay in the decoder; `qkv_all`, `qkvo_all` and
 #   `ffn` reach into the encoder (on the student, most of their parameters sit there). At r = 8 every
-#   preset trains under 1 % of whisper-base or distil-base; at thesis scale (r = 32) 0.3–2.8 %.
+#   preset trains under 1 % of whisper-base or distil-base; at thesis scale (r = 32) 0.3–3.1 %.
 # * What trains is adapters *plus* the projector; `trainable_report(model, [projector])` counts both in
 #   peft's format. The report quoted in the thesis notes most likely left the projector out.
 # * AdamW allocates state only for parameters that receive a gradient. Frozen parameters with `None`

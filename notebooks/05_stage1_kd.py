@@ -24,8 +24,8 @@
 #
 # $$\mathcal{L}_I = w_{CE}\,\mathrm{CE}(y, q_1) + w_{KL}(t)\; T^2\,\mathrm{KL}\big(p_T \,\|\, q_T\big),$$
 #
-# where $p_T$ and $q_T$ are teacher and student softmaxes at temperature $T$ and $w_{KL}(t)$ is
-# warmed up linearly from 0. The loop is `kdlib.train.train`: forward, loss, backward, clip, step,
+# where $p_T$ and $q_T$ are teacher and student softmaxes at temperature $T$ and $w_{KL}(t)$ can be
+# warmed up linearly from 0 (`kl_warmup_steps`: 0 on the demo, 1,000 on the thesis preset). The loop is `kdlib.train.train`: forward, loss, backward, clip, step,
 # schedule, log, evaluate, checkpoint, in that order (read it top to bottom: it is one function).
 #
 # This chapter also faces an honest problem: our offline teacher (whisper-base) is **weak** on
@@ -88,12 +88,12 @@ print("run folders in", shown(out))
 #
 # One `TrainConfig` holds every knob; the preset gives the magnitudes and the stage switches
 # the terms on (`kdlib.config.STAGE_TERMS`). It is saved as `training_config.json` in the run
-# folder. On the demo, stage I trains only the decoder's LoRA: the student's encoder is an exact
-# copy of the teacher's, so its outputs are computed **once** and shared with the teacher
-# (distil-whisper's shared frozen encoder); the thesis preset trains encoder LoRA too.
-# The same holds for the dev scores below: every model in this chapter has whisper-base's
-# encoder, so its dev states are computed once, kept in `$KDLIB_CACHE/encoder_states`, and each
-# dev WER runs the decoder only (`reuse_encoder_states=True`; the encoder is about three
+# folder. On the demo, stage I trains only the decoder's LoRA: the student's encoder
+# (whisper-base's, cut to a 10 s window) and the teacher's are both frozen, so each runs **once**
+# per clip and its outputs are cached. They are not shared: the window encoder's 500 frames are
+# not the 30 s teacher's 1500 (chapter 02). The thesis preset trains encoder LoRA too.
+# The same holds for the dev scores below: each frozen encoder's dev states are computed once,
+# kept in `$KDLIB_CACHE/encoder_states`, and each dev WER runs the decoder only (`reuse_encoder_states=True`; the encoder is about three
 # quarters of a whisper-base transcription on a CPU). The transcripts are those of a full decode.
 
 # %%
@@ -366,7 +366,7 @@ for name, summary in (("KD", summary_kd), ("CE only", summary_ce)):
 # ## Summary
 #
 # - Stage I minimises CE on the references plus the teacher's softened distribution (KL·T²),
-#   with the KL weight warmed up from 0.
+#   with a KL weight that can be warmed up from 0 (the thesis preset does).
 # - A teacher that is weak in-domain is adapted first (stage 0); the KD numbers say which
 #   teacher they come from.
 # - A frozen encoder runs once per utterance: its states are computed once and reused.

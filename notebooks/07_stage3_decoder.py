@@ -312,8 +312,8 @@ results_path.write_text(json.dumps(saved, indent=2))
 # Each point is one step from the teacher towards the deployed student. Cutting the window is
 # free on these short clips (it does not train anything), and it is where most of the CPU time
 # goes: the encoder is about three quarters of a whisper-base transcription here (shared/FACTS).
-# The trained student then has to win back the accuracy that the adapted teacher has (dashed
-# line; the dotted line is the target of "within 0.10"). Speed-ups need an otherwise idle machine:
+# The trained student then has to reach the accuracy that the adapted teacher has (dashed line;
+# the dotted line is the target of "within 0.10"); on the demo it ends at or below that line. Speed-ups need an otherwise idle machine:
 # with two threads on a 2-core CPU that something else is using, the threads fight and the ratios
 # swing (we saw the same student at 1.0x<!-- cited --> on a loaded machine and 2.9x<!-- cited --> on a quiet one, the
 # latter in `benchmarks/results/student_payoff_demo.json`).

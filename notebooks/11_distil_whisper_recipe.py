@@ -330,9 +330,12 @@ print(f"{thesis_name}: {shown(thesis_run)}")
 
 # %% [markdown]
 # The like-for-like run of the thesis method is its stage I (CE on the human references + KL
-# from the same adapted teacher) on the same half B, with the same student (on the demo, 4
-# decoder layers as in the distil preset, not the 2 of chapters 05-07), steps and seed: the
-# difference to the distil runs is the recipe and the label source, nothing else. Stages II and
+# from the same adapted teacher) on the same half B, with the same decoder (on the demo, 4
+# decoder layers as in the distil preset; chapters 05-07 keep all 6), steps and seed. Its encoder
+# is the thesis method's: whisper-base's, cut to the demo's 10 s window (500 frames), where
+# distil-whisper's recipe keeps the teacher's whole 30 s encoder, frozen and shared. So the
+# difference to the distil runs is the recipe (its encoder window included) and the label
+# source. Stages II and
 # III build on it in chapters 06-07; their full run, when it exists, is added to the table as a
 # reference row, trained on twice the clips.
 #
@@ -348,9 +351,9 @@ print(f"{thesis_name}: {shown(thesis_run)}")
 #
 # Speed is timed for the three models a reader would deploy or compare against: the teacher and
 # the two main students. Every other row (adapted teacher, untrained student, the second distil
-# run, chapter 07's reference) has whisper-base's encoder too; it is scored from the stored
-# encoder states (`reuse_encoder_states`: the same transcripts, the decoder only), so its RTF
-# cell stays empty rather than showing a number without the encoder in it.
+# run, chapter 07's reference) is scored from encoder states computed once per encoder and
+# stored (`reuse_encoder_states`: the same transcripts, the decoder only), so its RTF cell stays
+# empty rather than showing a number without the encoder in it.
 
 # %%
 limit = eval_limit or base.max_dev_utterances
@@ -396,7 +399,8 @@ print(f"\nchapter wall time so far: {time.perf_counter() - chapter_start:.0f} s"
 
 # %% [markdown]
 # Each line is one model on the same clips. The untrained student (decoder layers 0, 1, 3 and 5
-# of the teacher, never trained together) is the floor both recipes start from.
+# of the teacher, never trained together) is the floor the distil recipe starts from; the thesis
+# run starts from the same decoder behind its 10 s encoder window.
 
 # %%
 if ct2:
@@ -414,8 +418,9 @@ else:
 
 # %% [markdown]
 # CTranslate2 is the engine faster-whisper runs on. The float32 rows should repeat the
-# transformers WER (same weights, same greedy search) at a lower RTF; int8 stores the weights
-# in 8 bits, faster on a CPU at a small cost in accuracy. The teacher's CTranslate2 folder is
+# transformers WER (same weights, same greedy search); whether they are faster depends on the
+# model and the machine. int8 stores the weights in 8 bits, usually faster on a CPU, at an
+# accuracy cost that can be large for a briefly trained student (below). The teacher's CTranslate2 folder is
 # the original whisper-base (as in chapter 08), the students' are their merged folders.
 
 # %%
