@@ -37,9 +37,10 @@
 #
 # ## What it needs
 #
-# Chapter 07's stage-III run folder (`run_dir`, the student after the three stages) when it exists;
-# otherwise the "after KD" student is a fresh, untrained `distil-base`, and the chapter says so in
-# its output. It loads the offline whisper-base teacher (the `offline-whisper` extra) and uses the
+# Chapter 07's stage-III run folder (`run_dir`, the student after the three stages) when it exists:
+# the student *before* KD is then that run's own student as the run built it, untrained. Without
+# the run, "before" and "after" are both a fresh, untrained `student` (`distil-base`), and the
+# chapter says so in its output. It loads the offline whisper-base teacher (the `offline-whisper` extra) and uses the
 # `dev` split of the embedded Italian corpus. With `preset = "smoke"` it runs on a tiny random
 # teacher/student pair and 4 clips (`"thesis-tiny"`: one shaped like large-v3 → small, its student
 # merging 3 encoder frames into one), so the pictures then mean nothing; the prose describes `demo`.
@@ -47,7 +48,7 @@
 # %% tags=["parameters"]
 preset = "demo"  # "smoke": tiny random pair, 4 clips (seconds); "demo": whisper-base on CPU, < 5 min
 teacher = "whisper-base"  # thesis: "openai/whisper-large-v3"
-student = "distil-base"  # the student before KD; thesis: "openai/whisper-small"
+student = "distil-base"  # the student before KD when run_dir holds no finished run; thesis: "openai/whisper-small"
 run_dir = "../runs/07_stage3_decoder/stage3"  # chapter 07's stage3/ run folder, the student after KD; thesis: the same
 data_root = None  # None: embedded Italian corpus; thesis: "/data/mls/mls_italian_opus"
 split = "dev"  # thesis: "dev"
@@ -114,10 +115,12 @@ results["clip_seconds"] = {"min": float(seconds.min()), "max": float(seconds.max
 #
 # ## Teacher, student before KD, student after KD
 #
-# The student *before* KD is `distil-base` as `kdlib.models` builds it: whisper-base's whole
-# encoder and two of its decoder layers, untrained. The student *after* KD comes from chapter 07's
-# run folder (LoRA merged into the weights, plus the trained projector) when that run exists and
-# was distilled from the same teacher.
+# The student *after* KD comes from chapter 07's run folder (LoRA merged into the weights, plus
+# the trained projector) when that run exists and was distilled from the same teacher. The
+# student *before* KD is the same run's student as the run built it before its first step
+# (`viz.before_kd_student`): the same shape (on the demo whisper-base with a 10 s encoder window,
+# all six decoder layers), none of the training. So whatever differs between the two is what
+# training changed.
 
 # %%
 if tiny:
@@ -217,17 +220,23 @@ results["cosine"] = {key: same_frame_cosine(teacher_states, s) for key, s in (
     ("before", before_states), ("after", after_states), ("projected_before", projected_before),
     ("projected_after", projected_after))}
 if results["cosine"]["after"] is not None:
-    results["cosine_drop_percent"] = 100 * (1 - results["cosine"]["after"])
+    before, after_kd = results["cosine"]["before"], results["cosine"]["after"]
+    # the share of the before-KD gap (1 - cosine) that training closed; negative: it moved away
+    results["cosine_gap_closed_percent"] = 100 * (after_kd - before) / (1 - before) if before < 1 else None
+    print(f"training closed {results['cosine_gap_closed_percent']:.0f} % of the before-KD gap (1 - cosine)"
+          if before < 1 else "before KD the student's states are the teacher's")
 else:  # other widths or frame rates: no frame-by-frame cosine
-    results["cosine_drop_percent"] = None
+    results["cosine_gap_closed_percent"] = None
 
 # %% [markdown]
-# The demo student copies whisper-base's encoder layer for layer (distil-whisper's recipe: the
-# encoder is kept, only the decoder shrinks), so before KD its states *are* the teacher's: cosine
-# 1.0000<!-- results: cosine.before -->, and the extraction above did not even run its encoder. Whatever differs after KD is what
-# training moved. On the demo (chapter 07's runs as `run_dir`),
-# the mean cosine fell to 0.985<!-- results: cosine.after --> for the raw student and 0.986<!-- results: cosine.projected_after --> through the trained projector: the
-# projector turns the student's states back towards the teacher's a little. With the thesis student
+# The demo student has whisper-base's encoder weights, but reads a 10 s window: its encoder never
+# saw one that short, so before KD its states already differ from the teacher's at the same
+# frame (mean cosine 0.974<!-- results: cosine.before -->). After the three stages (chapter 07's run as `run_dir`) the cosine
+# rose to 0.985<!-- results: cosine.after --> for the raw student and 0.986<!-- results: cosine.projected_after --> through the trained projector: training closed
+# 45<!-- results: cosine_gap_closed_percent ~3 --> % of the gap that the window cut opened. Stage II did most of that: it trains encoder LoRA
+# to follow the teacher through the projector (chapter 06). The teacher here is the unadapted
+# whisper-base; the run's stage-0 teacher adapted only its decoder, so its encoder states are
+# these. With the thesis student
 # (whisper-small under whisper-large-v3, widths 768 and 1280) nothing lines up before the projector
 # is trained, and the comparisons below start from a real gap.
 #
@@ -261,16 +270,17 @@ plt.show()
 # %% [markdown]
 # What the maps showed in our demo runs:
 #
-# * **PCA** places identical states on identical points, and small changes as small shifts: the
-#   after-KD markers (with a run folder) sit right next to the teacher's, shifted a little. Its two
-#   axes hold about half of the variance of the 20 utterance means (the share is printed on the
-#   axes).
-# * **t-SNE** also draws identical points on top of each other, but it *magnifies* small
-#   differences: each clip's teacher and after-KD states are each other's nearest neighbours, and
-#   t-SNE spreads every neighbourhood to a visible size, so a cosine of 0.99<!-- results: cosine.after --> looks like a clear gap.
-# * **UMAP** does not even keep identical points together: the teacher's circle and the identical
-#   student-before-KD square of a clip land apart (UMAP moves every point on its own, with random
-#   pushes away from other points). Distances *within* a small group on a UMAP map mean nothing.
+# * **PCA** places equal states on equal points, and small changes as small shifts: each clip's
+#   before-KD square sits off the teacher's circle, and the after-KD markers sit closer to it. Its
+#   two axes hold about half of the variance of the 20 utterance means (the share is printed on
+#   the axes).
+# * **t-SNE** *magnifies* small differences: each clip's teacher and student states are each
+#   other's nearest neighbours, and t-SNE spreads every neighbourhood to a visible size, so a
+#   cosine of 0.99<!-- results: cosine.after --> looks like a clear gap, and the before and after markers no longer show
+#   which one is nearer the teacher.
+# * **UMAP** does not keep close points together either: it moves every point on its own, with
+#   random pushes away from other points, so a clip's markers scatter around one place.
+#   Distances *within* a small group on a UMAP map mean nothing.
 #
 # Coloured by speaker, the utterance means do not gather by voice: the mean of the last encoder
 # layer over a clip is dominated by *what* is said (every clip of the split is a different
@@ -302,8 +312,9 @@ results["map_seconds"] = {m.method: round(m.seconds, 1) for m in frame_maps}
 
 # %% [markdown]
 # With thirty frames per clip the picture changes. The teacher's and the students' markers sit
-# inside each other on all three maps: at the scale of the frame structure, the change that KD made
-# (cosine 0.99<!-- results: cosine.after -->) is invisible, and only the utterance maps and the numbers show it. The three methods
+# inside each other on all three maps: at the scale of the frame structure, the differences between
+# the students and the teacher (cosine 0.97<!-- results: cosine.before --> before KD, 0.99<!-- results: cosine.after --> after) are invisible, and only the
+# utterance maps and the numbers show them. The three methods
 # draw the same frames very differently: PCA a bent band with two dense ends (its two axes now hold
 # only about a fifth of the variance, so most frames overlap); t-SNE an evenly filled disc of small
 # groups with a few detached islands; UMAP thin strands and compact islands with wide empty gaps
@@ -335,16 +346,16 @@ results["frame_points"] = len(stacked)
 # Measured on the frame maps of the demo (2,400<!-- results: frame_points --> points), the two scores tell the methods apart on
 # one axis only. **Local:** t-SNE and UMAP keep
 # about 0.5–0.6<!-- results: preservation.t-SNE.knn_overlap --><!-- results: preservation.UMAP.knn_overlap --> of every frame's ten nearest neighbours, PCA about 0.2–0.3<!-- results: preservation.PCA.knn_overlap --> (chance is below 0.01).
-# **Global:** all three reach a rank correlation of about 0.6 (PCA 0.64<!-- results: preservation.PCA.distance_correlation -->, t-SNE and UMAP 0.59–0.63<!-- results: preservation.t-SNE.distance_correlation --><!-- results: preservation.UMAP.distance_correlation -->):
-# two dimensions cannot hold the far-field layout of a 512-dimensional cloud, and PCA is only
-# slightly better at it. UMAP's wide gaps between clusters look like more global order than t-SNE's
-# disc, but they do not score as more. Together with the utterance maps above:
+# **Global:** all three reach a rank correlation of about 0.6 (PCA 0.65<!-- results: preservation.PCA.distance_correlation -->, UMAP 0.65<!-- results: preservation.UMAP.distance_correlation -->, t-SNE 0.58<!-- results: preservation.t-SNE.distance_correlation -->):
+# two dimensions cannot hold the far-field layout of a 512-dimensional cloud, and no method is
+# much better at it. UMAP's wide gaps between clusters look like far more global order than
+# t-SNE's disc, and score only a little more. Together with the utterance maps above:
 #
 # | method | global variance / layout | local neighbourhoods | read it for |
 # |---|---|---|---|
 # | PCA | **yes**: linear, the axes are the directions of largest variance (share on the axes), equal points stay equal and small shifts stay small; still only a fifth of the frames' variance in 2-D | weak: 0.2–0.3 of the 10 nearest neighbours kept | how far apart groups (models, speakers) are, and in which direction a student drifts |
 # | t-SNE | no: cluster sizes and gaps mean little, the layout changes with the seed, small differences are magnified | **yes**: 0.5–0.6 of the 10 nearest neighbours | whether teacher and student frames share the same neighbourhoods |
-# | UMAP | partly: compact clusters with wide gaps, but scores no better than t-SNE here | **yes**: as t-SNE | the same as t-SNE, with clearer clusters; never distances inside a cluster (identical points are drawn apart) |
+# | UMAP | partly: compact clusters with wide gaps, scoring about as PCA here | **yes**: as t-SNE | the same as t-SNE, with clearer clusters; never distances inside a cluster (close points are drawn apart) |
 #
 # So a student that "looks like the teacher" on a t-SNE or UMAP map has the same neighbourhoods;
 # whether it is also in the same *place* is a question for PCA, the cosine above, or DTW below.
@@ -377,13 +388,12 @@ results["dtw"] = {"after_min": float(after_values.min()), "after_max": float(aft
                   "after_mean": float(after_values.mean()), "before_mean": float(before_values.mean())}
 
 # %% [markdown]
-# With `distil-base` the "before" bars are all zero (too small to see): the untrained student *is*
-# the teacher's encoder, and an identity projector changes only the length of each vector, which a
-# cosine cost ignores. So on the demo, distillation can only move the student's encoder away from
-# the teacher's (stage II trains encoder LoRA through the projector), and the "after" bars measure
-# how far: on the demo, 0.005<!-- results: dtw.after_min --> to 0.035<!-- results: dtw.after_max --> per step, 0.013<!-- results: dtw.after_mean --> on average, different for
-# every clip. With the thesis student the "before" bars start high, and the point of stage II is to
-# bring them down.
+# The "before" bars measure what the 10 s window alone did to the encoder (a fresh projector
+# between equal widths only normalises, which a cosine cost ignores): 0.027<!-- results: dtw.before_mean --> per step on
+# average. After KD every clip's bar is lower: 0.005<!-- results: dtw.after_min --> to 0.035<!-- results: dtw.after_max --> per step, 0.013<!-- results: dtw.after_mean --> on average,
+# about half, different for every clip. With the thesis student (whisper-small under
+# whisper-large-v3) the "before" bars start much higher, and bringing them down is the point of
+# stage II.
 #
 # ## The alignment path of one clip
 #
@@ -410,9 +420,9 @@ results["dtw_path_clip"] = ids[i]
 # The cost matrix shows the clip's own structure: a dark band along the diagonal (neighbouring
 # frames are alike), darker blocks where the same sound lasts, and a dark square at the end where
 # the trailing silence of the clip matches itself. A student that was late or early would pull the
-# path off the dashed diagonal; here the path stays on it, before KD (zero cost) and after KD too:
-# the student keeps the teacher's timing exactly, and its DTW distance is the price of what KD
-# changed inside each frame, not a shift in time. A 3:1 student (`frame_factor` 3) would give a
+# path off the dashed diagonal; here the path stays on it before KD and after KD (the share of
+# its steps on the diagonal is printed above): the window student keeps the teacher's timing,
+# and its DTW distance is the difference inside each frame, not a shift in time. A 3:1 student (`frame_factor` 3) would give a
 # flatter matrix, three teacher frames per student frame, and a path of steps instead of a line.
 
 # %%
@@ -431,13 +441,14 @@ print(f"figures and latent_space.json in {shown(out)}; chapter ran in {results['
 #   vectors, so the map shows directions, as the cosine cost and the projector do.
 # * **PCA keeps the global layout (and keeps equal points equal), t-SNE and UMAP the local
 #   neighbourhoods**; the table rests on measured neighbour overlap and distance correlation, not
-#   on the look of the pictures. t-SNE magnifies small differences, UMAP separates even identical
+#   on the look of the pictures. t-SNE magnifies small differences, UMAP separates even close
 #   points: neither shows how *far* a student is from its teacher.
 # * **DTW** compares frame sequences in order and allows different lengths (a 3:1 student); on the
-#   demo its path stays on the diagonal: KD changed the frames, not their timing.
-# * The `distil-base` student copies its teacher's encoder: before KD its states equal the
-#   teacher's (cosine 1, DTW 0), so on the demo KD can only move the encoder away, by about 1<!-- results: cosine_drop_percent ~0.5 --> % in
-#   cosine; these pictures become a real before/after with a student that has its own encoder.
+#   demo its path stays on the diagonal: the window changed the frames, not their timing.
+# * "Before KD" is the run's own student before its first step, so before/after shows what
+#   training changed. On the demo the 10 s window alone moved the encoder's states off the
+#   teacher's, and distillation brought them back about half way (the cosine gap and the DTW
+#   distance both about halved).
 #
 # ## Exercises
 #
