@@ -308,7 +308,11 @@ PRESET_STAGE: dict[tuple[str, int], dict[str, Any]] = {
     # CER 0.156 -> 0.144 (measured, seed 0; lr 3e-4 with contrastive 0.5: WER 0.420).
     ("demo", 2): {"batch_size": 4, "max_steps": 12, "eval_every": 12, "save_every": 6, "lr": 3e-4,
                   "contrastive_weight": 0.1},
-    ("demo", 3): {"train_encoder": False},
+    # Stage III fine-tunes the decoder that stage I already trained for 60 steps at 3e-3. At that
+    # lr again it over-trains the 96 clips: dev loss 0.726 -> 0.749, dev WER 0.393 -> 0.416 (seed 0).
+    # At lr 3e-4 (stage II's): dev loss 0.726 -> 0.705, dev WER 0.393 -> 0.388, CER 0.146 (measured,
+    # seed 0, chosen on dev).
+    ("demo", 3): {"train_encoder": False, "lr": 3e-4},
 }
 
 
