@@ -314,7 +314,7 @@ for split in ("dev", "test"):
 # version of this book's student kept only 2 of the teacher's 6 decoder layers: there, both
 # students looped (repeating words past the reference, WER above 1) and KD's margin was within
 # the seed-to-seed spread. Keeping the decoder and cutting the encoder's window instead
-# (chapter 02) gives a student that starts where its teacher starts and is about three times
+# (chapter 02) gives a student that starts where its teacher starts and is two to three times
 # faster (chapter 07).
 #
 # ## What decides whether the teacher helps

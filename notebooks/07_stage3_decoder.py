@@ -315,8 +315,8 @@ results_path.write_text(json.dumps(saved, indent=2))
 # The trained student then has to reach the accuracy that the adapted teacher has (dashed line;
 # the dotted line is the target of "within 0.10"); on the demo it ends at or below that line. Speed-ups need an otherwise idle machine:
 # with two threads on a 2-core CPU that something else is using, the threads fight and the ratios
-# swing (we saw the same student at 1.0x<!-- cited --> on a loaded machine and 2.9x<!-- cited --> on a quiet one, the
-# latter in `benchmarks/results/student_payoff_demo.json`).
+# swing (we saw the same student at 1.0x<!-- cited --> on a loaded machine, 2.9x<!-- cited --> on a quiet one and 2.2x<!-- cited --> in
+# the latest `benchmarks/results/student_payoff_demo.json`).
 # `benchmarks/student_payoff.py` measures
 # the same targets over three seeds with their spread, on dev and test; `benchmarks/README.md`
 # holds one run's table. faster-whisper 1.2.1 cannot run a window student (it pads every window
