@@ -174,8 +174,8 @@ def stage_weights(config: TrainConfig, step: int):
 
 @torch.no_grad()
 def dev_pass(models: RunModels, dataset, collate, config: TrainConfig, device: torch.device,
-               caches: Optional[EncoderCaches] = None, ctx: Optional[Dist] = None,
-               autocast: tuple[bool, Optional[torch.dtype]] = (False, None), wer: Optional[bool] = None) -> dict:
+             caches: Optional[EncoderCaches] = None, ctx: Optional[Dist] = None,
+             autocast: tuple[bool, Optional[torch.dtype]] = (False, None), wer: Optional[bool] = None) -> dict:
     """The student's dev scores as it is now, in one pass over the dev set.
 
     Every clip is decoded and featurised once (the dev `DataLoader`), and each batch of log-mels

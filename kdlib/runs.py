@@ -21,6 +21,7 @@ This module owns
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import random
@@ -534,8 +535,9 @@ def load_history(run_dir: str | Path, *, missing_ok: bool = False) -> list[dict]
 
 
 def untrained_student(config: TrainConfig):
-    """The student of ``config`` before any training: ``(model, tokenizer, feature_extractor)``."""
-    _, student = load_pair(config)
+    """The student of ``config`` before any training: ``(model, tokenizer, feature_extractor)``.
+    It is built from the pretrained teacher, so a stage-0 adapter (``teacher_from``) is not loaded."""
+    _, student = load_pair(dataclasses.replace(config, teacher_from=None))
     return student.model.eval(), student.tokenizer, student.feature_extractor
 
 

@@ -219,7 +219,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
         # evaluate
         if (step + 1) % config.eval_every == 0 or step + 1 == config.max_steps:
             last_eval = {"step": step + 1, **dev_pass(models, dev_set, collate, config, device, caches, ctx,
-                                                        autocast=(autocast_on, autocast_dtype))}
+                                                      autocast=(autocast_on, autocast_dtype))}
             history[-1].update({k: v for k, v in last_eval.items() if k != "step"})
             add_scalars(writer, "dev", last_eval, step + 1)
             if main:
