@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine (see README.md):
 #   make book   venv + install + every chapter executed by papermill + Jupyter Book HTML
 #   make test   venv + install + the whole test suite
-# Both are idempotent: the install step reruns only when pyproject.toml or constraints.txt change.
+# Both are idempotent: the install step reruns only when pyproject.toml or constraints.txt (the lock)
+# change. `make lock` re-resolves the lock at the newest versions and runs the tests (scripts/lock.py).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,17 +11,29 @@ STAMP  := $(VENV)/.kdlib-installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MPLBACKEND := Agg
 
-.PHONY: install book chapters html pdf test lab clean
+.PHONY: install lock book chapters html pdf test lab clean
+
+# constraints.txt is the lock: every distribution the install needs, pinned (scripts/lock.py).
+# --no-deps installs exactly those; lock.py check --fix removes what the lock no longer names and
+# fails unless `pip freeze` equals the lock; pip check fails on a lock that misses a requirement.
+PIP_VERSION := 26.3
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch torchaudio
-	$(PY) -m pip install -q -c constraints.txt -e '.[all]'
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(PY) -m pip install -q --no-deps -r constraints.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) scripts/lock.py check --fix
+	$(PY) -m pip check
 	$(PY) -c "import torch, torchaudio, transformers, kdlib; print('kdlib', kdlib.__version__, 'torch', torch.__version__, 'torchaudio', torchaudio.__version__, 'transformers', transformers.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Update the lock on purpose: newest versions allowed by pyproject.toml and constraints.in, the
+# changes listed, then make test on them. Commit constraints.txt only when it passes.
+lock:
+	$(PYTHON) scripts/lock.py update
 
 book: install
 	$(PY) scripts/build_book.py
