@@ -20,7 +20,7 @@ import torch
 
 from kdlib import cache_dir
 from kdlib.config import TrainConfig
-from kdlib.files import atomic_write_bytes
+from kdlib.files import NotEnoughSpace, atomic_write_bytes, available_memory_bytes, gb, require_free_space
 from kdlib.models import RunModels, function_weights, same_encoder, tensor_digest
 from kdlib.teacher_cache import TeacherCache
 
@@ -149,11 +149,53 @@ class EncoderCaches:
     disk: Any = None  # kdlib.teacher_cache.TeacherCache: offline teacher (top-k logits, encoder states)
 
 
+#: Label tokens per second of Italian read speech (about 2.5 words/s, ~1.5 tokens per word): the
+#: logit cache's size before the labels are tokenised.
+TOKENS_PER_SECOND = 4
+
+
+def cache_footprint(models: RunModels, config: TrainConfig, utterances) -> dict[str, float]:
+    """Bytes that ``config.encoder_cache`` would keep for these utterances: ``memory`` (host RAM:
+    float32 encoder states with "memory", the teacher's logits at every label token with both) and
+    ``disk`` (float32 encoder states in the store with "disk"). Zero for "off"."""
+    if config.encoder_cache not in ("memory", "disk"):
+        return {"memory": 0.0, "disk": 0.0}
+    states = 0.0
+    for model in (models.teacher, models.student):
+        if model is None or (model is models.student and models.teacher is not None
+                             and same_encoder(models.student, models.teacher)):
+            continue
+        cfg = model.config
+        states += cfg.max_source_positions * cfg.d_model * 4  # (frames, d_model) float32 per clip
+    n, seconds = len(utterances), sum(u.duration for u in utterances)
+    logits = (seconds * TOKENS_PER_SECOND + 4 * n) * models.teacher.config.vocab_size * 4 \
+        if models.teacher is not None else 0.0
+    if config.encoder_cache == "memory":
+        return {"memory": n * states + logits, "disk": 0.0}
+    return {"memory": logits, "disk": n * states}
+
+
+def check_cache_fits(models: RunModels, config: TrainConfig, utterances) -> None:
+    """Refuse, before the first step, an ``encoder_cache`` that cannot fit this machine (MLS scale:
+    ~60,000 clips x (large-v3's 1500 x 1280 states + logits) is about a terabyte)."""
+    need = cache_footprint(models, config, utterances)
+    advice = 'set encoder_cache="off" (the thesis preset\'s: frozen encoders then run every step)'
+    what = f'encoder_cache="{config.encoder_cache}" for {len(utterances):,} clips'
+    ram = available_memory_bytes()
+    if ram is not None and need["memory"] > 0.8 * ram:
+        raise NotEnoughSpace(f"{what} would hold about {gb(need['memory'])} in memory (encoder states and the "
+                             f"teacher's logits) and this machine has {gb(ram)} available: {advice}")
+    if need["disk"]:
+        require_free_space(cache_dir(), need["disk"], f"{what} (encoder states)", advice=advice)
+
+
 def build_caches(models: RunModels, config: TrainConfig, train_set=None, dev_set=None) -> EncoderCaches:
     """Encoder/logit caches of a run. With ``config.teacher_cache`` the disk cache is opened and
     verified against this teacher, feature extractor and ``train_set`` (refused if stale); the
-    teacher then runs only for utterances the cache does not hold (the dev set)."""
+    teacher then runs only for utterances the cache does not hold (the dev set). A cache that would
+    not fit in memory or on disk is refused first (`check_cache_fits`)."""
     keep = config.encoder_cache in ("memory", "disk")
+    check_cache_fits(models, config, [u for s in (train_set, dev_set) if s is not None for u in s.utterances])
     audio = {u.id: Path(u.audio) for s in (train_set, dev_set) if s is not None for u in s.utterances}
 
     def store(model):

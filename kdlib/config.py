@@ -340,10 +340,14 @@ PRESETS["thesis-tiny"] = {
     "eval_max_new_tokens": 4, "lr": 1e-3, "lora_r": 4, "lora_alpha": 8,
 }
 # Stage 0 at thesis size: encoder LoRA on large-v3 at batch 64 does not fit next to its
-# activations, so the teacher adapts its decoder only (the encoder runs without a graph).
+# activations, so the teacher adapts its decoder only (the encoder runs without a graph), and not
+# its cross-attention k/v, whose LoRA reads all 1500 encoder frames in each of 32 layers:
+# benchmarks/stage0_memory.py measured 46.1 MiB per layer per clip with decoder_all against 31.1
+# with decoder_no_cross_kv (fp32, 100 tokens), projected at fp16 x 32 layers x 64 clips + the
+# weights to 49 and 34 GiB (issue 25).
 PRESET_STAGE.update({
-    ("thesis", 0): {"train_encoder": False, "lora_preset": "decoder_all"},
-    ("thesis-tiny", 0): {"train_encoder": False, "lora_preset": "decoder_all"},
+    ("thesis", 0): {"train_encoder": False, "lora_preset": "decoder_no_cross_kv"},
+    ("thesis-tiny", 0): {"train_encoder": False, "lora_preset": "decoder_no_cross_kv"},
 })
 
 

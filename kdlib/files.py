@@ -78,6 +78,37 @@ def fresh_tmp_dir(target: str | os.PathLike) -> Path:
     return tmp
 
 
+class NotEnoughSpace(OSError):
+    """What a run is about to write (or hold in memory) does not fit: raised before the first byte."""
+
+
+def gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:,.1f} GB"
+
+
+def require_free_space(folder: str | os.PathLike, needed_bytes: float, what: str, *, advice: str = "") -> None:
+    """Refuse up front, with the numbers, when ``needed_bytes`` exceed the free space of the
+    filesystem that holds ``folder`` (its nearest existing parent)."""
+    probe = Path(folder).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed_bytes > free:
+        raise NotEnoughSpace(f"{what} needs about {gb(needed_bytes)} on disk and {probe} has {gb(free)} free"
+                             + (f": {advice}" if advice else ""))
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (what a process can still take without swapping); None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def shown(path: str | os.PathLike) -> str:
     """``path`` as a chapter prints it: relative to the working directory when it lies inside the
     working directory's parent (a chapter runs in ``notebooks/``, so a run under the repository

@@ -513,7 +513,33 @@ def tiny_random_named(name: str, seed: int = 0) -> tuple[WhisperBundle, WhisperB
     """The tiny random (teacher, student) pair that a preset's ``teacher`` name stands for."""
     if name not in TINY_RANDOM:
         raise ValueError(f"teacher {name!r}: not a tiny random pair (one of {', '.join(TINY_RANDOM)})")
-    return tiny_random_pair(seed, teacher_like_v3=name == "tiny-random-v3")
+    teacher, student = tiny_random_pair(seed, teacher_like_v3=name == "tiny-random-v3")
+    if name == "tiny-random-v3":
+        teacher = _through_fp16_folder(teacher)
+    return teacher, student
+
+
+def _through_fp16_folder(bundle: WhisperBundle) -> WhisperBundle:
+    """The bundle saved in float16 and loaded back as any folder is (no dtype asked): how
+    large-v3 arrives, since its ``config.json`` names float16 and transformers 5 honours it. The
+    thesis-tiny teacher so has the real teacher's dtype, and code that feeds it float32 log-mels
+    fails in CI as on the GPU (issue 25)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a test fixture's save and load: no "Writing shards" bars
+    try:
+        with tempfile.TemporaryDirectory(prefix="kdlib-fp16-teacher-") as tmp:
+            bundle.model.half().save_pretrained(tmp, safe_serialization=True)
+            bundle.tokenizer.save_pretrained(tmp)
+            bundle.feature_extractor.save_pretrained(tmp)
+            loaded = _load_folder(tmp, name=bundle.name)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    loaded.path = None  # the folder is gone; nothing may reload from it
+    loaded.model.config._name_or_path = loaded.model.name_or_path = ""  # as built in memory (peft looks there)
+    return loaded
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,7 +835,13 @@ def resolve_device(name: str) -> torch.device:
 
 def amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, Optional[torch.dtype], bool]:
     """(autocast on, autocast dtype, use GradScaler). fp32 on CPU unless asked otherwise;
-    ``amp="fp16"`` is fp16 autocast + GradScaler on CUDA and on the CPU alike."""
+    ``amp="fp16"`` is fp16 autocast + GradScaler on CUDA and on the CPU alike.
+
+    On a CPU, fp16 is the GPU run's rehearsal (thesis-tiny in CI): torch autocasts to float16 there
+    and has a CPU GradScaler, so scale, unscale, the inf check, underflow and the skipped step
+    behave as on the GPU. It stays fp16 whatever the CPU: an earlier version switched to bf16 on
+    CPUs without fp16 matrix instructions (faster, but bf16 has fp32's range, so nothing
+    underflows and a step that ignored the scaler passed CI and failed on the GPU, issue 25)."""
     mode = config.amp
     if mode == "auto":
         mode = config.amp_dtype if device.type == "cuda" else "fp32"
@@ -820,23 +852,7 @@ def amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, Optio
             mode = "fp16"
         else:
             return True, torch.bfloat16, False
-    if device.type == "cpu" and cpu_fp16_is_slow():
-        # fp16 on a CPU: torch autocasts to float16 there and has a CPU GradScaler, so the
-        # thesis' fp16 path (scale, unscale, inf check, skipped step) runs in CI as on a GPU. But a
-        # CPU without fp16 matrix instructions emulates them: the tiny Whisper student's fwd+bwd
-        # took 13-14 s in fp16 against 2.5-3.6 s in bf16 and 2.5-5.6 s in fp32 (batch 4, 2-core
-        # EPYC with avx512_bf16). There the autocast dtype is bf16; the scaler stays enabled.
-        return True, torch.bfloat16, True
     return True, torch.float16, True
-
-
-def cpu_fp16_is_slow() -> bool:
-    """True when the CPU lacks fp16 matrix instructions (AVX512-FP16 / AMX-FP16) but has bf16 ones."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return cpu_has_fast_bf16() and not ("avx512_fp16" in flags or "amx_fp16" in flags)
 
 
 class TeacherWrapper(nn.Module):
@@ -949,6 +965,11 @@ LORA_PRESETS: dict[str, str] = {
     # Every linear layer of the decoder (attention and FFN), none of the encoder: the LoRA
     # stand-in for distil-whisper's fully trained decoder behind a frozen, shared encoder.
     "decoder_all": r"model\.decoder\.layers\.\d+\.((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)",
+    # decoder_all without the cross-attention k/v projections, which read all 1500 encoder frames:
+    # a LoRA there keeps its (frames x r) activations and the frames for backward in every layer.
+    # Stage 0 at thesis scale (benchmarks/stage0_memory.py: the graph per layer per clip).
+    "decoder_no_cross_kv": r"model\.decoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+                           r"|encoder_attn\.(q_proj|out_proj)|fc1|fc2)",
 }
 
 
@@ -1035,6 +1056,31 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if torch.is_tensor(v):
                 total += v.numel() * v.element_size()
     return total
+
+
+def placement(**parts) -> dict[str, dict[str, str]]:
+    """Where each model ran and in which dtype, for a run's records:
+    ``{name: {"device": "cuda:0", "dtype": "float16"}}``. A torch module reports the device and
+    the dtype of most of its parameters (a LoRA-wrapped float16 model is float16, whatever its
+    float32 adapters); an engine such as `kdlib.evaluate.CT2Whisper` its ``device`` and
+    ``compute_type``. ``None`` parts are left out. Tests compare every device with the run's: a
+    model left on the CPU of a GPU run shows here."""
+    out = {}
+    for name, part in parts.items():
+        if part is None:
+            continue
+        if isinstance(part, nn.Module):
+            by_dtype: dict[torch.dtype, int] = {}
+            devices = set()
+            for p in part.parameters():
+                by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
+                devices.add(str(p.device))
+            if len(devices) != 1:
+                raise ValueError(f"{name}: parameters on several devices ({', '.join(sorted(devices))})")
+            out[name] = {"device": devices.pop(), "dtype": str(max(by_dtype, key=by_dtype.get)).removeprefix("torch.")}
+        else:
+            out[name] = {"device": str(part.device), "dtype": str(getattr(part, "compute_type", "unknown"))}
+    return out
 
 
 @dataclass

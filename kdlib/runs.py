@@ -367,7 +367,7 @@ def exported_info(config: TrainConfig, state: dict, last_eval: dict) -> dict:
 
 
 def run_summary(config: TrainConfig, state: dict, history: list[dict], last_eval: dict, stopped_early: bool,
-                report: str, world: int, digest: str) -> dict:
+                report: str, world: int, digest: str, placement: Optional[dict] = None) -> dict:
     """``summary.json`` of a finished stage: last loss parts, last dev scores, what was exported."""
     def final(key: str):
         values = [h[key] for h in history if h.get(key) is not None]
@@ -395,6 +395,8 @@ def run_summary(config: TrainConfig, state: dict, history: list[dict], last_eval
         # which WER threshold λ made it, and how many clips were kept: the run records it.
         "training_data": _training_folder_info(config),
         "world_size": world,
+        # Where the teacher, the student and the projector ran, in which dtype (models.placement)
+        "placement": placement or {},
         # Exact fingerprint of the trained weights: equal on every rank of a distributed run.
         "trainable_digest": digest,
     }

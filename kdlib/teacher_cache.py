@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from kdlib import data, models
-from kdlib.files import fresh_tmp_dir, replace_dir
+from kdlib.files import fresh_tmp_dir, gb, replace_dir, require_free_space
 from kdlib.losses import TopKLogits, kl_divergence, kl_divergence_topk
 from kdlib.models import decoder_inputs, tensor_digest
 from kdlib.progress import progress_bar
@@ -153,6 +153,16 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
     offsets = np.concatenate([[0], np.cumsum([len(l) for l in all_labels])]).astype(np.int64)
     total = int(offsets[-1])
     d_model, frames = teacher.config.d_model, teacher.config.max_source_positions
+    tail_samples = tail_samples if top_k < vocab else 0
+    # Refused before anything is written: at MLS Italian scale with large-v3 the states alone are
+    # ~59,600 x 1500 x 1280 x 2 bytes = 229 GB.
+    hidden_bytes = len(utterances) * frames * d_model * np.dtype(HIDDEN_DTYPES[hidden_dtype]).itemsize if store_hidden else 0
+    per_token = top_k * 8 + len(temperatures) * 4 + 4 + (len(temperatures) * (tail_samples * 4 + 4) if tail_samples else 0)
+    require_free_space(out.parent, hidden_bytes + total * per_token,
+                       f"the teacher cache of {len(utterances):,} clips ({gb(hidden_bytes)} of encoder states, "
+                       f"{total:,} tokens x top-{top_k})",
+                       advice="free space, write it elsewhere, or leave the encoder states out (store_hidden=False, "
+                              "--no-hidden: stage I needs only the logits)")
     tmp = fresh_tmp_dir(out)
     mm = np.lib.format.open_memmap
     hidden = (mm(tmp / "hidden.npy", "w+", HIDDEN_DTYPES[hidden_dtype], (len(utterances), frames, d_model))
@@ -161,7 +171,6 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
     indices = mm(tmp / "topk_indices.npy", "w+", np.int32, (total, top_k))
     lse = mm(tmp / "lse.npy", "w+", np.float32, (total, len(temperatures)))
     labels_mm = mm(tmp / "labels.npy", "w+", np.int32, (total,))
-    tail_samples = tail_samples if top_k < vocab else 0
     tail_ids = tail_plogp = None
     if tail_samples:
         tail_ids = mm(tmp / "tail_ids.npy", "w+", np.int32, (total, len(temperatures), tail_samples))

@@ -40,7 +40,7 @@ from kdlib.config import TrainConfig
 from kdlib.distill import dev_pass, forward_losses, stage_weights
 from kdlib.files import atomic_write_json, shown
 from kdlib.losses import TERMS, DistillationLoss, TAIDSchedule
-from kdlib.models import amp_settings, build_optimizer, resolve_device, tensor_digest, trainable_report
+from kdlib.models import amp_settings, build_optimizer, placement, resolve_device, tensor_digest, trainable_report
 from kdlib.progress import progress_bar
 from kdlib.runs import (BEST_ADAPTER_DIR, CHECKPOINT, HISTORY, build_data, build_models, load_checkpoint,
                         note_evaluation, reusable_run, rng_state, run_summary, save_adapter, save_checkpoint,
@@ -247,7 +247,8 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
         atomic_write_json(run_dir / HISTORY, history)
 
     summary = run_summary(config, state, history, last_eval, stopped_early, report, ctx.world,
-                          tensor_digest(trainable_state(models)))
+                          tensor_digest(trainable_state(models)),
+                          placement(teacher=models.teacher, student=models.student, projector=models.projector))
     if main:
         atomic_write_json(run_dir / "summary.json", summary)
     return summary

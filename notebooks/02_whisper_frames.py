@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -309,7 +309,7 @@ win_bundle = models.shape_student(
     models.WhisperBundle(models.student_from_teacher(model, decoder_layers=cfg.decoder_layers),
                         teacher_bundle.tokenizer, teacher_bundle.feature_extractor),
     window_seconds=window_seconds)
-win_feats = win_bundle.features(wave).float()  # (1, n_mels, 1000): 10 s of log-mels
+win_feats = win_bundle.features(wave)  # (1, n_mels, 1000): 10 s of log-mels, in the model's dtype
 with torch.no_grad():
     win_hidden = win_bundle.model.model.encoder(win_feats).last_hidden_state.float()  # (1, 500, d)
 mel_valid_t = torch.tensor([mel_valid])

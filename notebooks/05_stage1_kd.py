@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -189,17 +189,26 @@ print({k: round(float(v.detach()), 6) for k, v in parts.items() if v is not None
 # %% [markdown]
 # Backward, clip, step: the gradient reaches only the LoRA parameters (everything else is
 # frozen), its norm is clipped to `grad_clip`, and AdamW takes one step at the schedule's first
-# learning rate (warm-up: `lr / warmup_steps`).
+# learning rate (warm-up: `lr / warmup_steps`). Under fp16 autocast (the thesis run on a GPU,
+# `amp="fp16"`) small gradients underflow to zero in float16, so the loss is multiplied by the
+# GradScaler's scale (65,536 to start) before `backward`, and the gradients are divided by it
+# again (`unscale_`) before clipping; an overflow (an infinite norm) skips the step and halves the
+# scale. In fp32 (the demo on a CPU) the scaler is disabled and each of its calls is the plain one.
 
 # %%
+from kdlib.train import clip
+
 lr = config1.lr * lr_factor(0, warmup_steps=config1.warmup_steps, max_steps=config1.max_steps,
                             lr=config1.lr, min_lr=config1.min_lr)
 optimizer = build_optimizer([models.student], lr=lr, weight_decay=config1.weight_decay, betas=config1.betas)
 params = [p for p in models.student.parameters() if p.requires_grad]
-parts["total"].backward()
-grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config1.grad_clip))
-optimizer.step()
-print(f"{sum(p.numel() for p in params):,} trainable parameters updated; gradient norm {grad_norm:.4f}, lr {lr:.2e}")
+scaler = torch.amp.GradScaler(device.type, enabled=amp_settings(config1, device)[2])
+scaler.scale(parts["total"]).backward()
+grad_norm = clip(scaler, optimizer, params, config1.grad_clip)  # unscale_, then clip_grad_norm_
+scaler.step(optimizer)  # skipped if the norm is not finite
+scaler.update()
+print(f"{sum(p.numel() for p in params):,} trainable parameters updated; gradient norm {grad_norm:.4f}, "
+      f"lr {lr:.2e}, GradScaler {'on' if scaler.is_enabled() else 'off'}")
 
 # %% [markdown]
 # That is the whole step. `run_stage` recorded its own first step in the run's

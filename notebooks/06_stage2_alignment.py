@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -139,7 +139,7 @@ plt.show()
 from kdlib.data import WhisperCollator, embedded_corpus, scan_mls, MLSDataset
 from kdlib.frames import teacher_on_student_frames
 from kdlib.losses import geodesic
-from kdlib.models import merge_factor
+from kdlib.models import merge_factor, placement, teacher_outputs
 from kdlib.runs import load_trained, teacher_model
 
 device = resolve_device(config2.device)  # the run's device: large-v3's encoder on the GPU at thesis scale
@@ -154,8 +154,14 @@ utterances = scan_mls(root, config2.dev_split, language=config2.language,
 # ``teacher_input_features``, from the same waveform).
 dev_clips = MLSDataset(utterances, student_fe, student_tokenizer, teacher_feature_extractor=teacher_fe)
 batch = WhisperCollator()([dev_clips[i] for i in range(len(dev_clips))])
-with torch.no_grad():
-    teacher_states = teacher.get_encoder()(batch["teacher_input_features"].to(device)).last_hidden_state
+# `teacher_outputs` is the frozen teacher's one forward in kdlib: it casts the log-mels to the
+# teacher's dtype (large-v3 loads in float16) and runs without a graph; the states come back in
+# float32 for the angles.
+teacher_states = teacher_outputs(teacher, None, input_features=batch["teacher_input_features"],
+                                 need_logits=False).encoder_hidden.float()
+
+
+ran = {"teacher": teacher}
 
 
 @torch.no_grad()
@@ -165,6 +171,7 @@ def mean_angle(run: Path) -> float:
     the window; k frames averaged when the student merges k), padding left out."""
     model, _, _, projector = load_trained(run)
     model.to(device)
+    ran[run.name] = model  # what ran where, for results.json
     student_states = model.get_encoder()(batch["input_features"].to(device)).last_hidden_state
     aligned, mask = teacher_on_student_frames(teacher_states, batch["num_frames"].to(device),
                                               window_frames=model.config.max_source_positions,
@@ -188,6 +195,8 @@ results = {
     "dev_geodesic": {"stage1": angles["after stage I"], "stage2": angles["after stage II"], "clips": len(utterances)},
     "dev": {"stage1": {"wer": prev_summary.get("dev_wer"), "cer": prev_summary.get("dev_cer"), "clips": prev_summary.get("dev_utterances")},
             "stage2": {"wer": summary["dev_wer"], "cer": summary["dev_cer"], "clips": summary["dev_utterances"]}},
+    # the run's device, and where each model of this chapter ran (a model left on the CPU shows)
+    "device": str(device), "placement": {**placement(**ran), "training": summary.get("placement", {})},
 }
 (out / "results.json").write_text(json.dumps(results, indent=2))
 

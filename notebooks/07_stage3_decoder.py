@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -136,16 +136,19 @@ from kdlib.data import WhisperCollator
 from kdlib.losses import DistillationLoss
 from kdlib.caches import build_caches
 from kdlib.distill import forward_losses, stage_weights
+from kdlib.models import resolve_device
 from kdlib.runs import build_data, build_models
+
+device = resolve_device(config3.device)  # the run's device: large-v3 and the student on the GPU at thesis scale
 
 
 def stage3_gradients(contrastive_weight):
     config = replace(config3, contrastive_weight=contrastive_weight, lora_dropout=0.0)
     torch.manual_seed(0)
-    run = build_models(config, torch.device("cpu"))
+    run = build_models(config, device)
     train_set, _, _ = build_data(config, run.feature_extractor, run.tokenizer, run.teacher_feature_extractor)
     batch = WhisperCollator()([train_set[i] for i in range(4)])
-    parts = forward_losses(run, DistillationLoss(stage_weights(config, config.max_steps)), batch, torch.device("cpu"),
+    parts = forward_losses(run, DistillationLoss(stage_weights(config, config.max_steps)), batch, device,
                            (False, None), caches=build_caches(run, config))
     parts["total"].backward()
     student = {n: p.grad for n, p in run.student.named_parameters() if p.requires_grad}
@@ -244,6 +247,7 @@ plt.show()
 
 # %%
 import copy
+import shutil
 import tempfile
 
 from kdlib import models
@@ -262,26 +266,33 @@ if window_cut is not None:
     entries.append({"name": f"teacher, {config3.student_window_seconds} s window (no training)",
                     "model": window_cut})
 entries.append({"name": "student, stages I-III", "model": (s_model, s_fe, s_tok)})
+# CTranslate2 points are CPU deployment (int8 on a laptop); on a GPU run they would decode
+# large-v3 on the CPU for hours, so they are left out there. Their export folders are temporary.
 ct2_tmp = Path(tempfile.mkdtemp(prefix="ct2-", dir=out))
 try:
-    import ctranslate2  # noqa: F401
-
-    for name, (m, tok, fe), quant in (("teacher", (t_model, t_tok, t_fe), "float32"),
-                                      ("student", (s_model, s_tok, s_fe), "int8")):
-        if getattr(m.config, "kdlib_merge", None):
-            continue  # a merged student is not a CTranslate2 shape (transformers only)
-        hf = ct2_tmp / f"{name}_hf"
-        m.save_pretrained(hf)
-        tok.save_pretrained(hf)
-        fe.save_pretrained(hf)
-        entries.append({"name": f"{name}, CTranslate2 {quant}", "compute_type": quant,
-                        "ct2_dir": evaluate.export_ct2(hf, ct2_tmp / f"{name}_ct2", quantization=quant),
-                        "n_parameters": models.count_parameters(m)})
-except ImportError:
-    print("ctranslate2 not installed: transformers points only")
-frontier = evaluate.compare_models(entries, data_root=root, split=config3.dev_split, language=config3.language,
-                                   limit=limit, max_new_tokens=config3.eval_max_new_tokens, progress=False,
-                                   out_dir=out / "frontier")
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        print("ctranslate2 not installed: transformers points only")
+    else:
+        if device.type != "cpu":
+            print(f"CTranslate2 points left out: the run's device is {device.type}, they are CPU deployment")
+        for name, (m, tok, fe), quant in (("teacher", (t_model, t_tok, t_fe), "float32"),
+                                          ("student", (s_model, s_tok, s_fe), "int8")):
+            if device.type != "cpu" or getattr(m.config, "kdlib_merge", None):
+                continue  # a merged student is not a CTranslate2 shape (transformers only)
+            hf = ct2_tmp / f"{name}_hf"
+            m.save_pretrained(hf)
+            tok.save_pretrained(hf)
+            fe.save_pretrained(hf)
+            entries.append({"name": f"{name}, CTranslate2 {quant}", "compute_type": quant,
+                            "ct2_dir": evaluate.export_ct2(hf, ct2_tmp / f"{name}_ct2", quantization=quant),
+                            "n_parameters": models.count_parameters(m)})
+    frontier = evaluate.compare_models(entries, data_root=root, split=config3.dev_split, language=config3.language,
+                                       limit=limit, max_new_tokens=config3.eval_max_new_tokens, progress=False,
+                                       out_dir=out / "frontier")
+finally:
+    shutil.rmtree(ct2_tmp, ignore_errors=True)  # the exports (GBs at thesis scale) are not results
 adapted_row = next((r for r in rows if r["model"].startswith("teacher, adapted")), None)
 print(f"{'model':<44}{'WER':>7}{'CER':>7}{'RTF':>8}{'speed-up':>10}")
 for r in frontier:
@@ -306,6 +317,10 @@ results_path = out / "results.json"
 saved = json.loads(results_path.read_text())
 saved["frontier"] = [{k: r.get(k) for k in ("name", "engine", "compute_type", "wer", "cer", "rtf", "speedup",
                                               "n_parameters", "n_utterances")} for r in frontier]
+# the run's device, and where the frontier's models and the stage-III training ran
+saved["device"] = str(device)
+saved["placement"] = {**models.placement(teacher=t_model, student=s_model),
+                      "training": json.loads((runs["stage3"] / "summary.json").read_text()).get("placement", {})}
 results_path.write_text(json.dumps(saved, indent=2))
 
 # %% [markdown]

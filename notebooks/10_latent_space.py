@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -71,8 +71,8 @@ from kdlib import viz
 from kdlib.config import make_config
 from kdlib.data import embedded_corpus, load_audio, read_speakers, scan_mls
 from kdlib.files import shown
-from kdlib.models import (TINY_RANDOM, RiemannianProjector, load_student, load_whisper, same_encoder,
-                          tiny_random_named)
+from kdlib.models import (TINY_RANDOM, RiemannianProjector, load_student, load_whisper, placement, resolve_device,
+                          same_encoder, tiny_random_named)
 
 chapter_start = time.perf_counter()
 torch.manual_seed(seed)
@@ -148,8 +148,15 @@ fresh_projector = RiemannianProjector(d_student, d_teacher)  # identity + normal
 trained_projector = after.projector if have_kd and after.projector is not None else fresh_projector
 print(f"teacher {teacher_bundle.name}: d_model {d_teacher}; student before KD: {before_source}, d_model "
       f"{d_student}; projector after KD: {'trained' if trained_projector is not fresh_projector else 'fresh (untrained)'}")
+# The run's device (the GPU at thesis scale): every encoder below runs there.
+device = resolve_device(after.config.get("device", "auto") if have_kd else "auto")
+for part in (teacher_bundle.model, before_model, after.model, fresh_projector, trained_projector):
+    if part is not None:
+        part.to(device)
 results.update(after_kd=have_kd, after_kd_source=after.reason, before_kd_source=before_source,
-               frame_factor=frame_factor)
+               frame_factor=frame_factor, device=str(device),
+               placement=placement(teacher=teacher_bundle.model, student_before_kd=before_model,
+                                   student_after_kd=after.model, projector=trained_projector))
 
 # %% [markdown]
 # When chapter 07 has not been run, the output above says so in capitals: "before" and "after"

@@ -18,7 +18,7 @@ NOTEBOOKS = ROOT / "notebooks"
 LONG_FIRST = ("test_notebooks_thesis.py", "11_distil_whisper_recipe.ipynb", "09_search_and_ablations.ipynb",
               "07_stage3_decoder.ipynb", "test_book_browser.py", "test_evaluate.py", "test_models.py",
               "08_evaluation.ipynb", "05_stage1_kd.ipynb", "test_train.py", "10_latent_space.ipynb",
-              "06_stage2_alignment.ipynb", "test_cli_thesis.py", "test_benchmarks.py", "test_distributed.py")
+              "06_stage2_alignment.ipynb", "test_reproduce_page.py", "test_benchmarks.py", "test_distributed.py")
 
 
 def pytest_collection_modifyitems(config, items):

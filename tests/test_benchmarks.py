@@ -192,3 +192,13 @@ def test_train_step_quick():
         assert num(row.group(1)) >= num(row.group(2)) > 0
     row = one(rf"kdlib / bare: ({NUMBER})x median, ({NUMBER})x min$", out)
     assert num(row.group(1)) > 0 and num(row.group(2)) > 0
+
+
+def test_stage0_memory_quick():
+    """Leaving the cross-attention k/v projections without LoRA (stage 0's preset at thesis scale)
+    keeps less of the graph per layer and clip than decoder_all, whose k/v LoRA reads 1500 frames."""
+    out = run_quick("stage0_memory")
+    rows = {m.group(1): (num(m.group(2)), num(m.group(3))) for m in
+            re.finditer(rf"^(decoder_\w+)\s+({NUMBER})\s+({NUMBER})\s+{NUMBER}$", out, re.MULTILINE)}
+    assert set(rows) == {"decoder_all", "decoder_no_cross_kv"}, out
+    assert 0 < rows["decoder_no_cross_kv"][0] < 0.8 * rows["decoder_all"][0], out

@@ -40,7 +40,9 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path, capsys):
     assert setup["student"]["num_mel_bins"] == 80 and setup["student"]["vocab_size"] == 51865
     assert [r["clip_s"] for r in by_check["stage1_step"]] == [1.0, 2.0]
     for record in by_check["stage1_step"] + by_check["stage2_step"]:
-        assert record["grad_scaler"] and record["finite"] and record["step_s"] > 0
+        # fp16 on the CPU as on the GPU: the GradScaler may skip a first overflowing step, then trains
+        assert record["grad_scaler"] and record["step_s"] > 0
+        assert record["steps"] == 3 and record["finite_steps"] >= 2 and record["finite"], record
     assert by_check["dev_decode"][0]["student_s_per_1000_clips"] > 0
     assert by_check["dataloader"][0]["workers_2_clips_per_s"] > 0
     assert by_check["resume"][0]["same_weights"] and by_check["resume"][0]["next_step_finite"]

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import NOTEBOOKS, ROOT
 from prepare_chapters import CHAPTERS, prepare
@@ -86,6 +87,19 @@ def table_rows(path: Path) -> list[dict]:
     """The rows of a comparison table a chapter wrote (`kdlib.evaluate.write_comparison`)."""
     table = read(path)
     return table["rows"] if isinstance(table, dict) else table
+
+
+def assert_placement(placement: dict, device: str, where: str) -> None:
+    """Every model a chapter or a run used sat on the run's device (a model left on the CPU of a
+    GPU run fails here; on a GPU every entry must read cuda), and the teacher in large-v3's dtype."""
+    assert placement, f"{where}: no placement recorded"
+    for name, entry in placement.items():
+        if name == "training":
+            assert_placement(entry, device, f"{where} (training)")
+            continue
+        assert entry["device"].split(":")[0] == device.split(":")[0], (where, name, entry, device)
+    if "teacher" in placement:  # thesis-tiny's teacher is saved and loaded in float16, as large-v3
+        assert placement["teacher"]["dtype"] == "float16", (where, placement["teacher"])
 
 
 def config_of(run: Path):
@@ -173,6 +187,14 @@ def test_stage_chapters_and_their_readers_at_thesis_shape(tmp_path, kernel_env):
     # nothing trained twice: 06 and 07 hold only their own stage's run
     assert not {"stage0", "stage1", "ce_only"} & {p.name for p in out06.iterdir()}
     assert not {"stage0", "stage1", "ce_only", "stage2"} & {p.name for p in out07.iterdir()}
+    for run in (out05 / "stage1", out06 / "stage2", out07 / "stage3"):  # the trainer's own record
+        config = TrainConfig.from_json(run / "training_config.json")
+        assert config.amp == "fp16"
+        device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device.replace("auto", "cpu")
+        assert_placement(read(run / "summary.json")["placement"], device, str(run))
+    for out in (out06, out07):
+        results = read(out / "results.json")
+        assert_placement(results["placement"], results["device"], out.name)
     results = read(out07 / "results.json")
     assert [r["model"] for r in results["rows"]][:2] == ["teacher", "teacher, adapted (stage 0)"]
     assert config_of(out07 / "stage3").student_frame_factor == 3
@@ -189,6 +211,7 @@ def test_stage_chapters_and_their_readers_at_thesis_shape(tmp_path, kernel_env):
     printed, out10 = execute(tmp_path, "10_latent_space", run_dir=str(out07 / "stage3"))
     results = read(out10 / "latent_space.json")
     assert results["after_kd"] is True and results["frame_factor"] == 3, results.get("after_kd_source")
+    assert_placement(results["placement"], results["device"], "10_latent_space")
 
     printed, out11 = execute(tmp_path, "11_distil_whisper_recipe", reference_run=str(out07 / "stage3"))
     assert "missing or from another preset" not in printed

@@ -20,7 +20,7 @@ from kdlib.data import epoch_batches
 from kdlib.distill import forward_losses, stage_weights
 from kdlib.models import amp_settings, resolve_device
 from kdlib.runs import CHECKPOINT, build_data, build_models, load_history, seed_everything, trainable_state
-from kdlib.train import lr_factor, run_stage
+from kdlib.train import clip, lr_factor, run_stage
 
 
 def one_step_by_hand(config, draw_before_forward: bool = False):
@@ -46,9 +46,11 @@ def one_step_by_hand(config, draw_before_forward: bool = False):
                                lr=config.lr, min_lr=config.min_lr)
     optimizer = build_optimizer([models.student], lr=lr, weight_decay=config.weight_decay, betas=config.betas)
     params = [p for p in models.student.parameters() if p.requires_grad]
-    parts["total"].backward()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-    optimizer.step()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_settings(config, device)[2])
+    scaler.scale(parts["total"]).backward()
+    grad_norm = clip(scaler, optimizer, params, config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
     losses = {k: float(v.detach()) for k, v in parts.items() if v is not None}
     return losses, grad_norm, lr, trainable_state(models)
 
@@ -74,6 +76,25 @@ def test_hand_step_equals_the_trainers_first_step(tmp_path):
     seed_everything(config.seed)
     before = trainable_state(build_models(config, resolve_device(config.device)))
     assert any(not torch.allclose(before[n], weights[n], rtol=0, atol=1e-6) for n in weights)
+
+
+def test_hand_step_equals_the_trainers_under_fp16_and_the_grad_scaler(tmp_path):
+    """The thesis run's GPU path on the CPU (issue 25): thesis-tiny's teacher is saved in float16
+    like large-v3, the step runs fp16 autocast with an enabled GradScaler. A hand step without the
+    scaler differs here (fp16 gradients underflow unscaled: 1.7e-5 in the norm), not under bf16."""
+    config = make_config("thesis-tiny", stage=1, overrides={"max_steps": 1})
+    device = resolve_device(config.device)
+    assert amp_settings(config, device) == (True, torch.float16, True)
+    losses, grad_norm, lr, weights = one_step_by_hand(config)
+
+    run_stage(config, tmp_path / "run", progress=False, quiet=True)
+    first = load_history(tmp_path / "run")[0]
+    for key, value in losses.items():
+        assert abs(first[key] - value) <= 1e-6, (key, first[key], value)
+    assert abs(first["grad_norm"] - grad_norm) <= 1e-6, (first["grad_norm"], grad_norm)
+    saved = torch.load(tmp_path / "run" / CHECKPOINT, map_location="cpu", weights_only=False)["trainable"]
+    for name, tensor in weights.items():
+        assert torch.allclose(saved[name], tensor, rtol=0, atol=1e-6), name
 
 
 def test_hand_step_needs_the_trainers_rng_stream(tmp_path):

@@ -253,7 +253,8 @@ def test_cli_builds_a_cache(tmp_path, capsys):
 
 def test_training_from_a_full_vocab_cache_gives_the_live_losses(tmp_path):
     """k = vocab: the top-k KL is the exact KL, so every step's losses match the live teacher's
-    (float32 rounding of batched vs cached forwards: relative 1e-5)."""
+    (float32 rounding of batched vs cached forwards: relative 1e-5; 1.03e-5 in the KL measured on
+    a CPU without AVX-512, so the bound is 1e-4, far below what a wrong top-k or tail would give)."""
     from kdlib import runs as R, train as T
     from kdlib.config import make_config
 
@@ -273,7 +274,7 @@ def test_training_from_a_full_vocab_cache_gives_the_live_losses(tmp_path):
     assert len(live) == len(cached) == 2
     for a, b in zip(live, cached):
         for key in ("ce", "kl", "total", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
 
     # a cache of other utterances is refused before the first step
     stale = make_config("smoke", stage=1, overrides={**overrides, "max_train_utterances": 6,
@@ -413,3 +414,20 @@ def test_measure_topk_error_feeds_the_teacher_its_own_window(smoke):
     tokens, exact, _ = _hand_kl(teacher.model, student.model, batch, 2.0, (8,))
     assert r["tokens"] == tokens
     assert r["students"]["window"][2.0]["exact_kl"] == pytest.approx(exact, rel=1e-4)
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_anything_is_written(smoke, tmp_path, monkeypatch):
+    """cache-teacher at thesis scale would write ~229 GB of encoder states; a disk without the
+    space says so, with the numbers, before a byte is written (issue 25)."""
+    import collections
+
+    from kdlib import files
+
+    teacher, dataset = smoke
+    # the six clips' states: 6 x 1500 x 128 x 2 bytes = 2.3 MB; the disk has 1 MB free
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: collections.namedtuple("u", "total used free")(
+        10**9, 10**9 - 10**6, 10**6))
+    out = tmp_path / "teacher"
+    with pytest.raises(files.NotEnoughSpace, match=r"teacher cache of 6 clips .* needs about .* GB on disk .* free"):
+        TC.build_teacher_cache(teacher.model, dataset, out, top_k=16, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no folder, no temporary sibling

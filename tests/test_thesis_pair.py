@@ -116,8 +116,10 @@ def test_teacher_gets_its_own_mels_and_token_ids(pair):
     logits, hidden = DL.teacher_forward(run.teacher, caches, batch["ids"], batch["teacher_input_features"], dec_in,
                                        batch["labels"], True, torch.device("cpu"), vocab_index=run.vocab_index)
     with torch.no_grad():
-        full = run.teacher(input_features=batch["teacher_input_features"], decoder_input_ids=mapped,
-                           use_cache=False).logits
+        # thesis-tiny's teacher is float16, as large-v3 loads: its inputs must be cast to it
+        assert run.teacher.dtype == torch.float16
+        full = run.teacher(input_features=batch["teacher_input_features"].to(torch.float16),
+                           decoder_input_ids=mapped, use_cache=False).logits
     assert logits.shape[-1] == 51865 and full.shape[-1] == 51866
     torch.testing.assert_close(logits, full[..., run.vocab_index])
     assert hidden.shape[1] == 1500

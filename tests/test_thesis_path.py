@@ -5,6 +5,9 @@ with ``encoder_cache="off"`` (issue 16)."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 from kdlib import caches as C, models as M, runs as R
@@ -49,9 +52,15 @@ def test_v3_teacher_generates_with_its_own_ids():
 def test_thesis_stage0_adapts_the_teacher_decoder_only():
     for preset in ("thesis", "thesis-tiny"):
         config = make_config(preset, stage=0)
-        assert config.train_encoder is False and config.lora_preset == "decoder_all"
+        assert config.train_encoder is False and config.lora_preset == "decoder_no_cross_kv"
     run = R.build_models(make_config("thesis-tiny", stage=0), torch.device("cpu"))
     assert run.trainable["student"] and not any(".encoder." in n for n in run.trainable["student"])
+    # no LoRA on the cross-attention k/v (they read all 1500 encoder frames: stage 0's memory at
+    # thesis scale, benchmarks/stage0_memory.py); its q and out_proj, self-attention and FFN adapt
+    trained = run.trainable["student"]
+    assert not any(re.search(r"encoder_attn\.(k_proj|v_proj)", n) for n in trained)
+    for part in ("encoder_attn.q_proj", "encoder_attn.out_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1"):
+        assert any(part in n for n in trained), part
 
 
 def test_encoder_cache_off_keeps_states_on_device_in_their_dtype():
@@ -120,3 +129,22 @@ def test_one_dataloader_for_the_whole_run_replays_the_epoch_batches(monkeypatch)
     assert got == expected[start:len(expected) - 2]
     assert made == [config.num_workers] and config.num_workers >= 2
     assert len({e for e, _, _ in got}) >= 3  # several epochs, one loader
+
+
+def test_an_encoder_cache_at_mls_scale_is_refused_up_front():
+    """encoder_cache "memory" (or "disk") at MLS Italian scale would keep about a terabyte: the
+    run stops before its first step and says how much, and "off" (the thesis preset's) passes."""
+    from types import SimpleNamespace
+
+    from kdlib.files import NotEnoughSpace
+
+    config = make_config("thesis-tiny", stage=1, overrides={"encoder_cache": "memory"})
+    run = R.build_models(config, torch.device("cpu"))
+    mls = [SimpleNamespace(duration=15.0)] * 59_600  # MLS Italian train: ~59,600 clips of 10-20 s
+    need = C.cache_footprint(run, config, mls)
+    # the teacher's logits alone: 59,600 x 64 tokens x 51,866 x 4 bytes = 791 GB
+    assert need["memory"] > 7e11 and need["disk"] == 0
+    with pytest.raises(NotEnoughSpace, match=r'encoder_cache="memory" for 59,600 clips would hold about'):
+        C.check_cache_fits(run, config, mls)
+    C.check_cache_fits(run, make_config("thesis-tiny", stage=1), mls)  # "off": nothing kept
+    C.check_cache_fits(run, config, mls[:4])  # four clips fit
