@@ -69,9 +69,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from kdlib.config import replace
 
         config = replace(config, run_dir=args.run_dir)
-    from kdlib.train import train
+    from kdlib.runs import RunFolderConflict
+    from kdlib.train import run_stage
 
-    summary = train(config, args.run_dir, progress=not args.no_progress)
+    # run_stage compares the folder's training_config.json with this config before anything is
+    # written: a finished run of this config is left as it is (its files untouched), an unfinished
+    # one resumes, and a folder of another config (lr, lora_r, max_steps... or a hand edit) stops
+    # here, naming each field with both values.
+    try:
+        summary = run_stage(config, args.run_dir, progress=not args.no_progress)
+    except RunFolderConflict as err:
+        print(f"kdlib train: {err}", file=sys.stderr)
+        return 2
     print(summary)
     return 0
 

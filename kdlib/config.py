@@ -320,6 +320,7 @@ PRESET_STAGE: dict[tuple[str, int], dict[str, Any]] = {
 # Teacher: large-v3's vocabulary layout and names (51,866 tokens, ``<|yue|>`` at 50,358), 128 mel
 # bins; student: a model of its own (not built from the teacher) with pre-v3 names, 80 mel bins,
 # its own tokenizer and feature extractor, 3:1 frame pooling. The thesis' training machinery is on:
+# a teacher saved and loaded in float16 (as large-v3's config names it; `models.tiny_random_named`),
 # fp16 autocast with an enabled GradScaler (torch's CPU GradScaler here), gradient checkpointing,
 # early stopping, 2 DataLoader workers with pin_memory, no encoder cache, the pilot's loss weights.
 # Sizes are below smoke's: fp16 matrix products on a CPU run at about half fp32's speed, so batches
@@ -421,9 +422,25 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"stage: {config.stage} is not one of {sorted(STAGE_TERMS)}")
     if config.preset not in PRESETS:
         raise ConfigError(f"preset: {config.preset!r} is not one of {sorted(PRESETS)}")
-    for name in ("batch_size", "grad_accum", "max_steps", "lora_r"):
+    # Cadences divide the step count and counts size loops: 0 would fail mid-run (ZeroDivisionError
+    # after the models are built), so every one of them is refused here, before anything loads.
+    for name in ("batch_size", "grad_accum", "max_steps", "lora_r", "eval_every", "save_every", "log_every",
+                 "max_nonfinite_in_row"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name}: must be at least 1, got {getattr(config, name)}")
+    if not config.lr > 0:  # also NaN
+        raise ConfigError(f"lr: must be positive, got {config.lr}")
+    if not 0 <= config.min_lr <= config.lr:
+        raise ConfigError(f"min_lr: must be in [0, lr = {config.lr}], got {config.min_lr}")
+    for name in ("warmup_steps", "kl_warmup_steps", "num_workers", "weight_decay"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name}: must be at least 0, got {getattr(config, name)}")
+    if not config.grad_clip > 0:
+        raise ConfigError(f"grad_clip: must be positive, got {config.grad_clip}")
+    if not 0 <= config.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout: must be in [0, 1), got {config.lora_dropout}")
+    if config.early_stopping_patience is not None and config.early_stopping_patience < 1:
+        raise ConfigError(f"early_stopping_patience: must be at least 1 (or None), got {config.early_stopping_patience}")
     if config.temperature <= 0:
         raise ConfigError(f"temperature: must be positive, got {config.temperature}")
     if config.student_window_seconds is not None and not 1 <= config.student_window_seconds <= 30:
