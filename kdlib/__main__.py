@@ -69,6 +69,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from kdlib.config import replace
 
         config = replace(config, run_dir=args.run_dir)
+    from kdlib.files import FolderBusy
     from kdlib.runs import RunFolderConflict
     from kdlib.train import run_stage
 
@@ -78,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # here, naming each field with both values.
     try:
         summary = run_stage(config, args.run_dir, progress=not args.no_progress)
-    except RunFolderConflict as err:
+    except (RunFolderConflict, FolderBusy) as err:
         print(f"kdlib train: {err}", file=sys.stderr)
         return 2
     print(summary)

@@ -78,6 +78,46 @@ def fresh_tmp_dir(target: str | os.PathLike) -> Path:
     return tmp
 
 
+class FolderBusy(RuntimeError):
+    """Another process holds the folder (`exclusive`): two writers would leave weights that match
+    neither config."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | os.PathLike, what: str = "run folder"):
+    """Hold ``folder`` for this process: an advisory lock (``flock``) on ``<folder>/.lock``, which
+    names the holder (PID and host). A second process stops at once with `FolderBusy` naming the
+    holder. The kernel drops the lock when its process ends however it ends (kill -9 included), so
+    a lock left by a dead process is simply taken over. Temporary files of killed writes
+    (``.<name>.tmp-<pid>``, see `atomic_write_bytes` and `fresh_tmp_dir`) are removed once held:
+    no other writer can be using them."""
+    import socket
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, nothing else changes
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise FolderBusy(f"{folder}: this {what} is in use by {holder}; wait for it to finish, stop it, "
+                         "or use another folder") from None
+    try:
+        for leftover in folder.glob(".*.tmp-*"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class NotEnoughSpace(OSError):
     """What a run is about to write (or hold in memory) does not fit: raised before the first byte."""
 

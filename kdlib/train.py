@@ -38,7 +38,7 @@ from kdlib import data, distributed
 from kdlib.caches import build_caches
 from kdlib.config import TrainConfig
 from kdlib.distill import dev_pass, forward_losses, stage_weights
-from kdlib.files import atomic_write_json, shown
+from kdlib.files import atomic_write_json, exclusive, shown
 from kdlib.losses import TERMS, DistillationLoss, TAIDSchedule
 from kdlib.models import amp_settings, build_optimizer, placement, resolve_device, tensor_digest, trainable_report
 from kdlib.progress import progress_bar
@@ -86,17 +86,30 @@ def add_scalars(writer, prefix: str, values: dict, step: int) -> None:
 
 
 def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: bool = True,
-          on_eval=None) -> dict:
+          on_eval=None, ignore: tuple[str, ...] = ()) -> dict:
     """Run one stage; returns the summary dict (also written to ``summary.json``).
 
     ``on_eval(step, metrics)`` is called after every dev evaluation (metrics: ``dev_loss`` and,
     when ``eval_wer``, ``dev_wer``); it may raise to stop the run (e.g. ``optuna.TrialPruned``).
+
+    The run folder belongs to one config and one writer: a folder holding another config is
+    refused before anything is written (`RunFolderConflict`, each field with both values; cadence
+    fields and ``ignore`` aside), a finished run of this config is returned as it is (its files
+    untouched), and the folder is held (`kdlib.files.exclusive`) while the run writes, so a
+    second process on it stops at once (`FolderBusy`, naming the holder).
     """
     run_dir = Path(run_dir or config.run_dir or f"runs/stage{config.stage}")
+    if (done := reusable_run(config, run_dir, ignore=ignore)) is not None:
+        return done
     device = resolve_device(config.device)
     ctx = distributed.setup(device.type)  # torchrun / accelerate launch: one process per worker
     try:
-        return _train(config, run_dir, device, ctx, progress=progress, on_eval=on_eval)
+        # rank 0 writes and holds the folder; the check again once held (another process may
+        # have written its config in between)
+        with exclusive(run_dir) if ctx.is_main else contextlib.nullcontext():
+            if (done := reusable_run(config, run_dir, ignore=ignore)) is not None:
+                return done
+            return _train(config, run_dir, device, ctx, progress=progress, on_eval=on_eval)
     finally:
         distributed.teardown(ctx)
 
@@ -280,6 +293,8 @@ def run_stage(config: TrainConfig, run_dir: str | Path, *, reuse: bool = True, p
             takes_on_eval = False
         if takes_on_eval:
             kwargs["on_eval"] = on_eval
+    if train_fn is train:  # the same comparison inside train, under the folder's lock
+        kwargs["ignore"] = ignore
     if not quiet:
         return train_fn(config, run_dir, **kwargs)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -165,6 +165,7 @@ results["one_layer"] = {"module": first, "A": list(A.shape), "B": list(B.shape),
 # | `qkvo_all` | the same plus the output projection `out_proj` |
 # | `ffn` | `fc1`, `fc2` of every encoder and decoder layer |
 # | `decoder_all` | every attention projection (self and cross: q, k, v, out) and `fc1`, `fc2` of the decoder only |
+# | `decoder_no_cross_kv` | `decoder_all` without the cross-attention k, v, which read all 1500 encoder frames (stage 0 at thesis scale: less memory) |
 #
 # We apply each preset to the teacher and to the student, print `trainable_report` (peft's own
 # format) and split the trainable count into encoder and decoder. `unload()` removes the adapters

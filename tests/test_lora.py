@@ -51,6 +51,10 @@ EXPECTED = {
     # distil recipe: every decoder linear, nothing of the encoder
     "decoder_all": _names("decoder", DEC_LAYERS, ("self_attn.", "encoder_attn."), QKVO)
     | _names("decoder", DEC_LAYERS, ("",), ("fc1", "fc2")),
+    # stage 0 at thesis scale: the same without the cross-attention k/v (they read 1500 frames)
+    "decoder_no_cross_kv": _names("decoder", DEC_LAYERS, ("self_attn.",), QKVO)
+    | _names("decoder", DEC_LAYERS, ("encoder_attn.",), ("q_proj", "out_proj"))
+    | _names("decoder", DEC_LAYERS, ("",), ("fc1", "fc2")),
 }
 
 

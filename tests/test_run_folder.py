@@ -83,3 +83,53 @@ def test_values_that_would_fail_mid_run_are_refused_up_front(bad, message, tmp_p
     with pytest.raises(ConfigError):
         train(tmp_path / "run", "--set", bad)
     assert not (tmp_path / "run").exists()
+
+
+def _cli(run_dir, *sets):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "KDLIB_PROGRESS": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    args = [sys.executable, "-m", "kdlib", "train", "--preset", "smoke", "--stage", "1", "--run-dir", str(run_dir),
+            "--no-progress", *SMALL, *[a for s in sets for a in ("--set", s)]]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_one_writer_a_second_process_stops_and_a_dead_holder_is_taken_over(tmp_path):
+    """Two real processes on one folder: the second stops at once naming the first (PID, host);
+    after the first is killed with SIGKILL the folder is free again, and the leftover temporary
+    file of a killed write is removed by the next holder."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    first = _cli(run, "max_steps=400", "save_every=1000", "eval_every=1000")
+    lock = run / ".lock"
+    deadline = time.time() + 240
+    while not (lock.exists() and f"pid {first.pid}" in lock.read_text()):
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.2)
+    second = _cli(run, "max_steps=400", "save_every=1000", "eval_every=1000")
+    out, err = second.communicate(timeout=240)
+    assert second.returncode == 2, (out[-2000:], err[-2000:])
+    assert f"in use by pid {first.pid} on " in err
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+
+    (run / ".checkpoint.pt.tmp-99999").write_bytes(b"half a checkpoint")  # a killed write's leftover
+    third = _cli(run, "max_steps=2", "save_every=1000", "eval_every=1000")
+    # the killed run's config says max_steps=400: a run of another config, refused
+    out, err = third.communicate(timeout=240)
+    assert third.returncode == 2 and "max_steps: 400 there, 2 now" in err, err[-2000:]
+    again = _cli(run, "max_steps=400", "save_every=1000", "eval_every=1000")
+    deadline = time.time() + 240
+    while f"pid {again.pid}" not in lock.read_text():  # the dead holder's lock is taken over
+        assert again.poll() is None and time.time() < deadline, again.communicate()
+        time.sleep(0.2)
+    assert not (run / ".checkpoint.pt.tmp-99999").exists()
+    again.kill()
+    again.wait(timeout=60)
