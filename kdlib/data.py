@@ -147,7 +147,7 @@ class Utterance:
 
 #: Skip reasons, in the order the report lists them.
 SKIP_REASONS = (
-    "malformed line", "empty text", "duplicate id", "missing audio", "audio without transcript",
+    "malformed line", "undecodable text", "empty text", "duplicate id", "missing audio", "audio without transcript",
     "corrupt audio", "too short", "too long", "longer than window",
 )
 
@@ -273,9 +273,21 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
     rel = f"{split}/transcripts.txt"
     pairs: list[tuple[str, str, str, Path, str]] = []   # id, speaker, book, audio path, text
     seen: set[str] = set()
-    # utf-8-sig: a byte-order mark (some editors add one) would otherwise break the first id
-    with open(transcripts, encoding="utf-8-sig", errors="replace") as f:
-        for lineno, raw in enumerate(f, start=1):
+    # Bytes, decoded line by line: a line that is not UTF-8 is a counted skip naming its line, never
+    # text with U+FFFD in it to train on. A byte-order mark (some editors add one) is dropped.
+    with open(transcripts, "rb") as f:
+        for lineno, raw_bytes in enumerate(f, start=1):
+            if lineno == 1 and raw_bytes.startswith(b"\xef\xbb\xbf"):
+                raw_bytes = raw_bytes[3:]
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as err:
+                uid = raw_bytes.partition(b"\t")[0].decode("ascii", "replace").strip()
+                audio.pop(uid, None)  # its audio is accounted for here, not as an orphan
+                skip("undecodable text", transcripts,
+                     f"{rel} line {lineno}: not UTF-8 (byte {err.start}: {raw_bytes[err.start:err.start + 1]!r}) "
+                     f"in {raw_bytes[:60]!r}")
+                continue
             line = raw.rstrip("\r\n")
             if not line.strip():
                 continue

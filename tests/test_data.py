@@ -167,6 +167,26 @@ def test_each_bad_transcript_case_is_a_counted_skip_with_a_clear_message(tmp_pat
     assert result.n_total == 7 and "kept 1 of 7" in result.report()
 
 
+def test_a_line_that_is_not_utf8_is_a_counted_skip_not_replacement_characters(tmp_path):
+    """Latin-1 bytes in transcripts.txt were decoded to U+FFFD and trained on, uncounted (issue 26);
+    now the line is skipped with its number and the byte, and a byte-order mark is still fine."""
+    root = tmp_path / "italian"
+    for i in (1, 2, 3):
+        write_utt(root, "dev", f"1_2_00000{i}")
+    (root / "dev").mkdir(parents=True, exist_ok=True)
+    (root / "dev" / "transcripts.txt").write_bytes(
+        b"\xef\xbb\xbf1_2_000001\tuna frase buona\n"
+        b"1_2_000002\tperch\xe9 no\n"            # Latin-1 e-acute: not UTF-8
+        + "1_2_000003\tcosì è\n".encode())        # UTF-8 accents are text
+    result = data.scan_mls(root, "dev")
+    assert [(u.id, u.text) for u in result.utterances] == [("1_2_000001", "una frase buona"), ("1_2_000003", "così è")]
+    assert result.counts() == {"undecodable text": 1}  # its audio is not an orphan either
+    (path, message), = result.skipped["undecodable text"]
+    assert "dev/transcripts.txt line 2: not UTF-8 (byte 16: b'\\xe9')" in message
+    assert "kept 2 of 3" in result.report() and "undecodable text 1" in result.report()
+    assert not any("\ufffd" in u.text for u in result.utterances)
+
+
 def test_duration_limits_are_parameters(tmp_path):
     root = tmp_path / "italian"
     for i, sec in enumerate([0.5, 2.0, 40.0]):
