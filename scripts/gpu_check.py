@@ -2,6 +2,7 @@
 
     python scripts/gpu_check.py --out gpu_check.jsonl          # one GPU, about 5 minutes or less
     python scripts/gpu_check.py --tiny --out /tmp/check.jsonl  # CPU, cut-down sizes (the test)
+    python scripts/gpu_check.py --cpu-rehearsal                # CPU: all of it at thesis-tiny, ~10 min
 
 The teacher and student are built from `WhisperConfig`s equal to whisper-large-v3's (d_model
 1280, 32 + 32 layers, 20 heads, 128 mel bins, 51,866 tokens) and whisper-small's (768, 12 + 12,
@@ -28,6 +29,12 @@ One JSON line per check, printed and appended to ``--out``:
   ``scaler.update()``) and a forced overflowing gradient (the scaler's inf check skips the step and
   lowers the scale): weights unchanged, the next step trains. Must not crash.
 
+- ``train_chain`` (not with ``--tiny`` alone): `kdlib.train.train` itself for stages 0 → III at
+  thesis-tiny on this device (a float16 teacher, fp16 autocast + GradScaler, the dev pass), and a
+  stage I interrupted after its first checkpoint and resumed: the same weights as uninterrupted.
+- ``chapters``: chapters 05 → 06 → 07 → 10 through papermill at thesis-tiny, chained; every model
+  they and their trainings ran sits on this device (their ``placement``).
+
 A check that fails (out of memory included) prints ``"ok": false`` with the error and the script
 goes on; the exit status is 1 if any check failed.
 """
@@ -35,6 +42,7 @@ goes on; the exit status is 1 if any check failed.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import statistics
@@ -254,7 +262,7 @@ def check_step(stage, seconds, batch, steps, pair, device, tiny):
            "label_tokens": int(data_batch["labels"].shape[1]),
            "trainable": sum(p.numel() for p in trainer.params),
            "autocast": str(trainer.dtype), "grad_scaler": trainer.scaler.is_enabled(),
-           "teacher_weights": "fp32 under fp16 autocast (as kdlib.train loads it)"}
+           "teacher_weights": "fp32 under fp16 autocast (this synthetic step; train_chain runs the float16 teacher)"}
     out["hours_for_8000_steps"] = round(out["step_s"] * 8000 / 3600, 2)
     del trainer, models
     return out
@@ -389,6 +397,114 @@ def check_nonfinite(pair, device, batch, seconds):
     return result
 
 
+# --------------------------------------------------------------------------------------------
+# The real code end to end: kdlib.train.train and the chapters, at thesis-tiny (fp16 teacher)
+
+
+def _assert_on(placement: dict, device, where: str) -> None:
+    """Every model of a run or a chapter on the run's device; the teacher in float16 (large-v3's dtype)."""
+    for name, entry in placement.items():
+        if name == "training":
+            _assert_on(entry, device, where)
+        elif entry["device"].split(":")[0] != device.type:
+            raise AssertionError(f"{where}: {name} ran on {entry['device']}, the run's device is {device}")
+        elif name == "teacher" and entry["dtype"] != "float16":
+            raise AssertionError(f"{where}: the teacher ran in {entry['dtype']}, not float16")
+
+
+def check_train_chain(root: Path, device) -> dict:
+    """`kdlib.train.train` itself: stages 0 → III at thesis-tiny chained through ``teacher_from``
+    and ``init_from`` (fp16 autocast + GradScaler, a float16 teacher, the dev pass at every
+    evaluation), then stage I stopped after its first checkpoint (step 1 of 4) and resumed through
+    ``checkpoint.pt``, which must end on the uninterrupted run's weights."""
+    from kdlib.data import embedded_corpus
+
+    base = {"device": str(device), "data_root": str(embedded_corpus("it"))}
+    result, runs = {}, {}
+    for stage in (0, 1, 2, 3):
+        sets = dict(base)
+        if stage:
+            sets["teacher_from"] = str(runs[0])
+        if stage >= 2:
+            sets["init_from"] = str(runs[stage - 1])
+        config = make_config("thesis-tiny", stage=stage, overrides=sets)
+        reset_peak(device)
+        started = time.perf_counter()
+        summary = T.train(config, root / f"stage{stage}", progress=False)
+        runs[stage] = root / f"stage{stage}"
+        if summary["steps"] != config.max_steps or summary["dev_loss"] is None:
+            raise AssertionError(f"stage {stage}: {summary['steps']} of {config.max_steps} steps, dev_loss {summary['dev_loss']}")
+        _assert_on(summary["placement"], device, f"stage {stage}")
+        result[f"stage{stage}"] = {"steps": summary["steps"], "nonfinite_steps": summary["nonfinite_steps"],
+                                   "dev_loss": summary["dev_loss"], "dev_wer": summary["dev_wer"],
+                                   "placement": summary["placement"], "seconds": round(time.perf_counter() - started, 1),
+                                   "peak_gb": peak_gb(device)}
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first(step, metrics):  # a step's evaluation comes before its checkpoint
+        if step == 2:
+            raise Interrupted
+
+    config = make_config("thesis-tiny", stage=1, overrides={**base, "teacher_from": str(runs[0]), "save_every": 1,
+                                                             "eval_every": 1, "early_stopping_patience": None})
+    straight = T.train(config, root / "straight", progress=False)
+    try:
+        T.train(config, root / "resumed", progress=False, on_eval=stop_after_first)
+        raise AssertionError("the interrupted run was not interrupted")
+    except Interrupted:
+        pass
+    saved = torch.load(root / "resumed" / R.CHECKPOINT, map_location="cpu", weights_only=True)["progress"]
+    resumed = T.train(config, root / "resumed", progress=False)
+    same = resumed["trainable_digest"] == straight["trainable_digest"]
+    if saved["step"] != 1 or not same:
+        raise AssertionError(f"resume: checkpoint at step {saved['step']}, same weights as uninterrupted: {same}")
+    result["resume"] = {"checkpoint_step": saved["step"], "same_weights_as_uninterrupted": same}
+    return result
+
+
+def check_chapters(root: Path, device) -> dict:
+    """Chapters 05 → 06 → 07 → 10 through papermill at thesis-tiny, chained by their run
+    parameters; each must finish and record its models on the run's device (results.json)."""
+    import nbformat
+    import papermill
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from prepare_chapters import prepare  # the copies the tests run: run paths inside ``root``
+
+    from kdlib.data import embedded_corpus
+
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    over = {"overrides": {"device": str(device)}}
+
+    def run(name, **params):
+        (prepared,) = prepare(root, "thesis-tiny", [notebooks / f"{name}.ipynb"],
+                              {"data_root": str(embedded_corpus("it")), **params})
+        out = root / f"executed_{name}.ipynb"
+        started = time.perf_counter()
+        papermill.execute_notebook(str(prepared), str(out), kernel_name="python3", language="python",
+                                   cwd=str(notebooks), progress_bar=False, execution_timeout=1800)
+        (injected,) = [c.source for c in nbformat.read(str(out), as_version=4).cells
+                       if "injected-parameters" in c.metadata.get("tags", [])]
+        out_dir = Path(ast.literal_eval(next(line.split(" = ", 1)[1] for line in injected.splitlines()
+                                             if line.startswith("out_dir = "))))
+        return out_dir, round(time.perf_counter() - started, 1)
+
+    result = {}
+    out05, result["05_seconds"] = run("05_stage1_kd", **over)
+    out06, result["06_seconds"] = run("06_stage2_alignment", prev_run=str(out05 / "stage1"), **over)
+    out07, result["07_seconds"] = run("07_stage3_decoder", stage1_run=str(out05 / "stage1"),
+                                      ce_only_run=str(out05 / "ce_only"), stage2_run=str(out06 / "stage2"), **over)
+    out10, result["10_seconds"] = run("10_latent_space", run_dir=str(out07 / "stage3"))
+    for name, path in (("06", out06 / "results.json"), ("07", out07 / "results.json"),
+                       ("10", out10 / "latent_space.json")):
+        record = json.loads(path.read_text())
+        _assert_on(record["placement"], device, f"chapter {name}")
+        result[f"{name}_placement"] = record["placement"]
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="cut-down models and sizes (CPU test, < 1 min)")
@@ -397,7 +513,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="default 64 (--tiny: 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per shape (default 3)")
     parser.add_argument("--skip", nargs="*", default=[], help="checks to leave out, e.g. dataloader")
+    parser.add_argument("--cpu-rehearsal", action="store_true",
+                        help="the GPU run's conditions on the CPU: --tiny's checks, then train_chain and chapters "
+                             "at thesis-tiny (fp16 autocast + GradScaler, a float16 teacher); exit 0 only if all pass")
     args = parser.parse_args(argv)
+    if args.cpu_rehearsal:
+        args.tiny, args.device = True, "cpu"
     tiny = args.tiny
     device = M.resolve_device(args.device)
     batch = args.batch or (2 if tiny else 64)
@@ -422,10 +543,21 @@ def main(argv=None) -> int:
         ("resume", lambda: check_resume(pair, device, batch, clips[0]), {}),
         ("nonfinite", lambda: check_nonfinite(pair, device, batch, clips[0]), {}),
     ]
-    for name, fn, meta in checks:
-        if name.split("_")[0] in args.skip or name in args.skip:
-            continue
-        report.run(name, fn, **meta)
+    # The real code at thesis-tiny, on this device: on a GPU these are the checks that catch a model
+    # left on the CPU; with --tiny alone (the quick CPU test) they are left out.
+    work = Path(tempfile.mkdtemp(prefix="kdlib-gpu-check-"))
+    if not tiny or args.cpu_rehearsal:
+        checks += [("train_chain", lambda: check_train_chain(work / "train", device), {"preset": "thesis-tiny"}),
+                   ("chapters", lambda: check_chapters(work / "chapters", device), {"preset": "thesis-tiny"})]
+    try:
+        for name, fn, meta in checks:
+            if name.split("_")[0] in args.skip or name in args.skip:
+                continue
+            report.run(name, fn, **meta)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if report.failed else 0
 
 
