@@ -30,10 +30,16 @@ from kdlib.models import RunModels, decoder_inputs, merge_factor, teacher_output
 
 
 def ramp(step: int, warmup_steps: int, value: float) -> float:
-    """Linear ramp from 0 to `value` over `warmup_steps` (the KL weight warm-up)."""
+    """Linear ramp to `value` over `warmup_steps` (the KL weight warm-up): `value / warmup_steps`
+    at step 0, `value` from step `warmup_steps - 1` on.
+
+    Not 0 at step 0: a term with weight 0 is not computed, and the first step is the memory probe
+    (its batch holds the longest clip, `data.LengthGroupedBatchSampler`). Starting from 0 let the
+    probe run without the teacher and the KL, so a batch too big for the GPU failed only when the
+    KL came in, at the next epoch's longest batch, hours later (issue 25)."""
     if warmup_steps <= 0:
         return value
-    return value * min(1.0, step / warmup_steps)
+    return value * min(1.0, (step + 1) / warmup_steps)
 
 
 def linear_decay(step: int, max_steps: int, start: float, end: Optional[float]) -> float:

@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -182,7 +182,7 @@ history = load_history(out / "stage1")
 steps = [h["step"] for h in history]
 fig, ax = plt.subplots(figsize=(8, 3.6))
 ax.plot(steps, [h["ce"] for h in history], marker="o", label="CE on the reference tokens")
-# a step whose KL weight is 0 (kl_warmup_steps, the thesis' schedule) does not compute the term
+# a step whose KL weight is 0 (kl_weight=0, the CE-only control) does not compute the term
 ax.plot(steps, [h.get("kl", float("nan")) for h in history], marker="o", label="KL(teacher ‖ student)·T²")
 ax.plot(steps, [h["total"] for h in history], marker="o", color="black", linestyle="--",
         label=f"total = {config.ce_weight:g}·CE + {config.kl_weight:g}·KL·T²")

@@ -25,7 +25,8 @@
 # $$\mathcal{L}_I = w_{CE}\,\mathrm{CE}(y, q_1) + w_{KL}(t)\; T^2\,\mathrm{KL}\big(p_T \,\|\, q_T\big),$$
 #
 # where $p_T$ and $q_T$ are teacher and student softmaxes at temperature $T$ and $w_{KL}(t)$ can be
-# warmed up linearly from 0 (`kl_warmup_steps`: 0 on the demo, 1,000 on the thesis preset). The loop is `kdlib.train.train`: forward, loss, backward, clip, step,
+# warmed up linearly (`kl_warmup_steps`: 0 on the demo, 1,000 on the thesis preset; from
+# $w_{KL}/1000$ at the first step, never 0, so the first batch, the longest, already holds the KL's memory). The loop is `kdlib.train.train`: forward, loss, backward, clip, step,
 # schedule, log, evaluate, checkpoint, in that order (read it top to bottom: it is one function).
 #
 # This chapter also faces an honest problem: our offline teacher (whisper-base) is **weak** on
@@ -158,7 +159,7 @@ from kdlib.caches import build_caches
 from kdlib.data import epoch_batches
 from kdlib.distill import forward_losses, stage_weights
 from kdlib.losses import DistillationLoss
-from kdlib.models import amp_settings, build_optimizer, resolve_device
+from kdlib.models import amp_settings, build_optimizer, placement, resolve_device
 from kdlib.runs import build_data, build_models, seed_everything
 from kdlib.train import lr_factor
 
@@ -221,6 +222,7 @@ print(f"{'':<10}{'by hand':>14}{'run_stage':>14}{'difference':>12}")
 for key, value in by_hand.items():
     print(f"{key:<10}{value:>14.6f}{library[key]:>14.6f}{abs(value - library[key]):>12.1e}")
 assert all(abs(value - library[key]) <= 1e-6 for key, value in by_hand.items()), "the hand step differs"
+hand_placement = placement(teacher=models.teacher, student=models.student)  # where the step ran, for results.json
 del models, caches, optimizer, parts
 
 # %% [markdown]
@@ -267,7 +269,11 @@ row_keys = ["teacher", "teacher_adapted", "student_untrained", "ce_only", "stage
 if not adapt_teacher:
     row_keys.remove("teacher_adapted")
 results = {"preset": preset, "dev_clips": table[0]["n_utterances"],
-           "rows": {key: {k: row[k] for k in ("name", "wer", "cer", "n_utterances")} for key, row in zip(row_keys, table)}}
+           "rows": {key: {k: row[k] for k in ("name", "wer", "cer", "n_utterances")} for key, row in zip(row_keys, table)},
+           # the run's device and where the hand step's and stage I's models ran
+           "device": str(device),
+           "placement": {**hand_placement,
+                         "training": json.loads((out / "stage1" / "summary.json").read_text()).get("placement", {})}}
 
 fig, ax = plt.subplots(figsize=(8, 3.4))
 ax.barh([r["name"] for r in table][::-1], [r["wer"] for r in table][::-1], color="C0")

@@ -497,7 +497,7 @@ def check_chapters(root: Path, device) -> dict:
     out07, result["07_seconds"] = run("07_stage3_decoder", stage1_run=str(out05 / "stage1"),
                                       ce_only_run=str(out05 / "ce_only"), stage2_run=str(out06 / "stage2"), **over)
     out10, result["10_seconds"] = run("10_latent_space", run_dir=str(out07 / "stage3"))
-    for name, path in (("06", out06 / "results.json"), ("07", out07 / "results.json"),
+    for name, path in (("05", out05 / "results.json"), ("06", out06 / "results.json"), ("07", out07 / "results.json"),
                        ("10", out10 / "latent_space.json")):
         record = json.loads(path.read_text())
         _assert_on(record["placement"], device, f"chapter {name}")

@@ -192,7 +192,7 @@ def test_stage_chapters_and_their_readers_at_thesis_shape(tmp_path, kernel_env):
         assert config.amp == "fp16"
         device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device.replace("auto", "cpu")
         assert_placement(read(run / "summary.json")["placement"], device, str(run))
-    for out in (out06, out07):
+    for out in (out05, out06, out07):
         results = read(out / "results.json")
         assert_placement(results["placement"], results["device"], out.name)
     results = read(out07 / "results.json")

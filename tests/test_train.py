@@ -38,8 +38,18 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert factors[60] == pytest.approx((1e-3 / 1e-3 + 1e-6 / 1e-3) / 2, rel=1e-3)  # midpoint
 
 
+def test_the_first_step_of_a_kl_warm_up_computes_the_kl(tmp_path):
+    """The first batch is the longest (the memory probe): under a KL warm-up it must run the teacher
+    and the KL too, or a batch too big for the GPU fails only at the next epoch (issue 25)."""
+    T.train(smoke(stage=1, max_steps=1, kl_warmup_steps=4, eval_every=100, save_every=100), tmp_path, progress=False)
+    first = json.loads((tmp_path / "training_history.json").read_text())[0]
+    assert first.get("kl") is not None and first["w_kl"] == pytest.approx(smoke(stage=1).kl_weight / 4)
+
+
 def test_kl_ramp_and_contrastive_decay():
-    assert [DL.ramp(s, 4, 2.0) for s in (0, 2, 4, 8)] == [0.0, 1.0, 2.0, 2.0]
+    # never 0: the first step (the longest batch, the memory probe) computes the KL too
+    assert [DL.ramp(s, 4, 2.0) for s in (0, 1, 3, 8)] == [0.5, 1.0, 2.0, 2.0]
+    assert DL.ramp(0, 0, 2.0) == 2.0
     assert DL.linear_decay(0, 11, 0.5, 0.1) == pytest.approx(0.5)
     assert DL.linear_decay(10, 11, 0.5, 0.1) == pytest.approx(0.1)
     weights = DL.stage_weights(smoke(stage=3, max_steps=11, train_encoder=True), 10)
