@@ -1083,6 +1083,22 @@ def placement(**parts) -> dict[str, dict[str, str]]:
     return out
 
 
+def misplaced(record: dict, device: str | torch.device, *, teacher_dtype: Optional[str] = None) -> list[str]:
+    """What is wrong in a `placement` record (nested ``"training"`` records included): each model
+    not on ``device``'s type (a model left on the CPU of a GPU run), and a teacher not in
+    ``teacher_dtype`` when one is asked. Empty when all is in place."""
+    want = torch.device(device).type
+    problems = []
+    for name, entry in record.items():
+        if name == "training":
+            problems += [f"training: {p}" for p in misplaced(entry, device, teacher_dtype=teacher_dtype)]
+        elif torch.device(entry["device"]).type != want:
+            problems.append(f"{name} ran on {entry['device']}, the run's device is {want}")
+        elif name == "teacher" and teacher_dtype and entry["dtype"] != teacher_dtype:
+            problems.append(f"teacher ran in {entry['dtype']}, not {teacher_dtype}")
+    return problems
+
+
 @dataclass
 class RunModels:
     """What one stage trains and what it learns from."""

@@ -403,13 +403,9 @@ def check_nonfinite(pair, device, batch, seconds):
 
 def _assert_on(placement: dict, device, where: str) -> None:
     """Every model of a run or a chapter on the run's device; the teacher in float16 (large-v3's dtype)."""
-    for name, entry in placement.items():
-        if name == "training":
-            _assert_on(entry, device, where)
-        elif entry["device"].split(":")[0] != device.type:
-            raise AssertionError(f"{where}: {name} ran on {entry['device']}, the run's device is {device}")
-        elif name == "teacher" and entry["dtype"] != "float16":
-            raise AssertionError(f"{where}: the teacher ran in {entry['dtype']}, not float16")
+    problems = M.misplaced(placement, device, teacher_dtype="float16")
+    if problems:
+        raise AssertionError(f"{where}: " + "; ".join(problems))
 
 
 def check_train_chain(root: Path, device) -> dict:

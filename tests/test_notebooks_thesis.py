@@ -91,15 +91,13 @@ def table_rows(path: Path) -> list[dict]:
 
 def assert_placement(placement: dict, device: str, where: str) -> None:
     """Every model a chapter or a run used sat on the run's device (a model left on the CPU of a
-    GPU run fails here; on a GPU every entry must read cuda), and the teacher in large-v3's dtype."""
+    GPU run fails here; on a GPU every entry must read cuda), and the teacher in large-v3's dtype
+    (thesis-tiny's teacher is saved and loaded in float16)."""
+    from kdlib.models import misplaced
+
     assert placement, f"{where}: no placement recorded"
-    for name, entry in placement.items():
-        if name == "training":
-            assert_placement(entry, device, f"{where} (training)")
-            continue
-        assert entry["device"].split(":")[0] == device.split(":")[0], (where, name, entry, device)
-    if "teacher" in placement:  # thesis-tiny's teacher is saved and loaded in float16, as large-v3
-        assert placement["teacher"]["dtype"] == "float16", (where, placement["teacher"])
+    problems = misplaced(placement, device, teacher_dtype="float16")
+    assert not problems, (where, problems)
 
 
 def config_of(run: Path):

@@ -148,3 +148,16 @@ def test_an_encoder_cache_at_mls_scale_is_refused_up_front():
         C.check_cache_fits(run, config, mls)
     C.check_cache_fits(run, make_config("thesis-tiny", stage=1), mls)  # "off": nothing kept
     C.check_cache_fits(run, config, mls[:4])  # four clips fit
+
+
+def test_misplaced_names_a_model_left_off_the_runs_device():
+    """The placement check that the thesis-tiny chain and gpu_check use can fail: a teacher left on
+    the CPU of a CUDA run, or in float32, is named; nested training records are read too."""
+    teacher = torch.nn.Linear(2, 2).half()
+    record = {**M.placement(teacher=teacher, student=torch.nn.Linear(2, 2)),
+              "training": {"teacher": {"device": "cpu", "dtype": "float32"}}}
+    assert record["teacher"] == {"device": "cpu", "dtype": "float16"}
+    assert M.misplaced(record, "cpu", teacher_dtype="float16") == ["training: teacher ran in float32, not float16"]
+    assert M.misplaced(record, "cuda:0") == ["teacher ran on cpu, the run's device is cuda",
+                                             "student ran on cpu, the run's device is cuda",
+                                             "training: teacher ran on cpu, the run's device is cuda"]
