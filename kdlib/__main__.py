@@ -69,19 +69,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from kdlib.config import replace
 
         config = replace(config, run_dir=args.run_dir)
-    from kdlib.files import FolderBusy
-    from kdlib.runs import RunFolderConflict
     from kdlib.train import run_stage
 
     # run_stage compares the folder's training_config.json with this config before anything is
     # written: a finished run of this config is left as it is (its files untouched), an unfinished
     # one resumes, and a folder of another config (lr, lora_r, max_steps... or a hand edit) stops
     # here, naming each field with both values.
-    try:
-        summary = run_stage(config, args.run_dir, progress=not args.no_progress)
-    except (RunFolderConflict, FolderBusy) as err:
-        print(f"kdlib train: {err}", file=sys.stderr)
-        return 2
+    summary = run_stage(config, args.run_dir, progress=not args.no_progress)
     print(summary)
     return 0
 
@@ -137,6 +131,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
         merged = export_merged(run, Path(tmp) / "merged")
         print(export_ct2(merged, out, quantization=args.quantization))
     return 0
+
+
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from kdlib import longform
+
+    try:
+        paths = longform.audio_files(args.inputs)  # every input exists, before any model loads
+    except FileNotFoundError as err:
+        print(f"kdlib transcribe: {err}", file=sys.stderr)
+        return 2
+    engine = longform.load_engine(args.model, ct2=args.ct2, quantization=args.quantization, language=args.language,
+                                  batch_size=args.batch_size, device=args.device, threads=args.threads,
+                                  max_new_tokens=args.max_new_tokens)
+    done, unreadable = longform.transcribe_files(
+        paths, engine, out_dir=Path(args.out) if args.out else None, fmt=args.format,
+        overlap_seconds=args.overlap, progress=not args.no_progress)
+    if args.out:
+        print(f"{len(done)} transcript(s) in {args.out} ({args.format}, {engine.name}, window "
+              f"{engine.window_seconds:g} s)")
+    for path, reason in unreadable.items():
+        print(f"kdlib transcribe: skipped {reason}", file=sys.stderr)
+    return 1 if unreadable else 0
 
 
 def _cmd_pseudo_label(args: argparse.Namespace) -> int:
@@ -281,6 +297,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="destination (default: RUN_DIR/merged, or RUN_DIR/ct2-QUANTIZATION)")
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("transcribe", help="transcribe your own audio files or folders of any length "
+                       "(chunked with overlap past the model's window); text, JSON or SRT")
+    p.add_argument("inputs", nargs="+", help="audio files (wav, flac, opus, ogg, mp3) or folders of them")
+    p.add_argument("--model", required=True, help="a training run folder, an exported folder, a Hugging Face "
+                   "folder, an offline name (whisper-base), or with --ct2 a CTranslate2 folder")
+    p.add_argument("--ct2", action="store_true", help="decode with CTranslate2 (a transformers model is "
+                   "converted first, into a temporary folder)")
+    p.add_argument("--quantization", default="int8", choices=["int8", "int8_float32", "float16", "float32"],
+                   help="CTranslate2 weight type (with --ct2)")
+    p.add_argument("--language", default="it", help="language token (it, pt, pl, es, ...)")
+    p.add_argument("--format", default="txt", choices=["txt", "json", "srt"],
+                   help="json: the text plus every chunk's time span and words; srt: subtitles, one cue per chunk")
+    p.add_argument("--out", default=None, help="folder for <file stem>.<format> (default: print to stdout)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="seconds two neighbouring chunks share (default: a fifth of the model's window)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="CTranslate2 threads (default: torch's)")
+    p.add_argument("--max-new-tokens", type=int, default=224, help="tokens per chunk at most")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_transcribe)
+
     p = sub.add_parser("pseudo-label", help="transcribe a split with a teacher; write pseudo-labels "
                        "(resumable) and an MLS-shaped folder")
     p.add_argument("--model", required=True, help="whisper-base, a Hugging Face folder (e.g. an "
@@ -343,7 +381,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    from kdlib.config import ConfigError
+    from kdlib.files import DamagedFile, FolderBusy, NotEnoughSpace
+    from kdlib.runs import RunFolderConflict
+    from kdlib.teacher_cache import StaleCacheError
+    from kdlib.train import TrainingDiverged
+
+    # What a user can act on: one line naming the file or field and what to do, exit status 2
+    # (a bug still ends in a traceback).
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, RunFolderConflict, FolderBusy, DamagedFile, NotEnoughSpace, StaleCacheError,
+            TrainingDiverged) as err:
+        print(f"kdlib {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ class TrainConfig:
     seed: int = 0
     run_dir: Optional[str] = None
     init_from: Optional[str] = None  # previous stage's run folder (its exported adapter is loaded)
+    # Stages II and III build on the stage before them; without init_from they are refused unless
+    # this says so (an ablation that skips a stage must ask for it: nothing trains silently from
+    # an untrained student).
+    from_untrained: bool = False
 
     # --- models ---------------------------------------------------------------------------
     # HF id, local folder, offline name, "tiny-random", or "tiny-random-v3" (a tiny teacher that

@@ -45,6 +45,7 @@ from kdlib.config import TrainConfig
 from kdlib.files import atomic_write_text
 from kdlib.distributed import Dist, shard
 from kdlib.progress import progress_bar
+from kdlib.text import usable_transcript
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,8 +305,9 @@ def scan_mls(root: str | os.PathLike, split: str, *, min_duration: float = 1.0,
             seen.add(uid)
             speaker, book, _ = parts
             path = audio.pop(uid, None)   # popped first: its audio is not an orphan either way
-            if not text:
-                skip("empty text", transcripts, f"{rel} line {lineno}: empty transcript for {uid}")
+            if not usable_transcript(text):  # the rule evaluation scores by (kdlib.text)
+                skip("empty text", transcripts, f"{rel} line {lineno}: no words in the transcript of {uid}"
+                     + (f" ({text!r} is empty after normalisation)" if text else ""))
                 continue
             if path is None:
                 expected = f"audio/{speaker}/{book}/{uid}{AUDIO_EXTENSIONS[0]}"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -31,73 +30,16 @@ import numpy as np
 
 from kdlib.data import parse_mls_id
 from kdlib.progress import progress_bar
+from kdlib.text import NORMALIZER, basic_normalize, usable_transcript  # noqa: F401 (re-exported)
+from kdlib.text import _WHITESPACE
 
-NORMALIZER = "whisper-basic"
 SAMPLE_RATE = 16_000  # Hz
 MAX_SECONDS = 30.0  # Whisper's window: longer clips are cut by the feature extractor
 DEFAULT_MAX_NEW_TOKENS = 224  # Whisper's own sample_len (448 // 2); CTranslate2 caps at the same
 
 # --------------------------------------------------------------------------------------------
-# 1. Normalisation
-
-
-# Letters that NFKD does not split into base + combining mark (Whisper's basic.py keeps the same
-# table); only used when remove_diacritics=True.
-_ADDITIONAL_DIACRITICS = {
-    "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "ß": "ss", "ẞ": "SS",
-    "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "th", "ł": "l", "Ł": "L",
-}
-_BRACKETED = re.compile(r"[<\[][^>\]]*[>\]]")  # [music], <unk>: non-nested spans
-_PARENTHESISED = re.compile(r"\([^)]+?\)")  # (ride), (applausi)
-_WHITESPACE = re.compile(r"\s+")
-
-
-def _symbols_to_spaces(text: str) -> str:
-    # NFKC first: a decomposed "e" + U+0300 becomes the single letter "è" (category Ll) and is kept.
-    return "".join(
-        " " if unicodedata.category(c)[0] in "MSP" else c for c in unicodedata.normalize("NFKC", text)
-    )
-
-
-def _symbols_and_diacritics_to_spaces(text: str) -> str:
-    out = []
-    for c in unicodedata.normalize("NFKD", text):
-        if c in _ADDITIONAL_DIACRITICS:
-            out.append(_ADDITIONAL_DIACRITICS[c])
-        elif unicodedata.category(c) == "Mn":  # the accent split off by NFKD: dropped
-            continue
-        elif unicodedata.category(c)[0] in "MSP":
-            out.append(" ")
-        else:
-            out.append(c)
-    return "".join(out)
-
-
-def basic_normalize(text: str, *, remove_diacritics: bool = False) -> str:
-    """Whisper's *basic* text normaliser (openai/whisper ``whisper/normalizers/basic.py``,
-    ``BasicTextNormalizer``), the one Whisper's authors use for every language but English.
-
-    Steps: lower-case; drop spans in ``[...]``/``<...>`` and ``(...)``; Unicode NFKC, then every
-    character of category M (marks), S (symbols) or P (punctuation) becomes a space; lower-case
-    again; collapse runs of whitespace into one space. Our own implementation of the same rules;
-    two deliberate details:
-
-    * **Diacritics are kept** (Whisper's default, ``remove_diacritics=False``): "perché" stays
-      "perché", and "perche" counts as an error. NFKC composes a decomposed "e" + combining grave
-      into "è" first, so the same word typed two ways normalises the same. With
-      ``remove_diacritics=True`` accents are stripped ("perché" → "perche").
-    * The result is stripped of leading/trailing spaces (Whisper leaves them; word splitting
-      is the same either way).
-
-    Apostrophes are punctuation, so "l'acqua" → "l acqua" on both sides of the comparison.
-    Numbers are not spelled out (the English normaliser's job, not this one's).
-    """
-    s = text.lower()
-    s = _BRACKETED.sub("", s)
-    s = _PARENTHESISED.sub("", s)
-    s = (_symbols_and_diacritics_to_spaces if remove_diacritics else _symbols_to_spaces)(s).lower()
-    return _WHITESPACE.sub(" ", s).strip()
-
+# 1. Normalisation: `basic_normalize` and `usable_transcript` live in kdlib.text (the scan uses
+# the same rule) and are re-exported here.
 
 # --------------------------------------------------------------------------------------------
 # 2. Scoring
@@ -179,7 +121,7 @@ def wer_cer(references: Sequence[str], hypotheses: Sequence[str], *,
     scored_hyps: list[str] = []
     for uid, spk, ref, hyp in zip(ids, speakers, references, hypotheses):
         ref_n, hyp_n = norm(ref or ""), norm(hyp or "")
-        if not ref_n:
+        if not usable_transcript(ref) or not ref_n:  # the scan's rule (kdlib.text), whatever `normalize`
             skipped.append(dict(id=uid, reason="empty reference after normalisation",
                                 ref=ref, hyp=hyp))
             continue

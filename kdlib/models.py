@@ -35,6 +35,7 @@ from torch import nn
 
 from kdlib import ct2
 from kdlib.config import TrainConfig
+from kdlib.files import check_folder_digests
 from kdlib.frames import downsample
 
 STUDENT_NAMES = {"distil-base": "whisper-base"}  # offline student -> the teacher it comes from
@@ -114,6 +115,8 @@ def _load_folder(path: Path | str, *, dtype=None, device=None, name: str = "") -
     from transformers import (WhisperFeatureExtractor, WhisperForConditionalGeneration,
                               WhisperTokenizerFast)
 
+    if Path(path).is_dir():
+        check_folder_digests(path)  # an exported folder (kdlib export) carries digests.json
     kw = {}
     if dtype is not None:
         kw["dtype"] = _torch_dtype(dtype)

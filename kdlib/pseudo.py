@@ -70,6 +70,7 @@ from kdlib import data, decode, evaluate, files, models
 from kdlib.caches import EncoderCache
 from kdlib.data import MAX_SECONDS, parse_mls_id, scan_mls
 from kdlib.progress import progress_bar
+from kdlib.text import usable_transcript
 
 
 JSONL_NAME = "pseudo_labels.jsonl"
@@ -240,7 +241,7 @@ class PseudoLabelReport:
     n_clips: int  # clips in the source (after ``limit``)
     n_resumed: int  # already in the file before this call
     n_labelled: int  # labelled by this call
-    n_empty: int  # empty pseudo-labels (left out of transcripts.txt)
+    n_empty: int  # pseudo-labels with no words (kdlib.text.usable_transcript; left out of transcripts.txt)
     skipped: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
     audio_seconds: float = 0.0  # audio decoded by this call
@@ -444,7 +445,7 @@ def write_split(records: Iterable[dict[str, Any]], out_dir: str | os.PathLike, s
         choice = r.get("target", targets)
         text = r.get("text") if choice == "pseudo" else r.get("reference")
         text = " ".join((text or "").split())  # one line, single spaces (tabs would break it)
-        if not text:
+        if not usable_transcript(text):  # no words (also "..."): the scan would skip it anyway
             n_empty += 1
             continue
         parts = parse_mls_id(r["id"])
@@ -541,7 +542,7 @@ def filter_pseudo_labels(records: str | os.PathLike | Iterable[dict[str, Any]],
 
     for r in records:
         uid = r["id"]
-        if not (r.get("text") or "").strip():
+        if not usable_transcript(r.get("text")):
             drop(uid, "empty pseudo-label")
         elif drop_cut and max_wer is not None and r.get("finished") is False:
             drop(uid, "cut at max_new_tokens")
@@ -678,7 +679,7 @@ def training_folder(data_dir: str | os.PathLike, pseudo_dir: str | os.PathLike, 
     out.mkdir(parents=True, exist_ok=True)
     write_split(chosen, out, split, targets=targets, link=link)
     _link_other_splits(data_dir, out, split)
-    n_pseudo = sum(1 for r in chosen if r["target"] == "pseudo" and (r.get("text") or "").strip())
+    n_pseudo = sum(1 for r in chosen if r["target"] == "pseudo" and usable_transcript(r.get("text")))
     n_refs = sum(1 for r in chosen if r["target"] == "references")
     summary = dict(data_dir=str(data_dir), pseudo_dir=str(pseudo_dir), split=split,
                    targets=targets, max_wer=max_wer, keep_unscored=keep_unscored,

@@ -4,8 +4,10 @@ A run folder is the unit of this book's work (the thesis layout; `kdlib.train` w
 ``training_config.json`` (the exact `TrainConfig`; paths stored relative to the folder, so runs
 move together), ``checkpoint.pt`` (trainable weights, optimizer, scheduler, scaler, RNG states,
 progress; tensors and plain values only, so it loads with ``weights_only=True``),
-``adapter_final/`` and, with early stopping, ``adapter_best/`` (peft adapter + ``projector.pt``),
-``training_history.json``, ``summary.json``, ``trainable.json`` and ``tb/``.
+``checkpoint.prev.pt`` (the checkpoint before it), ``adapter_final/`` and, with early stopping,
+``adapter_best/`` (peft adapter + ``projector.pt`` + ``digests.json``), ``training_history.json``,
+``summary.json``, ``trainable.json`` and ``tb/``. Checkpoints and adapters carry digests, checked
+on every load (`read_checkpoint`, `checked_adapter`).
 
 This module owns
 
@@ -22,6 +24,7 @@ This module owns
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import pickle
 import random
@@ -35,9 +38,11 @@ from kdlib import data, models
 from kdlib.config import TrainConfig
 from kdlib.losses import TERMS
 from kdlib.models import RiemannianProjector, RunModels, resolve_device
-from kdlib.files import atomic_write_bytes, atomic_write_json, fresh_tmp_dir, replace_dir, shown
+from kdlib.files import (DamagedFile, atomic_write_json, check_folder_digests, exclusive, fresh_tmp_dir, read_checked,
+                         replace_dir, shown, write_checked, write_folder_digests)
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the one before: the fallback when checkpoint.pt is damaged
 ADAPTER_DIR = "adapter_final"
 BEST_ADAPTER_DIR = "adapter_best"  # with early stopping: the adapter of the best dev evaluation
 PROJECTOR_FILE = "projector.pt"
@@ -110,7 +115,7 @@ def build_models(config: TrainConfig, device: torch.device) -> RunModels:
     if init_adapter is not None:
         from peft import PeftModel
 
-        student = PeftModel.from_pretrained(base_student, str(init_adapter), is_trainable=True)
+        student = PeftModel.from_pretrained(base_student, str(checked_adapter(init_adapter)), is_trainable=True)
     else:
         student = models.apply_lora(
             base_student, config.lora_preset, r=config.lora_r, alpha=config.lora_alpha,
@@ -261,8 +266,10 @@ def load_trainable_state(models: RunModels, state: dict[str, torch.Tensor]) -> N
 
 def save_checkpoint(run_dir: Path, models: RunModels, optimizer, scheduler, scaler, progress: dict,
                     rng_per_rank: Optional[list[dict]] = None) -> None:
-    """Atomic ``checkpoint.pt``. ``rng_per_rank``: every rank's RNG state (distributed runs), so
-    each rank's dropout stream replays on resume; ``rng`` is this process's."""
+    """``checkpoint.pt``, written atomically with its digest (`kdlib.files.write_checked`: it still
+    loads with ``torch.load``); once it is complete, the one it replaces becomes
+    ``checkpoint.prev.pt``, so the last two are kept. The space is checked before anything moves. ``rng_per_rank``: every rank's RNG state
+    (distributed runs), so each rank's dropout stream replays on resume; ``rng`` is this process's."""
     payload = {
         "trainable": trainable_state(models),
         "optimizer": optimizer.state_dict(),
@@ -273,34 +280,64 @@ def save_checkpoint(run_dir: Path, models: RunModels, optimizer, scheduler, scal
     }
     if rng_per_rank is not None:
         payload["rng_per_rank"] = rng_per_rank
-    atomic_write_bytes(run_dir / CHECKPOINT, lambda h: torch.save(payload, h))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    run_dir = Path(run_dir)
+    write_checked(run_dir / CHECKPOINT, buffer.getvalue(), previous=run_dir / PREVIOUS_CHECKPOINT,
+                  advice=f"the last checkpoint ({CHECKPOINT}) is intact; free space and rerun the same command")
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    return any((Path(run_dir) / name).exists() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
+
+
+def read_checkpoint(run_dir: str | Path, log=print) -> dict:
+    """The newest good checkpoint's payload: ``checkpoint.pt`` if its digest holds, else (with a
+    message naming what is wrong) ``checkpoint.prev.pt``; `DamagedFile` when neither is good.
+
+    Loaded with ``weights_only=True``: tensors and plain values only, so a shared run folder cannot
+    run code."""
+    run_dir = Path(run_dir)
+    problems = []
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        path = run_dir / name
+        if not path.exists():
+            problems.append(f"{name} does not exist")
+            continue
+        try:
+            payload = torch.load(io.BytesIO(read_checked(path)), map_location="cpu", weights_only=True)
+        except DamagedFile as err:
+            problems.append(str(err))
+            continue
+        except pickle.UnpicklingError as err:  # a good digest and a pickle inside: not ours to run
+            problems.append(f"{path}: holds more than tensors and plain values, so it is not loaded "
+                            f"({str(err).splitlines()[0]})")
+            continue
+        if problems:
+            log(f"{'; '.join(problems)}: resuming from the previous checkpoint, {shown(path)}")
+        return payload
+    raise DamagedFile(f"{run_dir}: no checkpoint can be loaded ({'; '.join(problems)}). Remove "
+                      f"{CHECKPOINT} and {PREVIOUS_CHECKPOINT} to train the stage again from its start.")
 
 
 def save_adapter(run_dir: Path, models: RunModels, name: str = ADAPTER_DIR) -> Path:
-    """``adapter_final/`` (or ``name``): the peft adapter (save_pretrained) plus ``projector.pt``."""
+    """``adapter_final/`` (or ``name``): the peft adapter (save_pretrained) plus ``projector.pt``,
+    with ``digests.json`` (sha256 of each file), all moved into place together."""
     tmp = fresh_tmp_dir(run_dir / name)
     models.student.save_pretrained(str(tmp))
     if models.projector is not None:
         torch.save(models.projector.state_dict(), tmp / PROJECTOR_FILE)
+    write_folder_digests(tmp)
     return replace_dir(tmp, run_dir / name)
 
 
 def load_checkpoint(run_dir: Path, models: RunModels, optimizer, scheduler, scaler, state: dict, ctx,
                     log=print) -> tuple[dict, list[dict]]:
-    """Resume from ``run_dir/checkpoint.pt``: trainable weights, optimizer, scheduler, scaler and
-    RNG states restored in place; returns ``(progress state, training history up to its step)``.
-
-    Loaded with ``weights_only=True``: tensors and plain values only, so a shared run folder cannot
-    run code. Distributed: each rank takes its own RNG state when the worker count is unchanged."""
-    checkpoint = Path(run_dir) / CHECKPOINT
-    try:
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise RuntimeError(
-            f"{checkpoint}: holds more than tensors and plain values (written by an older kdlib, "
-            f"which pickled numpy RNG states), so it is not loaded ({str(err).splitlines()[0]}). "
-            "Remove it to start the stage again, or resume with the older kdlib."
-        ) from err
+    """Resume from the newest good checkpoint (`read_checkpoint`): trainable weights, optimizer,
+    scheduler, scaler and RNG states restored in place; returns ``(progress state, training history
+    up to its step)``. Distributed: each rank takes its own RNG state when the worker count is
+    unchanged."""
+    payload = read_checkpoint(run_dir, log)
     load_trainable_state(models, payload["trainable"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
@@ -316,8 +353,14 @@ def load_checkpoint(run_dir: Path, models: RunModels, optimizer, scheduler, scal
     history = []
     if (Path(run_dir) / HISTORY).exists():
         history = [h for h in load_history(run_dir) if h["step"] <= state["step"]]
-    log(f"resumed from {shown(checkpoint)} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
+    log(f"resumed from {shown(run_dir)} at step {state['step']} (epoch {state['epoch']}, batch {state['position']})")
     return state, history
+
+
+def checked_adapter(folder: Path) -> Path:
+    """``folder`` after `kdlib.files.check_folder_digests` (`DamagedFile` when a file changed)."""
+    check_folder_digests(folder)
+    return folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +467,7 @@ def load_trained(run_dir: str | Path, *, merge: bool = True, adapter: Optional[s
     adapter = run_dir / adapter if adapter else exported_adapter(run_dir)
     if not adapter.exists():
         raise FileNotFoundError(f"{adapter} does not exist: the run has not finished")
+    checked_adapter(adapter)
     teacher, student = load_pair(config)
     owner = teacher if config.stage == 0 else student  # stage 0 trained the teacher itself
     model = PeftModel.from_pretrained(owner.model, str(adapter))
@@ -469,12 +513,16 @@ def export_merged(run_dir: str | Path, out_dir: str | Path | None = None, *, ada
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "merged"
     model, tokenizer, feature_extractor, _ = load_trained(run_dir, merge=True, adapter=adapter)
-    tmp = fresh_tmp_dir(out)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    feature_extractor.save_pretrained(str(tmp))
-    atomic_write_json(tmp / "kdlib_export.json", {"run_dir": str(run_dir), **model.kdlib_adapter})
-    replace_dir(tmp, out)
+    # one exporter per destination; a killed export's temporary folder is removed once held
+    with exclusive(out.parent, f"export {out.name}", lock=f".{out.name}.lock",
+                   leftovers=(f".{out.name}.tmp-*", f".{out.name}.stale-*")):
+        tmp = fresh_tmp_dir(out)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        feature_extractor.save_pretrained(str(tmp))
+        atomic_write_json(tmp / "kdlib_export.json", {"run_dir": str(run_dir), **model.kdlib_adapter})
+        write_folder_digests(tmp)
+        replace_dir(tmp, out)
     return out
 
 

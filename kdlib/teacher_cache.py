@@ -46,6 +46,13 @@ The fingerprint, checked by `TeacherCache.verify` before training reads anything
 
 A cache that does not fit (other teacher, other features, an utterance missing or changed) is
 refused with `StaleCacheError`, which says what differs.
+
+Its contents are checked too: each utterance's entry holds a CRC-32 of its rows in every array,
+written in the same atomic build; `TeacherCache.verify` reads the rows of the run's utterances
+and refuses rows that changed since (flipped bytes, zeroed values). A file cut short is named
+when the cache is opened (`DamagedCacheError`). Utterances whose teacher outputs are not finite
+(an overflowing float16 teacher) are never stored: the build counts them (``nonfinite`` in
+``index.json``) and training runs the live teacher on them.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -61,19 +69,32 @@ import numpy as np
 import torch
 
 from kdlib import data, models
-from kdlib.files import fresh_tmp_dir, gb, replace_dir, require_free_space
+from kdlib.files import exclusive, fresh_tmp_dir, gb, replace_dir, require_free_space
 from kdlib.losses import TopKLogits, kl_divergence, kl_divergence_topk
 from kdlib.models import decoder_inputs, tensor_digest
 from kdlib.progress import progress_bar
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a CRC-32 per utterance of its rows in every array
 INDEX = "index.json"
 HIDDEN_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 class StaleCacheError(ValueError):
     """A teacher cache was built for another teacher, other features or other data."""
+
+
+class DamagedCacheError(StaleCacheError):
+    """A teacher cache's files changed after it was built (truncated, bytes flipped, rows zeroed)."""
+
+
+def _row_crc(*rows) -> int:
+    """CRC-32 over the bytes of an utterance's rows (numpy arrays, in a fixed order)."""
+    crc = 0
+    for row in rows:
+        if row is not None:
+            crc = zlib.crc32(np.ascontiguousarray(row).tobytes(), crc)
+    return crc
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,9 +156,21 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
     so an interrupted build leaves no half cache behind. ``tail_samples``: tail tokens drawn per
     position and temperature for the unbiased KL (0: the lumped tail only; none when k = vocab);
     the draw is seeded, so a rebuild gives the same cache."""
+    out = Path(out)
+    # One builder per cache: a second one stops at once naming the first; a killed build's
+    # temporary folder is removed once held.
+    with exclusive(out.parent, f"teacher cache {out.name}", lock=f".{out.name}.lock",
+                   leftovers=(f".{out.name}.tmp-*", f".{out.name}.stale-*")):
+        return _build_teacher_cache(teacher, dataset, out, top_k=top_k, temperatures=temperatures,
+                                    hidden_dtype=hidden_dtype, store_hidden=store_hidden, tail_samples=tail_samples,
+                                    batch_size=batch_size, num_workers=num_workers, autocast_dtype=autocast_dtype,
+                                    overwrite=overwrite, progress=progress, note=note)
+
+
+def _build_teacher_cache(teacher, dataset, out: Path, *, top_k, temperatures, hidden_dtype, store_hidden, tail_samples,
+                         batch_size, num_workers, autocast_dtype, overwrite, progress, note) -> Path:
     from torch.utils.data import DataLoader
 
-    out = Path(out)
     if (out / INDEX).exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a teacher cache; pass overwrite=True (--overwrite) to replace it")
     if hidden_dtype not in HIDDEN_DTYPES:
@@ -182,6 +215,7 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
     batches = data.LengthGroupedBatchSampler(lengths, batch_size, shuffle=False).batches()
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=data.WhisperCollator(), num_workers=num_workers)
     entries: dict[str, dict] = {}
+    nonfinite: list[str] = []
     digest = hashlib.sha256()
     for batch in progress_bar(loader, total=len(batches), desc="teacher cache", disable=not progress):
         if batch is None:
@@ -200,8 +234,15 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
             indices[start:start + n] = top.indices.cpu().numpy().astype(np.int32)
             lse[start:start + n] = top.lse.cpu().numpy()
             labels_mm[start:start + n] = np.asarray(all_labels[row], dtype=np.int32)
+            tokens = [a[start:start + n] for a in (values, indices, lse, labels_mm, tail_ids, tail_plogp)
+                      if a is not None]
+            if not (all(np.isfinite(a).all() for a in tokens[:3])
+                    and (hidden is None or np.isfinite(hidden[row]).all())):
+                nonfinite.append(uid)  # an overflowing teacher: never stored as a target
+                continue
             entries[uid] = {"row": row, "offset": start, "tokens": n,
-                            "digest": utterance_digest(utterances[row], all_labels[row])}
+                            "digest": utterance_digest(utterances[row], all_labels[row]),
+                            "crc": [_row_crc(*tokens), _row_crc(hidden[row]) if hidden is not None else None]}
     for uid in sorted(entries):
         digest.update(f"{uid}:{entries[uid]['digest']};".encode())
     for array in (hidden, values, indices, lse, labels_mm, tail_ids, tail_plogp):
@@ -223,11 +264,15 @@ def build_teacher_cache(teacher: torch.nn.Module, dataset, out: str | os.PathLik
                          "autocast": None if autocast_dtype is None else str(autocast_dtype).replace("torch.", "")},
         },
         "utterances": entries,
-        "skipped": sorted(set(row_of) - set(entries)),
+        "skipped": sorted(set(row_of) - set(entries) - set(nonfinite)),
+        "nonfinite": sorted(nonfinite),
         "seconds": round(time.perf_counter() - started, 2),
         "note": note,
     }
     (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    if nonfinite:
+        print(f"teacher cache: {len(nonfinite)} of {len(utterances)} utterances left out: the teacher's outputs "
+              f"are not finite (overflow; e.g. {', '.join(nonfinite[:3])}); training runs the live teacher on them")
     return replace_dir(tmp, out)
 
 
@@ -256,17 +301,42 @@ class TeacherCache:
         self.entries: dict[str, dict] = self.index["utterances"]
         self.temperatures = tuple(self.settings["temperatures"])
         self.top_k = int(self.settings["top_k"])
-        self.hidden_array = (np.load(self.path / "hidden.npy", mmap_mode="r")
-                             if self.settings["store_hidden"] else None)
-        self.values = np.load(self.path / "topk_values.npy", mmap_mode="r")
-        self.indices = np.load(self.path / "topk_indices.npy", mmap_mode="r")
-        self.lse = np.load(self.path / "lse.npy", mmap_mode="r")
-        self.labels = np.load(self.path / "labels.npy", mmap_mode="r")
+        self.hidden_array = self._array("hidden.npy") if self.settings["store_hidden"] else None
+        self.values = self._array("topk_values.npy")
+        self.indices = self._array("topk_indices.npy")
+        self.lse = self._array("lse.npy")
+        self.labels = self._array("labels.npy")
         self.tail_samples = int(self.settings.get("tail_samples", 0))
         self.tail_ids = self.tail_plogp = None
         if self.tail_samples:
-            self.tail_ids = np.load(self.path / "tail_ids.npy", mmap_mode="r")
-            self.tail_plogp = np.load(self.path / "tail_plogp.npy", mmap_mode="r")
+            self.tail_ids = self._array("tail_ids.npy")
+            self.tail_plogp = self._array("tail_plogp.npy")
+
+    def _array(self, name: str) -> np.ndarray:
+        file = self.path / name
+        try:
+            return np.load(file, mmap_mode="r")
+        except (OSError, ValueError) as err:  # missing, truncated ("mmap length is greater ..."), bad header
+            raise DamagedCacheError(f"{file}: cannot be read ({err}); the cache is damaged or truncated. Rebuild "
+                                    "it (python -m kdlib cache-teacher ... --overwrite)") from err
+
+    def damaged(self, ids: Optional[Iterable[str]] = None) -> list[str]:
+        """Utterances (of ``ids``, default all) whose rows no longer match the CRC-32 written at
+        build time: bytes flipped, rows zeroed, a file copied short. Reads every row it checks
+        (about 1 s per GB)."""
+        bad = []
+        token_arrays = [a for a in (self.values, self.indices, self.lse, self.labels, self.tail_ids, self.tail_plogp)
+                        if a is not None]
+        for uid in (self.entries if ids is None else ids):
+            entry = self.entries.get(uid)
+            if entry is None:
+                continue
+            start, n = entry["offset"], entry["tokens"]
+            tokens_crc, hidden_crc = entry["crc"]
+            if _row_crc(*(a[start:start + n] for a in token_arrays)) != tokens_crc or (
+                    self.hidden_array is not None and _row_crc(self.hidden_array[entry["row"]]) != hidden_crc):
+                bad.append(uid)
+        return bad
 
     def __contains__(self, uid: str) -> bool:
         return uid in self.entries
@@ -282,8 +352,11 @@ class TeacherCache:
         return self.hidden_array is not None
 
     def problems(self, *, teacher: Optional[torch.nn.Module] = None, feature_extractor=None, dataset=None,
-                 temperature: Optional[float] = None, need_hidden: bool = False) -> list[str]:
-        """What does not fit: an empty list when the cache may be used for this teacher/data."""
+                 temperature: Optional[float] = None, need_hidden: bool = False,
+                 contents: bool = True) -> list[str]:
+        """What does not fit: an empty list when the cache may be used for this teacher/data.
+        ``contents``: also check every row (of ``dataset``'s utterances) against its checksum
+        (`damaged`)."""
         found = []
         if teacher is not None:
             ours = self.fingerprint["teacher"]
@@ -320,6 +393,12 @@ class TeacherCache:
                          f"{', '.join(f'{t:g}' for t in self.temperatures)})")
         if need_hidden and not self.has_hidden:
             found.append("this run needs the teacher's encoder states and the cache was built without them")
+        if contents:
+            ids = [u.id for u in dataset.utterances] if dataset is not None else None
+            bad = self.damaged(ids)
+            if bad:
+                found.append(f"{len(bad)} utterances no longer match the checksums written with the cache (its files "
+                             f"changed after the build: flipped bytes, zeroed rows; e.g. {', '.join(bad[:3])})")
         return found
 
     def verify(self, **kwargs) -> "TeacherCache":

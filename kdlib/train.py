@@ -36,13 +36,13 @@ from torch.utils.tensorboard import SummaryWriter
 
 from kdlib import data, distributed
 from kdlib.caches import build_caches
-from kdlib.config import TrainConfig
+from kdlib.config import ConfigError, TrainConfig
 from kdlib.distill import dev_pass, forward_losses, stage_weights
 from kdlib.files import atomic_write_json, exclusive, shown
 from kdlib.losses import TERMS, DistillationLoss, TAIDSchedule
 from kdlib.models import amp_settings, build_optimizer, placement, resolve_device, tensor_digest, trainable_report
 from kdlib.progress import progress_bar
-from kdlib.runs import (BEST_ADAPTER_DIR, CHECKPOINT, HISTORY, build_data, build_models, load_checkpoint,
+from kdlib.runs import (BEST_ADAPTER_DIR, HISTORY, build_data, build_models, has_checkpoint, load_checkpoint,
                         note_evaluation, reusable_run, rng_state, run_summary, save_adapter, save_checkpoint,
                         seed_everything, trainable_state)
 
@@ -99,6 +99,10 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
     second process on it stops at once (`FolderBusy`, naming the holder).
     """
     run_dir = Path(run_dir or config.run_dir or f"runs/stage{config.stage}")
+    if config.stage >= 2 and not config.init_from and not config.from_untrained:
+        raise ConfigError(f"init_from: stage {config.stage} builds on the stage before it, and no run folder was given "
+                          "(init_from = the previous stage's run). To train it from the untrained student on purpose "
+                          "(an ablation), set from_untrained=true.")
     if (done := reusable_run(config, run_dir, ignore=ignore)) is not None:
         return done
     device = resolve_device(config.device)
@@ -159,8 +163,7 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
     # ---- resume -------------------------------------------------------------------------------
     state = {"step": 0, "epoch": 0, "position": 0, "nonfinite_total": 0, "best_wer": None, "bad_evals": 0}
     history: list[dict] = []
-    checkpoint = run_dir / CHECKPOINT
-    if checkpoint.exists():
+    if has_checkpoint(run_dir):
         state, history = load_checkpoint(run_dir, models, optimizer, scheduler, scaler, state, ctx, log)
         if taid is not None and "taid" in state:
             taid.load_state_dict(state["taid"])
@@ -210,7 +213,8 @@ def _train(config: TrainConfig, run_dir: Path, device: torch.device, ctx, *, pro
             state["epoch"], state["position"] = epoch, position
             if nonfinite_in_row >= config.max_nonfinite_in_row:
                 raise TrainingDiverged(f"{nonfinite_in_row} non-finite steps in a row at step {step}: stopping. The "
-                                       f"last good checkpoint ({checkpoint}) is intact; lower lr or check the data.")
+                                       f"checkpoints in {run_dir} are those of the last saved step (digest-checked "
+                                       "on resume); lower lr or check the data.")
             continue
         nonfinite_in_row = 0
         # step + schedule

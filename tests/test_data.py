@@ -187,6 +187,29 @@ def test_a_line_that_is_not_utf8_is_a_counted_skip_not_replacement_characters(tm
     assert not any("\ufffd" in u.text for u in result.utterances)
 
 
+def test_one_rule_for_usable_transcripts_in_the_scan_and_in_scoring(tmp_path):
+    """A punctuation-only or bracketed-only transcript was trained on yet skipped by evaluation
+    (two rules for one clip, issue 26); both now apply `kdlib.text.usable_transcript`."""
+    from kdlib.decode import wer_cer
+    from kdlib.text import usable_transcript
+
+    root = tmp_path / "italian"
+    lines = ["1_2_000001\tuna frase", "1_2_000002\t... !", "1_2_000003\t[musica]", "1_2_000004\tl'acqua"]
+    for i in range(1, 5):
+        write_utt(root, "dev", f"1_2_00000{i}")
+    write_transcripts(root, "dev", lines)
+    result = data.scan_mls(root, "dev")
+    assert [u.id for u in result.utterances] == ["1_2_000001", "1_2_000004"]
+    assert result.counts() == {"empty text": 2}
+    assert "line 2: no words in the transcript of 1_2_000002 ('... !' is empty after normalisation)" in \
+        result.skipped["empty text"][0][1]
+    texts = [line.split("\t")[1] for line in lines]
+    scored = wer_cer(texts, texts, ids=[line.split("\t")[0] for line in lines])
+    kept_by_scan = {u.id for u in result.utterances}
+    assert {s["id"] for s in scored["skipped"]} == {line.split("\t")[0] for line in lines} - kept_by_scan
+    assert [usable_transcript(t) for t in texts] == [True, False, False, True]
+
+
 def test_duration_limits_are_parameters(tmp_path):
     root = tmp_path / "italian"
     for i, sec in enumerate([0.5, 2.0, 40.0]):

@@ -19,7 +19,7 @@ KDLIB = ROOT / "kdlib"
 
 #: Bottom to top. A module imports only from the layers below its own.
 LAYERS: list[set[str]] = [
-    {"files", "progress"},
+    {"files", "progress", "text"},
     {"config"},
     {"frames", "distributed"},
     {"data"},
@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"caches", "runs", "decode"},
     {"distill"},
     {"train", "evaluate", "viz"},
-    {"pseudo", "tune"},
+    {"pseudo", "tune", "longform"},
     {"__main__"},
 ]
 #: The package face (``kdlib/__init__.py``: version, cache folder) is below every layer.

@@ -75,13 +75,13 @@ def test_cadence_fields_reuse_the_finished_run(tmp_path):
     ("grad_clip=0", "grad_clip: must be positive"),
     ("lora_dropout=1.0", "lora_dropout: must be in [0, 1)"),
 ])
-def test_values_that_would_fail_mid_run_are_refused_up_front(bad, message, tmp_path):
+def test_values_that_would_fail_mid_run_are_refused_up_front(bad, message, tmp_path, capsys):
     with pytest.raises(ConfigError) as err:
         make_config("smoke", stage=1, sets=[bad])
     assert message in str(err.value)
-    # through the command line: nothing is created
-    with pytest.raises(ConfigError):
-        train(tmp_path / "run", "--set", bad)
+    # through the command line: exit status 2, the field named, nothing is created
+    assert train(tmp_path / "run", "--set", bad) == 2
+    assert f"kdlib train: {message}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -428,6 +428,79 @@ def test_a_cache_that_cannot_fit_is_refused_before_anything_is_written(smoke, tm
     monkeypatch.setattr(files.shutil, "disk_usage", lambda path: collections.namedtuple("u", "total used free")(
         10**9, 10**9 - 10**6, 10**6))
     out = tmp_path / "teacher"
-    with pytest.raises(files.NotEnoughSpace, match=r"teacher cache of 6 clips .* needs about .* GB on disk .* free"):
+    with pytest.raises(files.NotEnoughSpace, match=r"teacher cache of 6 clips .* needs about .* [MG]B on disk .* free"):
         TC.build_teacher_cache(teacher.model, dataset, out, top_k=16, progress=False)
-    assert list(tmp_path.iterdir()) == []  # no folder, no temporary sibling
+    assert [p.name for p in tmp_path.iterdir()] == [".teacher.lock"]  # no folder, no temporary sibling
+
+
+# ---- a cache whose files changed after the build (issue 26) ---------------------------------
+
+
+def _copy(built, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    return copy
+
+
+def test_zeroed_or_flipped_rows_are_refused_naming_the_utterances(smoke, built, tmp_path):
+    import numpy as np
+
+    teacher, dataset = smoke
+    assert TC.TeacherCache(built).damaged() == []
+    copy = _copy(built, tmp_path)
+    cache = TC.TeacherCache(copy)
+    victim = dataset.utterances[2].id
+    entry = cache.entries[victim]
+    values = np.load(copy / "topk_values.npy", mmap_mode="r+")
+    values[entry["offset"]] = 0.0  # one token's top-k logits zeroed: trains with exit 0 to another result
+    values.flush()
+    hidden = np.load(copy / "hidden.npy", mmap_mode="r+")
+    other = dataset.utterances[4].id
+    raw = hidden[cache.entries[other]["row"]].view(np.uint8)
+    raw[1000] ^= 0x10  # one flipped bit in another clip's encoder states
+    hidden.flush()
+    del values, hidden
+    with pytest.raises(TC.StaleCacheError, match="2 utterances no longer match the checksums") as err:
+        TC.TeacherCache(copy).verify(teacher=teacher.model, dataset=dataset, temperature=2.0)
+    assert victim in str(err.value) and other in str(err.value)
+
+
+def test_a_truncated_array_names_its_file(built, tmp_path):
+    copy = _copy(built, tmp_path)
+    with open(copy / "hidden.npy", "r+b") as handle:
+        handle.truncate((copy / "hidden.npy").stat().st_size // 2)
+    with pytest.raises(TC.DamagedCacheError, match=r"hidden\.npy: cannot be read .*truncated.*--overwrite"):
+        TC.TeacherCache(copy)
+
+
+def test_non_finite_teacher_outputs_are_counted_and_never_stored(smoke, tmp_path, monkeypatch, capsys):
+    teacher, dataset = smoke
+    real, calls = TC.teacher_outputs, []
+
+    def overflowing(model, features, labels, autocast_dtype=None):
+        encoded, logits = real(model, features, labels, autocast_dtype)
+        calls.append(1)
+        if len(calls) == 1:  # the first clip of the first batch overflows (a float16 teacher can)
+            logits = logits.clone()
+            logits[0, 0, 0] = float("inf")
+        return encoded, logits
+
+    monkeypatch.setattr(TC, "teacher_outputs", overflowing)
+    out = TC.build_teacher_cache(teacher.model, dataset, tmp_path / "cache", top_k=4, hidden_dtype="float32",
+                                 batch_size=6, progress=False)
+    cache = TC.TeacherCache(out)
+    assert len(cache.index["nonfinite"]) == 1 and len(cache) == len(dataset) - 1
+    assert cache.index["nonfinite"][0] not in cache  # training runs the live teacher on it
+    assert "1 of 6 utterances left out: the teacher's outputs are not finite" in capsys.readouterr().out
+    assert cache.damaged() == []
+
+
+def test_a_second_builder_stops_at_once_naming_the_first(smoke, tmp_path):
+    from kdlib import files
+
+    teacher, dataset = smoke
+    out = tmp_path / "cache"
+    with files.exclusive(tmp_path, "teacher cache cache", lock=".cache.lock", leftovers=()):
+        with pytest.raises(files.FolderBusy, match=r"in use by pid \d+ on"):
+            TC.build_teacher_cache(teacher.model, dataset, out, top_k=4, progress=False)
+    assert not out.exists()

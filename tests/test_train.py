@@ -239,7 +239,8 @@ def test_early_stopping_exports_the_best_adapter(tmp_path, monkeypatch):
         return {"dev_loss": next(scripted)}
 
     monkeypatch.setattr(T, "dev_pass", fake_dev_pass)
-    config = smoke(stage=2, max_steps=8, eval_every=1, save_every=100, early_stopping_patience=2)
+    config = smoke(stage=2, max_steps=8, eval_every=1, save_every=100, early_stopping_patience=2,
+                   from_untrained=True)
     summary = T.train(config, tmp_path, progress=False)
     assert summary["stopped_early"] and summary["steps"] == 4
     assert summary["exported_adapter"] == {"folder": "adapter_best", "step": 2, "metric": "dev_loss", "value": 3.0}

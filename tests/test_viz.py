@@ -236,7 +236,7 @@ def test_before_kd_student_is_the_runs_student_untrained(tmp_path):
     from kdlib.train import run_stage
 
     config = make_config("smoke", stage=2, overrides={"max_steps": 2, "eval_every": 2, "eval_wer": False,
-                                                       "student_window_seconds": 10})
+                                                       "student_window_seconds": 10, "from_untrained": True})
     run_stage(config, tmp_path / "run", progress=False)
     after = viz.after_kd_student(tmp_path / "run", config.teacher)
     assert after.model is not None, after.reason

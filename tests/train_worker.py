@@ -9,15 +9,16 @@ Runs ``kdlib.__main__.main(sys.argv[1:])``; environment variables, all optional:
 - ``KDLIB_TEST_KILL_IN_CHECKPOINT=N``: SIGKILL this process in the middle of writing the N-th
   checkpoint: half of its bytes written and flushed to whatever file the writer opened, the rest
   never. A writer that writes over ``checkpoint.pt`` in place loses the previous checkpoint.
+- ``KDLIB_TEST_KILL_AT_TEACHER_BATCH=N``: SIGKILL at the N-th teacher batch of a cache build
+  (``python -m kdlib cache-teacher``), with the earlier batches written into its folder.
+- ``KDLIB_TEST_KILL_IN_EXPORT=1``: SIGKILL in ``python -m kdlib export`` once the merged model is
+  written into the temporary folder, before it is moved into place.
 """
 
-import io
 import json
 import os
 import signal
 import sys
-
-import torch
 
 from kdlib import data, distill as DL, runs as R
 from kdlib.__main__ import main
@@ -55,27 +56,55 @@ if kill_at:
 
 kill_in_save = int(os.environ.get("KDLIB_TEST_KILL_IN_CHECKPOINT", "0"))
 if kill_in_save:
-    real_save, saves = torch.save, [0]
+    from kdlib import files
 
-    def save(obj, f, *args, **kwargs):
-        name = str(getattr(f, "name", f))
-        if R.CHECKPOINT in os.path.basename(name):
+    real_atomic, saves = files.atomic_write_bytes, [0]
+
+    class HalfThenKill:
+        """A file handle that writes half of the first block it is given, flushes it to disk and
+        kills the process."""
+
+        def __init__(self, handle, name):
+            self.handle, self.name = handle, name
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            _kill(f"train_worker: SIGKILL in checkpoint write {kill_in_save} "
+                  f"({len(data) // 2} of {len(data)} bytes written for {self.name})")
+
+    def atomic_write_bytes(path, write, **kwargs):
+        if os.path.basename(str(path)) == R.CHECKPOINT:
             saves[0] += 1
             if saves[0] == kill_in_save:
-                buffer = io.BytesIO()
-                real_save(obj, buffer, *args, **kwargs)
-                data = buffer.getvalue()
-                if hasattr(f, "write"):
-                    f.write(data[: len(data) // 2])
-                    f.flush()
-                    os.fsync(f.fileno())
-                else:
-                    with open(f, "wb") as handle:
-                        handle.write(data[: len(data) // 2])
-                _kill(f"train_worker: SIGKILL in checkpoint write {kill_in_save} "
-                      f"({len(data) // 2} of {len(data)} bytes written to {name})")
-        return real_save(obj, f, *args, **kwargs)
+                return real_atomic(path, lambda h: write(HalfThenKill(h, path)), **kwargs)
+        return real_atomic(path, write, **kwargs)
 
-    torch.save = save
+    files.atomic_write_bytes = atomic_write_bytes
+
+kill_at_teacher = int(os.environ.get("KDLIB_TEST_KILL_AT_TEACHER_BATCH", "0"))
+if kill_at_teacher:
+    from kdlib import teacher_cache as TC
+
+    real_outputs, batches = TC.teacher_outputs, [0]
+
+    def teacher_outputs(*args, **kwargs):
+        batches[0] += 1
+        if batches[0] == kill_at_teacher:
+            _kill(f"train_worker: SIGKILL at teacher batch {kill_at_teacher}")
+        return real_outputs(*args, **kwargs)
+
+    TC.teacher_outputs = teacher_outputs
+
+if os.environ.get("KDLIB_TEST_KILL_IN_EXPORT"):
+    real_digests = R.write_folder_digests
+
+    def write_folder_digests(folder):
+        if "merged" in os.path.basename(str(folder)):
+            _kill(f"train_worker: SIGKILL in export, {folder} written, not moved into place")
+        return real_digests(folder)
+
+    R.write_folder_digests = write_folder_digests
 
 sys.exit(main(sys.argv[1:]))
