@@ -18,9 +18,12 @@ words it contributed), or SRT subtitles (one cue per chunk, times of its share o
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -28,7 +31,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import soundfile as sf
 
-from kdlib import data, decode
+from kdlib import data, decode, evaluate
 from kdlib.files import atomic_write_text
 from kdlib.progress import progress_bar
 
@@ -225,12 +228,6 @@ def load_engine(model: str, *, ct2: bool = False, quantization: str = "int8", la
     an offline name (`kdlib.evaluate.load_run_model`), or with ``ct2`` also a CTranslate2 folder
     (``model.bin``). With ``ct2`` a transformers model is converted first, into a temporary folder
     that is removed when the process ends."""
-    import atexit
-    import shutil
-    import tempfile
-
-    from kdlib import evaluate
-
     if ct2 and (Path(model) / "model.bin").is_file():
         return ct2_engine(evaluate.CT2Whisper(model, compute_type=quantization, threads=threads),
                           language=language, batch_size=batch_size, max_new_tokens=max_new_tokens)

@@ -87,6 +87,18 @@ def test_flops_projection_quick():
     assert [r[7] for r in rows[:2]] == ["6.6x", "10.6x"]
 
 
+def test_longform_quick():
+    import json
+
+    rows = [json.loads(line) for line in run_quick("longform").splitlines() if line.startswith("{")]
+    assert {(r["set"], r["window_s"], r["engine"]) for r in rows} >= {("corpus", 30.0, "transformers"),
+                                                                     ("corpus", 10.0, "transformers")}
+    for r in rows:
+        assert 0 <= r["clip_wer"] and 0 <= r["chunked_wer"]
+        assert r["difference"] == pytest.approx(r["chunked_wer"] - r["clip_wer"], abs=1e-3)
+        assert len(r["recordings_s"]) == 2 and all(s > 0 for s in r["recordings_s"])
+
+
 def test_padding_quick():
     out = run_quick("padding")
     for corpus, clips in (("embedded Italian train split", 96), ("synthetic MLS-like", 1000)):

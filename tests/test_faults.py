@@ -151,13 +151,23 @@ def test_kill_during_an_export_leaves_the_previous_export_and_the_next_export_cl
 # ---- teacher cache: kill -9 mid-build -----------------------------------------------------------
 
 
-def test_kill_during_a_cache_build_leaves_no_cache_and_the_rebuild_equals_an_undisturbed_one(tmp_path):
+CACHE_ARGS = ["cache-teacher", "--preset", "smoke", "--split", "dev", "--top-k", "4", "--batch-size", "2",
+              "--no-progress", "--set", "max_dev_utterances=6"]
+
+
+@pytest.fixture(scope="module")
+def clean_cache(tmp_path_factory):
+    """An undisturbed cache build (the command as a user runs it)."""
+    out = tmp_path_factory.mktemp("clean") / "cache"
+    done = _run(*CACHE_ARGS, "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_kill_during_a_cache_build_leaves_no_cache_and_the_rebuild_equals_an_undisturbed_one(clean_cache, tmp_path):
     from kdlib import teacher_cache as TC
 
-    args = ["cache-teacher", "--preset", "smoke", "--split", "dev", "--top-k", "4", "--batch-size", "2",
-            "--no-progress", "--set", "max_dev_utterances=6"]
-    undisturbed = _run(*args, "--out", tmp_path / "clean")
-    assert undisturbed.returncode == 0, undisturbed.stderr[-2000:]
+    args = CACHE_ARGS
     killed = _run(*args, "--out", tmp_path / "cache", kill_at_teacher_batch=2)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "cache").exists() and list(tmp_path.glob(".cache.tmp-*"))
@@ -167,7 +177,7 @@ def test_kill_during_a_cache_build_leaves_no_cache_and_the_rebuild_equals_an_und
     rebuilt = _run(*args, "--out", tmp_path / "cache")
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
     assert not list(tmp_path.glob(".cache.tmp-*"))
-    a, b = _digests(tmp_path / "clean"), _digests(tmp_path / "cache")
+    a, b = _digests(clean_cache), _digests(tmp_path / "cache")
     assert a.pop("index.json") and b.pop("index.json") and a == b  # every array byte for byte
     assert TC.TeacherCache(tmp_path / "cache").damaged() == []
 
@@ -243,3 +253,63 @@ def test_stage_two_without_init_from_is_refused_unless_asked_for(tmp_path, capsy
     assert not run.exists()
     assert main(["train", "--stage", "2", "--run-dir", str(run), *SMALL, "--set", "from_untrained=true"]) == 0
     assert json.loads((run / "training_config.json").read_text())["from_untrained"] is True
+
+
+# ---- kill -9 at random moments ------------------------------------------------------------------
+
+
+def _killed_at(args, seconds, env_extra=None):
+    """Start ``python -m kdlib ARGS`` (via tests/train_worker.py), SIGKILL it after ``seconds``
+    (if it is still running); returns its exit status."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KDLIB_PROGRESS": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           **(env_extra or {})}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("train_worker.py")), *map(str, args)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def test_kill_at_random_moments_of_training_export_and_cache_build_never_leaves_a_false_folder(
+        straight_run, clean_cache, tmp_path):
+    """Seeded random moments (the seed is in the test, so a failure replays): after each kill the
+    folder holds the old state or the new one, and rerunning the same command ends exactly where an
+    undisturbed run ends: the straight run's weights, a loadable export, a cache equal byte for
+    byte to an undisturbed build."""
+    import random
+
+    from kdlib import teacher_cache as TC
+    from test_train import RESUME_ARGS
+
+    rng = random.Random(26)
+    # training (the straight run takes ~8 s here: process start, models, 6 steps, checkpoints every 2)
+    run_dir = tmp_path / "run"
+    for _ in range(2):
+        _killed_at([*RESUME_ARGS, "--set", "save_every=2", "--run-dir", run_dir], rng.uniform(3.0, 9.0))
+    resumed = _worker(run_dir, tmp_path / "resumed.jsonl", "save_every=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight, _ = straight_run
+    a, b = _final_trainable(straight), _final_trainable(run_dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    # export of that run, killed at a random moment, then again
+    _killed_at(["export", "--run-dir", run_dir], rng.uniform(2.0, 6.0))
+    merged = run_dir / "merged"
+    assert not merged.exists() or files.check_folder_digests(merged)  # absent, or whole
+    assert _run("export", "--run-dir", run_dir).returncode == 0
+    assert files.check_folder_digests(merged)
+    assert not list(run_dir.glob(".merged.tmp-*")) and not list(run_dir.glob(".merged.stale-*"))
+
+    # a teacher cache build, killed at a random moment, then rebuilt
+    args, clean = CACHE_ARGS, clean_cache
+    _killed_at([*args, "--out", tmp_path / "cache"], rng.uniform(2.0, 6.0))
+    if (tmp_path / "cache").exists():  # it finished before the kill: then it is whole
+        assert TC.TeacherCache(tmp_path / "cache").damaged() == []
+    else:
+        assert _run(*args, "--out", tmp_path / "cache").returncode == 0
+    a, b = _digests(clean), _digests(tmp_path / "cache")
+    assert a.pop("index.json") and b.pop("index.json") and a == b

@@ -160,3 +160,17 @@ def test_transcribe_writes_each_format_and_names_a_broken_file(model_folder, rec
 def test_transcribe_refuses_a_missing_input_before_loading_a_model(tmp_path, capsys):
     assert main(["transcribe", str(tmp_path / "nothing.wav"), "--model", "no-such-model"]) == 2
     assert f"{tmp_path / 'nothing.wav'}: no such file or folder" in capsys.readouterr().err
+
+
+def test_ctranslate2_chunks_and_merges_like_transformers(model_folder, recordings, tmp_path):
+    """The same recording through both engines (CTranslate2 at float32): the same chunks, the same
+    merged transcript."""
+    texts = {}
+    for name, extra in (("hf", []), ("ct2", ["--ct2", "--quantization", "float32"])):
+        out = tmp_path / name
+        assert main(["transcribe", str(recordings / "lecture.wav"), "--model", str(model_folder), "--format", "json",
+                     "--out", str(out), "--no-progress", "--max-new-tokens", "6", *extra]) == 0
+        texts[name] = json.loads((out / "lecture.json").read_text())
+    assert texts["ct2"]["engine"] == "ctranslate2 float32" and texts["hf"]["engine"].startswith("transformers")
+    assert [c["decoded"] for c in texts["ct2"]["chunks"]] == [c["decoded"] for c in texts["hf"]["chunks"]]
+    assert texts["ct2"]["text"] == texts["hf"]["text"]
