@@ -53,23 +53,30 @@ def chunk_spans(n_samples: int, window: int, overlap: int) -> list[tuple[int, in
 
 
 def _best_overlap(left: Sequence[int], right: Sequence[int], longest: int) -> tuple[int, int]:
-    """``(k, matches)``: how many of ``right``'s first tokens lie over ``left``'s last ones: the k
-    (1..longest) whose aligned positions agree most (ties: the longer overlap)."""
-    best = (0, 0)
-    for k in range(1, min(len(left), len(right), longest) + 1):
+    """``(k, matches)``: how many of ``right``'s first tokens lie over ``left``'s last ones. Each
+    k in 2..longest aligns ``left[-k:]`` with ``right[:k]`` position by position; the k whose share
+    of agreeing positions is highest wins (a tiny bonus per position breaks ties towards the longer
+    overlap), and it needs at least two agreeing tokens. So a chance agreement of a few common
+    tokens ("di", ".") across a long span never beats the short span that really is the same audio
+    (transformers' ASR pipeline scores its chunk joins the same way)."""
+    best, best_score = (0, 0), 0.0
+    for k in range(2, min(len(left), len(right), longest) + 1):
         matches = sum(a == b for a, b in zip(left[len(left) - k:], right[:k]))
-        if (matches, k) > (best[1], best[0]):
-            best = (k, matches)
+        score = matches / k + 1e-4 * k
+        if matches >= 2 and score > best_score:
+            best, best_score = (k, matches), score
     return best
 
 
-def merge_tokens(sequences: Sequence[Sequence[int]], *, longest: Optional[int] = None) -> tuple[list[int], list[tuple[int, int]]]:
+def merge_tokens(sequences: Sequence[Sequence[int]], *, overlap_fraction: Optional[float] = None
+                 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Join the token sequences of consecutive overlapping chunks into one.
 
     Returns ``(tokens, kept)``: the joined tokens and, per chunk, the ``[from, to)`` range of its
-    own tokens that made it into the result. ``longest``: the most tokens an overlap can hold
-    (default: each pair's shorter length). Two neighbours with no token in common (silence in the
-    overlap, or a decoder that disagreed with itself) are simply concatenated."""
+    own tokens that made it into the result. ``overlap_fraction`` (the overlap's share of a
+    window): an overlap may hold at most twice that share of the longer sequence's tokens, plus
+    two (default: any length). Two neighbours with no overlap found (silence in the overlap, or a
+    decoder that disagreed with itself) are simply concatenated."""
     tokens: list[int] = []
     kept: list[tuple[int, int]] = []
     for seq in sequences:
@@ -79,7 +86,9 @@ def merge_tokens(sequences: Sequence[Sequence[int]], *, longest: Optional[int] =
             continue
         prev_from, prev_to = kept[-1]
         left = tokens[len(tokens) - (prev_to - prev_from):]  # the previous chunk's share, as kept
-        k, matches = _best_overlap(left, seq, longest or len(seq))
+        longest = len(seq) if overlap_fraction is None else \
+            math.ceil(2 * overlap_fraction * max(prev_to, len(seq))) + 2
+        k, matches = _best_overlap(left, seq, longest)
         if matches == 0:
             kept.append((0, len(seq)))
             tokens += seq
@@ -130,7 +139,7 @@ def transcribe_long(audio: np.ndarray, generate: Callable[[list[np.ndarray]], li
         if bar is not None:
             bar.update(round(((part[-1][1] if first + group >= len(spans) else spans[first + group][0])
                               - part[0][0]) / SAMPLE_RATE, 2))
-    merged, kept = merge_tokens(ids)
+    merged, kept = merge_tokens(ids, overlap_fraction=overlap / window)
 
     def text(token_ids) -> str:
         return tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()

@@ -51,6 +51,18 @@ def test_merge_tolerates_a_disagreement_inside_the_overlap_and_concatenates_with
     left, right = [1, 2, 3, 4, 5, 6], [4, 9, 6, 7, 8]  # the overlap 4 5 6 was heard as 4 9 6
     merged, _ = LF.merge_tokens([left, right])
     assert merged[:3] == [1, 2, 3] and merged[-2:] == [7, 8] and len(merged) == 8
+
+
+def test_a_chance_agreement_over_a_long_span_does_not_beat_the_real_overlap():
+    """Common tokens (0: "di", 1: ".") agree at two positions of a 9-token alignment; the real
+    overlap is the short, fully agreeing one. Found by benchmarks/longform.py, where the first
+    merge (most agreeing positions) cut away whole sentences."""
+    left = [10, 0, 11, 1, 12, 0, 13, 1, 14, 15, 16]
+    right = [15, 16, 17, 0, 18, 1, 19, 0, 20, 1, 21]
+    merged, _ = LF.merge_tokens([left, right])
+    assert merged == left + right[2:]
+    merged, _ = LF.merge_tokens([left, right], overlap_fraction=0.2)
+    assert merged == left + right[2:]
     assert LF.merge_tokens([[1, 2], [3, 4]])[0] == [1, 2, 3, 4]  # nothing in common
     assert LF.merge_tokens([[], [3, 4], []])[0] == [3, 4]
 

@@ -232,7 +232,8 @@ def test_alignment_stage_trains_a_shaped_student_against_the_30s_teacher(shape, 
         return orig(self, student_hidden, teacher_hidden, hidden_mask, projector, teacher_hidden_mask)
 
     monkeypatch.setattr(L.DistillationLoss, "_prepare_hidden", prep)
-    cfg = C.make_config("smoke", 2, overrides=dict(max_steps=2, eval_every=2, save_every=2, **shape))
+    cfg = C.make_config("smoke", 2, overrides=dict(max_steps=2, eval_every=2, save_every=2, from_untrained=True,
+                                                   **shape))
     summary = T.train(cfg, tmp_path / "run", progress=False)
     assert summary["steps"] == 2 and np.isfinite(summary["final_geo"])
     frames_s, frames_t = captured["shapes"][0][1], captured["shapes"][1][1]

@@ -127,7 +127,8 @@ def test_teacher_gets_its_own_mels_and_token_ids(pair):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_training_runs_on_a_mismatched_pair(tmp_path, stage):
-    summary = T.train(_v3_config(stage=stage, max_steps=2, eval_every=2, save_every=2), tmp_path, progress=False)
+    summary = T.train(_v3_config(stage=stage, max_steps=2, eval_every=2, save_every=2,
+                                 from_untrained=stage >= 2), tmp_path, progress=False)
     assert summary["steps"] == 2 and summary["nonfinite_steps"] == 0
     assert math.isfinite(summary["final_total"])
     if stage == 1:
