@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from kdlib.config import ConfigError
+    from kdlib.data import NoUsableData
     from kdlib.files import DamagedFile, FolderBusy, NotEnoughSpace
     from kdlib.runs import RunFolderConflict
     from kdlib.teacher_cache import StaleCacheError
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, RunFolderConflict, FolderBusy, DamagedFile, NotEnoughSpace, StaleCacheError,
-            TrainingDiverged) as err:
+            TrainingDiverged, NoUsableData) as err:
         print(f"kdlib {args.command}: {err}", file=sys.stderr)
         return 2
 

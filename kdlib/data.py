@@ -421,6 +421,10 @@ def _first_line(err: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 # Audio: decode, mono, resample
 # --------------------------------------------------------------------------------------------
+class NoUsableData(ValueError):
+    """A split that a run needs holds no usable clip (the scan's report says why)."""
+
+
 class AudioError(Exception):
     """An audio file that cannot be used; the message names the file and the problem."""
 

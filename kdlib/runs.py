@@ -201,6 +201,9 @@ def build_data(config: TrainConfig, feature_extractor, tokenizer, teacher_featur
         )
         utterances = result.utterances[:limit] if limit else result.utterances
         scans[split] = (utterances, result)
+        if split == config.train_split and not utterances:  # a run on nothing would wait forever for a batch
+            raise data.NoUsableData(f"{root / split}: no usable training clips ({result.report()}); "
+                                    "check data_root and the skip reasons")
     # safe=True: a file that breaks after the scan is dropped and counted, not a crash mid-run.
     train_set = data.MLSDataset(scans[config.train_split][0], feature_extractor, tokenizer, task=config.task,
                                 safe=True, teacher_feature_extractor=teacher_feature_extractor)

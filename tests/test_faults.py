@@ -313,3 +313,22 @@ def test_kill_at_random_moments_of_training_export_and_cache_build_never_leaves_
         assert _run(*args, "--out", tmp_path / "cache").returncode == 0
     a, b = _digests(clean), _digests(tmp_path / "cache")
     assert a.pop("index.json") and b.pop("index.json") and a == b
+
+
+def test_a_training_split_with_no_usable_clip_is_refused_not_waited_on(tmp_path, capsys):
+    """A folder whose every transcript has no words (a tiny teacher's "– – – –" pseudo-labels)
+    used to train forever on an empty stream; now it stops at once and says why."""
+    from kdlib import data
+
+    source = data.embedded_corpus("it")
+    root = tmp_path / "italian"
+    for split in ("train", "dev"):
+        shutil.copytree(source / split / "audio", root / split / "audio")
+        lines = (source / split / "transcripts.txt").read_text().splitlines()
+        if split == "train":
+            lines = [line.split("\t")[0] + "\t– – – –" for line in lines]
+        (root / split / "transcripts.txt").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--stage", "1", "--run-dir", str(run), *SMALL, "--set", f"data_root={root}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'train'}: no usable training clips" in err and "empty text" in err
