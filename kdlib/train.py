@@ -103,6 +103,12 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, progress: b
         raise ConfigError(f"init_from: stage {config.stage} builds on the stage before it, and no run folder was given "
                           "(init_from = the previous stage's run). To train it from the untrained student on purpose "
                           "(an ablation), set from_untrained=true.")
+    if config.data_root:  # before the folder is made: a wrong path leaves nothing behind
+        for split in (config.train_split, config.dev_split):
+            if not (Path(config.data_root) / split).is_dir():
+                raise ConfigError(f"data_root: {Path(config.data_root) / split} is not a folder (an MLS language "
+                                  f"folder holds {config.train_split}/ and {config.dev_split}/, each with "
+                                  "transcripts.txt and audio/)")
     if (done := reusable_run(config, run_dir, ignore=ignore)) is not None:
         return done
     device = resolve_device(config.device)

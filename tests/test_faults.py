@@ -332,3 +332,10 @@ def test_a_training_split_with_no_usable_clip_is_refused_not_waited_on(tmp_path,
     assert main(["train", "--stage", "1", "--run-dir", str(run), *SMALL, "--set", f"data_root={root}"]) == 2
     err = capsys.readouterr().err
     assert f"{root / 'train'}: no usable training clips" in err and "empty text" in err
+
+
+def test_a_missing_data_folder_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--stage", "1", "--run-dir", str(run), *SMALL, "--set", f"data_root={tmp_path / 'nothing'}"]) == 2
+    assert f"data_root: {tmp_path / 'nothing' / 'train'} is not a folder" in capsys.readouterr().err
+    assert not run.exists()
