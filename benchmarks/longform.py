@@ -88,8 +88,9 @@ def recordings(clips, per_recording: int, pause: float = 0.7):
 
 
 def run(engine: longform.Engine, clips, joined) -> dict:
-    one_by_one = [engine.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                  for ids in engine.generate([clip for clip, _ in clips])]
+    # each clip through the same path (one chunk each, the same loop collapse), batched
+    ids = [longform.collapse_loops(seq) for seq in engine.generate([clip for clip, _ in clips])]
+    one_by_one = [engine.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
     clip_wer = decode.wer_cer([t for _, t in clips], one_by_one)["wer"]
     chunked = [longform.transcribe_long(audio, engine.generate, engine.tokenizer,
                                         window_seconds=engine.window_seconds).text for audio, _ in joined]
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--model", default="whisper-base")
     parser.add_argument("--window", type=int, default=None, help="also cut the model to this window (s)")
     parser.add_argument("--ct2", action="store_true")
+    parser.add_argument("--no-full-window", action="store_true", help="only the --window model")
     parser.add_argument("--per-recording", type=int, default=10, help="clips per joined recording")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "longform.json"))
     parser.add_argument("--quick", action="store_true", help="the smoke preset's tiny random student, 4 clips "
@@ -121,7 +123,7 @@ def main() -> None:
             print("held-out: espeak-ng not found, skipped")
         else:
             sets["held-out"] = held
-        windows = [None] + ([args.window] if args.window else [])
+        windows = ([] if args.no_full_window and args.window else [None]) + ([args.window] if args.window else [])
         rows = []
         for window in windows:
             bundle = models.tiny_random_pair(seed=0)[1] if args.quick else evaluate.load_run_model(args.model)

@@ -9,7 +9,8 @@ consecutive token sequences are joined where they agree (`merge_tokens`): the ov
 chunks is the same audio, so the end of one transcript and the start of the next hold the same
 words. The join slides the next sequence along the previous one, takes the offset where the most
 tokens coincide, and cuts in the middle of that overlap (the words nearest a chunk's edge are the
-ones a cut word can corrupt). This is the scheme of transformers' ASR pipeline with
+ones a cut word can corrupt); a chunk whose decoder got stuck repeating a span has the loop
+collapsed first (`collapse_loops`). The join is the scheme of transformers' ASR pipeline with
 ``chunk_length_s``/``stride_length_s``, written here once so that both engines share it.
 
 Outputs (`write_transcript`): plain text, JSON (the text plus every chunk's time span and the
@@ -50,6 +51,28 @@ def chunk_spans(n_samples: int, window: int, overlap: int) -> list[tuple[int, in
     step = window - overlap
     count = math.ceil((n_samples - window) / step) + 1
     return [(i * step, min(i * step + window, n_samples)) for i in range(count)]
+
+
+def collapse_loops(tokens: Sequence[int], *, min_repeats: int = 3, max_period: int = 8) -> list[int]:
+    """``tokens`` with every run of one span repeated ``min_repeats`` or more times in a row
+    (periods 1..``max_period`` tokens) kept once: "di pomedi di pomedi di pomedi ..." becomes "di
+    pomedi". A decoder stuck in such a loop (Whisper at a chunk cut mid-word does) would otherwise
+    fill the chunk's token budget with it. Speech repeats a word twice at most, rarely three times."""
+    out = list(tokens)
+    i = 0
+    while i < len(out):
+        for period in range(1, max_period + 1):
+            span = out[i:i + period]
+            if len(span) < period:
+                break
+            repeats = 1
+            while out[i + repeats * period:i + (repeats + 1) * period] == span:
+                repeats += 1
+            if repeats >= min_repeats:
+                del out[i + period:i + repeats * period]
+                break
+        i += 1
+    return out
 
 
 def _best_overlap(left: Sequence[int], right: Sequence[int], longest: int) -> tuple[int, int]:
@@ -127,7 +150,7 @@ def transcribe_long(audio: np.ndarray, generate: Callable[[list[np.ndarray]], li
                     engine: str = "", group: int = 8, bar=None) -> Transcript:
     """One recording through ``generate`` (a batch of waveforms -> token ids, prompt removed) in
     chunks of ``window_seconds`` overlapping by ``overlap_seconds`` (default: a fifth of the window),
-    merged with `merge_tokens`. Chunks go to ``generate`` ``group`` at a time; ``bar`` (a progress
+    merged with `merge_tokens` after `collapse_loops`. Chunks go to ``generate`` ``group`` at a time; ``bar`` (a progress
     bar counting seconds of audio) advances after each group."""
     window = int(round(window_seconds * SAMPLE_RATE))
     overlap = int(round((window_seconds / 5 if overlap_seconds is None else overlap_seconds) * SAMPLE_RATE))
@@ -139,6 +162,7 @@ def transcribe_long(audio: np.ndarray, generate: Callable[[list[np.ndarray]], li
         if bar is not None:
             bar.update(round(((part[-1][1] if first + group >= len(spans) else spans[first + group][0])
                               - part[0][0]) / SAMPLE_RATE, 2))
+    ids = [collapse_loops(seq) for seq in ids]
     merged, kept = merge_tokens(ids, overlap_fraction=overlap / window)
 
     def text(token_ids) -> str:

@@ -67,6 +67,13 @@ def test_a_chance_agreement_over_a_long_span_does_not_beat_the_real_overlap():
     assert LF.merge_tokens([[], [3, 4], []])[0] == [3, 4]
 
 
+def test_a_decoding_loop_is_kept_once_and_ordinary_repeats_stay():
+    loop = [7, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 9]  # "... di pomedi di pomedi di pomedi ..."
+    assert LF.collapse_loops(loop) == [7, 1, 2, 9]
+    assert LF.collapse_loops([5, 5, 5, 5, 6]) == [5, 6]
+    assert LF.collapse_loops([3, 4, 3, 4, 5, 6, 6, 7]) == [3, 4, 3, 4, 5, 6, 6, 7]  # twice is speech
+
+
 class WordsInSamples:
     """A decoder for a synthetic recording: word ``w`` is written into the samples as the value
     ``w / 1000`` for as long as it is spoken. It hears a word only when the whole word lies inside
